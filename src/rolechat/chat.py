@@ -1,0 +1,188 @@
+"""Chat: a session that wires persona, conversation, window, template and engine together.
+
+Contract:
+- ``Chat(engine, persona=..., params=..., window=...)``; ``send(text) -> Reply`` and
+  ``stream(text)`` (an iterator of text chunks whose ``reply`` is set at the end).
+- Input is validated when ``send``/``stream`` is *called*, before anything is generated.
+- The turn is appended to ``chat.conversation`` only after the last chunk. An exception, an
+  early ``close()`` or Ctrl-C leaves the conversation exactly as it was before the reply.
+- The window is sticky across turns (see :mod:`rolechat.window`), which keeps the engine's
+  cached prefix valid.
+- :func:`inference` and :func:`chat_turn` are the seed tutorial's functional API, unchanged in
+  signature and result: ``{"response", "generated_tokens_count", "history"}``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from .conversation import Conversation, Turn, check_text
+from .engines import load_engine
+from .engines.base import Engine, FinishReason, Generation, Usage
+from .errors import InvalidInput
+from .params import GenerationParams
+from .persona import TUTORIAL_SYSTEM, Persona, get_persona
+from .window import Window, WindowPlan
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    usage: Usage
+    finish_reason: FinishReason
+    #: Which turns the prompt held, and its token count.
+    plan: WindowPlan
+
+
+class ReplyStream(Iterator[str]):
+    """Text chunks of one reply. ``reply`` is set once the stream is exhausted."""
+
+    def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams) -> None:
+        self._chat, self._text, self._plan = chat, text, plan
+        self._generation: Generation = chat.engine.stream(plan.messages, params)
+        self.reply: Reply | None = None
+
+    def __next__(self) -> str:
+        try:
+            return next(self._generation)
+        except StopIteration:
+            completion = self._generation.completion
+            assert completion is not None
+            if self.reply is None:
+                self.reply = Reply(completion.text, completion.usage, completion.finish_reason,
+                                   self._plan)
+                self._chat._record(self._text, self.reply)
+            raise
+
+    def close(self) -> None:
+        """Stop now; the conversation is left as it was before this reply."""
+        self._generation.close()
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Chat:
+    """One conversation with one engine."""
+
+    def __init__(self, engine: Engine | None = None, *, persona: str | Persona | None = None,
+                 system: str | None = None,
+                 params: GenerationParams | Mapping[str, Any] | None = None,
+                 window: Window | None = None, conversation: Conversation | None = None) -> None:
+        self.engine = engine if engine is not None else load_engine()
+        self.persona = get_persona(persona)
+        if not isinstance(params, GenerationParams):
+            params = GenerationParams.from_mapping(params)
+        #: Persona defaults, overridden by what the caller set explicitly.
+        self.params = self.persona.params.merged(**params.explicit())
+        self.window = window or Window()
+        if conversation is None:
+            conversation = Conversation(system if system is not None else self.persona.system)
+        elif system is not None:
+            conversation.system = check_text(system, "system prompt")
+        self.conversation = conversation
+        self.first_turn = 0
+        self.last_reply: Reply | None = None
+
+    @property
+    def system(self) -> str | None:
+        return self.conversation.system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self.conversation.system = None if text is None else check_text(text, "system prompt")
+
+    def _params(self, overrides: Mapping[str, Any]) -> GenerationParams:
+        return self.params.merged(**overrides) if overrides else self.params
+
+    def plan(self, text: str, **overrides: Any) -> WindowPlan:
+        """Which turns would go into the prompt for ``text`` (nothing is generated)."""
+        check_text(text, "user message")
+        if self.conversation.pending is not None:
+            raise InvalidInput("The conversation ends with a user message that has no reply.",
+                               "Remove it (conversation.pop_turn()) or answer it first.")
+        return self.window.plan(self.conversation, text, self.engine, self._params(overrides),
+                                first_turn=self.first_turn)
+
+    def prompt(self, text: str, **overrides: Any) -> str:
+        """The exact text the model would receive for ``text``."""
+        return self.engine.render(self.plan(text, **overrides).messages)
+
+    def stream(self, text: str, **overrides: Any) -> ReplyStream:
+        """Start a reply to ``text``; iterate for its chunks. Validates before generating."""
+        params = self._params(overrides)
+        return ReplyStream(self, text, self.plan(text, **overrides), params)
+
+    def send(self, text: str, **overrides: Any) -> Reply:
+        """Reply to ``text`` and record the turn."""
+        with self.stream(text, **overrides) as chunks:
+            for _ in chunks:
+                pass
+        assert chunks.reply is not None
+        return chunks.reply
+
+    def _record(self, text: str, reply: Reply) -> None:
+        self.conversation.append_turn(text, reply.text)
+        self.first_turn = reply.plan.first_turn
+        self.last_reply = reply
+
+    def reset(self) -> None:
+        """Forget every turn; keep the system prompt and parameters."""
+        self.conversation = Conversation(self.conversation.system)
+        self.first_turn = 0
+        self.last_reply = None
+
+
+# ----- the seed tutorial's functional API --------------------------------------------------
+
+#: Per engine: the first turn its last window kept, and that turn, so that the next call with
+#: the same (grown) history slides the same way and the KV cache stays valid.
+_WINDOW_HINTS: weakref.WeakKeyDictionary[Engine, tuple[int, Turn]] = weakref.WeakKeyDictionary()
+
+
+def _as_engine(model: Any, tokenizer: Any) -> Engine:
+    if isinstance(model, Engine):
+        if tokenizer is not None and tokenizer is not model:
+            raise InvalidInput("With a rolechat engine the tokenizer is part of the engine.",
+                               "Pass tokenizer=None.")
+        return model
+    raise InvalidInput(f"model must be a rolechat engine, got {type(model).__name__}.",
+                       "Create one with rolechat.load_engine() (or load_engine('model.gguf')).")
+
+
+def inference(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]],
+              user_utterance: str, max_new_tokens: int = 512, temperature: float = 0.9,
+              *, system: str = TUTORIAL_SYSTEM, **gen_kwargs: Any) -> dict[str, Any]:
+    """Generate the reply to ``user_utterance`` after ``history``, as the tutorial does.
+
+    Returns ``{"response": str, "generated_tokens_count": int, "history": [...]}`` where the
+    history has this turn appended. ``gen_kwargs`` are further :class:`GenerationParams`.
+    """
+    engine = _as_engine(model, tokenizer)
+    conversation = Conversation.from_tuples(history, system=system)
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                              **gen_kwargs)
+    chat = Chat(engine, params=params, conversation=conversation)
+    hint = _WINDOW_HINTS.get(engine)
+    turns = conversation.turns
+    if hint is not None and hint[0] < len(turns) and turns[hint[0]] == hint[1]:
+        chat.first_turn = hint[0]
+    reply = chat.send(user_utterance)
+    if chat.first_turn < len(turns):
+        _WINDOW_HINTS[engine] = (chat.first_turn, turns[chat.first_turn])
+    return {"response": reply.text, "generated_tokens_count": reply.usage.generated_tokens,
+            "history": list(history) + [(user_utterance, reply.text)]}
+
+
+def chat_turn(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]],
+              user_utterance: str, **gen_kwargs: Any) -> dict[str, Any]:
+    """The tutorial's convenience wrapper: the same dict as :func:`inference`."""
+    return inference(model, tokenizer, history, user_utterance, **gen_kwargs)

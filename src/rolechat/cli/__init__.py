@@ -1,0 +1,45 @@
+"""The ``rolechat`` command: a thin edge over the library.
+
+Contract: commands mirror library nouns (``ask``, ``chat``, ``prompt``, ``personas``). They hold
+no logic the library lacks. A :class:`~rolechat.errors.RolechatError` becomes one line on
+stderr (``error: what was wrong. What to do.``) and the error's exit code; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import RolechatError
+
+
+class RolechatGroup(click.Group):
+    """Translates library errors into a one-line message and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RolechatError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=RolechatGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rolechat")
+def cli() -> None:
+    """Chat with a local language model: personas, history, a sliding window, KV-cache reuse."""
+
+
+def main() -> None:
+    cli()
+
+
+from . import ask, chat, personas, prompt  # noqa: E402  (commands register themselves)
+
+__all__ = ["ask", "chat", "cli", "main", "personas", "prompt"]

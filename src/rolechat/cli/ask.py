@@ -1,0 +1,53 @@
+"""``rolechat ask``: one question, one streamed answer (or JSON for scripts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from ..errors import InvalidInput
+from . import cli
+from .options import (
+    err_console,
+    generation_options,
+    model_options,
+    open_chat,
+    persona_options,
+    usage_line,
+)
+
+
+@cli.command()
+@click.argument("text", nargs=-1)
+@persona_options
+@generation_options
+@model_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: response, usage, finish_reason, window.")
+@click.option("--usage", "show_usage", is_flag=True, help="Print token usage and speed to stderr.")
+def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, **options: Any) -> None:
+    """Ask one question. TEXT is read from stdin when not given."""
+    if text:
+        question = " ".join(text)
+    elif not sys.stdin.isatty():
+        question = sys.stdin.read()
+    else:
+        raise InvalidInput("No question given.", 'Pass it: rolechat ask "Why is the sky blue?"')
+    chat = open_chat(options)
+    if as_json:
+        reply = chat.send(question)
+        click.echo(json.dumps({
+            "response": reply.text, "finish_reason": reply.finish_reason,
+            "usage": reply.usage.to_dict(), "window": reply.plan.to_dict(),
+            "persona": chat.persona.name, "model": chat.engine.model,
+        }, ensure_ascii=False, indent=2))
+        return
+    with chat.stream(question) as chunks:
+        for chunk in chunks:
+            click.echo(chunk, nl=False)
+    click.echo()
+    if show_usage and chunks.reply is not None:
+        err_console.print(usage_line(chunks.reply.usage), style="dim")

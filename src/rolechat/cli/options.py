@@ -1,0 +1,116 @@
+"""Shared CLI options: model, persona and generation flags, and how they become library objects.
+
+Contract: generation flags are generated from :class:`~rolechat.params.GenerationParams`' own
+fields (names, help), and their values are validated by that same schema, so the CLI can never
+disagree with the library about names, ranges or error wording. Loading a model shows a
+spinner on a terminal (stderr) and nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from ..chat import Chat
+from ..engines import Engine, load_engine
+from ..params import GenerationParams
+from ..persona import get_persona
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Diagnostics go to stderr so stdout stays clean for answers and pipes.
+err_console = Console(stderr=True, highlight=False)
+
+_SHORT = {"temperature": "-t"}
+
+
+def _click_type(field: str) -> tuple[Any, bool]:
+    """(click type, multiple) for a GenerationParams field."""
+    annotation = GenerationParams.model_fields[field].annotation
+    if field == "stop":
+        return str, True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0], False
+
+
+def generation_options(func: F) -> F:
+    """Add one flag per GenerationParams field (``--max-new-tokens``, ``--temperature``, ...)."""
+    for name, info in reversed(GenerationParams.model_fields.items()):
+        kind, multiple = _click_type(name)
+        flag = "--" + name.replace("_", "-")
+        decls = [flag, _SHORT[name]] if name in _SHORT else [flag]
+        default = info.default if info.default not in (None, ()) else None
+        help_text = (info.description or "") + (f" [default: {default}]" if default is not None
+                                                else "")
+        if multiple:
+            help_text += " Repeat for several."
+        func = click.option(*decls, name, type=kind, multiple=multiple, default=None,
+                            help=help_text)(func)
+    return func
+
+
+def params_from(options: dict[str, Any]) -> GenerationParams:
+    """The flags the user actually gave, validated by the shared schema."""
+    given = {}
+    for name in GenerationParams.model_fields:
+        value = options.pop(name, None)
+        if value is not None and value != ():
+            given[name] = value
+    return GenerationParams(**given)
+
+
+def model_options(func: F) -> F:
+    decorators = [
+        click.option("--model", "-m", "model", type=click.Path(dir_okay=True, path_type=str),
+                     default=None, help="A .gguf model file (default: the embedded "
+                                        "SmolLM2-135M-Instruct)."),
+        click.option("--context-length", type=int, default=None,
+                     help="Context length in tokens (default: the model's trained context, "
+                          "capped at 32768)."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads (default: all physical cores)."),
+        click.option("--chat-template", default=None,
+                     help="Override the model's chat template (Jinja text or a file)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def persona_options(func: F) -> F:
+    func = click.option("--system", "-s", default=None,
+                        help="System prompt (overrides the persona's).")(func)
+    return click.option("--persona", "-p", default=None,
+                        help="Persona name (see `rolechat personas`; default: concise).")(func)
+
+
+def open_engine(options: dict[str, Any]) -> Engine:
+    """Load the engine named by the model flags (popped from ``options``)."""
+    model = options.pop("model", None)
+    engine_options = {k: v for k in ("context_length", "chat_template")
+                      if (v := options.pop(k, None)) is not None}
+    threads = options.pop("threads", None)
+    if threads is not None:
+        engine_options["n_threads"] = threads
+    if not err_console.is_terminal:
+        return load_engine(model, **engine_options)
+    with err_console.status(f"Loading {model or 'the embedded model'}…", spinner="dots"):
+        return load_engine(model, **engine_options)
+
+
+def open_chat(options: dict[str, Any]) -> Chat:
+    """A Chat from the persona, system, generation and model flags."""
+    params = params_from(options)
+    persona = get_persona(options.pop("persona", None))  # fail fast, before loading a model
+    engine = open_engine(options)
+    return Chat(engine, persona=persona, system=options.pop("system", None), params=params)
+
+
+def usage_line(usage: Any) -> str:
+    return (f"{usage.generated_tokens} tokens · {usage.tokens_per_s:.1f} tok/s · "
+            f"first token {usage.ttft_s * 1000:.0f} ms · prompt {usage.prompt_tokens} "
+            f"({usage.cached_tokens} cached)")

@@ -1,0 +1,92 @@
+"""Typed errors for every way a rolechat call can go wrong.
+
+Contract: the library raises only subclasses of :class:`RolechatError`. Each one carries the
+numbers or names that matter as attributes (never only inside the message text) and a message
+that says what was wrong *and what to do about it*. The CLI and server translate these into an
+exit code or an HTTP error at the edge; nothing inspects message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RolechatError(Exception):
+    """Base class. ``message`` says what went wrong, ``hint`` what to do about it."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} {hint}".strip() if hint else message)
+
+
+class InvalidInput(RolechatError, ValueError):
+    """A message, history or conversation has the wrong shape or content."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str = "", *, field: str = "") -> None:
+        self.field = field
+        super().__init__(message, hint)
+
+
+class InvalidParams(RolechatError, ValueError):
+    """A generation parameter is unknown or out of range."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        #: ``[(field, what is wrong), ...]``
+        self.problems = problems
+        text = "; ".join(f"{field}: {why}" for field, why in problems)
+        super().__init__(f"Invalid generation parameters: {text}.", "Fix the value and try again.")
+
+
+class ContextOverflow(RolechatError):
+    """The prompt cannot fit in the model's context, even with every older turn dropped."""
+
+    exit_code = 3
+
+    def __init__(self, *, prompt_tokens: int, available_tokens: int, context_length: int,
+                 max_new_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.available_tokens = available_tokens
+        self.context_length = context_length
+        self.max_new_tokens = max_new_tokens
+        super().__init__(
+            f"The prompt needs {prompt_tokens} tokens but only {available_tokens} are available "
+            f"(context length {context_length} - max_new_tokens {max_new_tokens}).",
+            "Shorten the message or the system prompt, lower max_new_tokens, "
+            "or use a larger context length.",
+        )
+
+
+class UnknownName(RolechatError, KeyError):
+    """A registry lookup missed; the error lists every valid name."""
+
+    exit_code = 2
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(
+            f"Unknown {kind} {name!r}.", f"Valid {kind}s: {', '.join(self.valid) or '(none)'}."
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0]
+
+
+class ModelLoadError(RolechatError):
+    """A model path does not exist, is not a model, or the model failed to load."""
+
+    exit_code = 4
+
+    def __init__(self, path: str, reason: str, hint: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"Cannot load model {path!r}: {reason}.", hint)
+

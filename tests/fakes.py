@@ -26,7 +26,7 @@ SPECIAL = {"<|im_start|>": 256, "<|im_end|>": 257}
 class FakeEngine(Engine):
     kind = "fake"
 
-    def __init__(self, context_length: int = 256, fail_after: int | None = None) -> None:
+    def __init__(self, context_length: int = 2048, fail_after: int | None = None) -> None:
         super().__init__()
         self.model = "fake"
         self.context_length = context_length

@@ -179,7 +179,7 @@ def inference(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]],
     if chat.first_turn < len(turns):
         _WINDOW_HINTS[engine] = (chat.first_turn, turns[chat.first_turn])
     return {"response": reply.text, "generated_tokens_count": reply.usage.generated_tokens,
-            "history": list(history) + [(user_utterance, reply.text)]}
+            "history": [*history, (user_utterance, reply.text)]}
 
 
 def chat_turn(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]],

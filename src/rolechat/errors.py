@@ -77,7 +77,7 @@ class UnknownName(RolechatError, KeyError):
         )
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return self.args[0]
+        return str(self.args[0])
 
 
 class ModelLoadError(RolechatError):

@@ -2,8 +2,9 @@
 
 Contract: :class:`ReplyText` takes the bytes of each generated token and returns the text that
 may be shown *now*:
-- never half a UTF-8 character (bytes are held back until they decode; invalid bytes become
-  U+FFFD only when the reply ends);
+- never half a UTF-8 character: bytes are held back until they decode (invalid bytes become
+  U+FFFD), and a character left incomplete when the reply ends (cut by max_new_tokens) is
+  dropped rather than shown as U+FFFD;
 - never any part of a stop sequence: text that could be the start of a stop string is held back
   until it is known not to be one, and the reply ends at the first stop string (which is not
   part of the reply).
@@ -53,5 +54,5 @@ class ReplyText:
         """End of reply: return whatever was held back that is not part of a stop string."""
         if self.stopped:
             return ""
-        self._held += self._decoder.decode(b"", final=True)
+        self._decoder.reset()  # drop the bytes of a character the reply never finished
         return self._release(final=True)

@@ -130,18 +130,13 @@ class LlamaCppEngine(Engine):
             return []
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
-    @property
-    def cached_ids(self) -> list[int]:
-        """The token ids whose keys and values are in the KV cache now."""
-        return self._llm.input_ids[: self._llm.n_tokens].tolist()
-
     def prefill(self, prompt_ids: list[int]) -> int:
         """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to
         evaluate, so that there are logits to sample from); return how many were kept."""
         llm = self._llm
         limit = min(llm.n_tokens, len(prompt_ids) - 1)
         if limit <= 0:
-            llm.reset()
+            llm.reset()  # type: ignore[no-untyped-call]
             return 0
         differ = np.flatnonzero(llm.input_ids[:limit] != np.asarray(prompt_ids[:limit]))
         keep = int(differ[0]) if differ.size else limit
@@ -150,7 +145,7 @@ class LlamaCppEngine(Engine):
 
     def reset_cache(self) -> None:
         """Forget the KV cache (the next reply evaluates its whole prompt)."""
-        self._llm.reset()
+        self._llm.reset()  # type: ignore[no-untyped-call]
 
     # ----- generation --------------------------------------------------------------------
     def _generate(self, prompt_ids: list[int],

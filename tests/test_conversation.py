@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rolechat import Conversation, InvalidInput, Message, Turn
+
+HISTORY = [("hi", "hello!"), ("how are you?", "fine")]
+
+
+def test_tuples_round_trip() -> None:
+    conv = Conversation.from_tuples(HISTORY, system="be brief")
+    assert conv.system == "be brief"
+    assert conv.turns == [Turn("hi", "hello!"), Turn("how are you?", "fine")]
+    assert conv.to_tuples() == HISTORY
+    assert conv.pending is None
+
+
+def test_openai_round_trip() -> None:
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    conv = Conversation.from_openai(messages)
+    assert conv.system == "s"
+    assert conv.pending == "u2"
+    assert conv.turns == [Turn("u1", "a1")]
+    assert conv.to_openai() == messages
+
+
+def test_openai_text_parts_are_joined() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    conv = Conversation.from_openai([{"role": "user", "content": parts}])
+    assert conv.pending == "ab"
+
+
+def test_json_round_trip() -> None:
+    conv = Conversation.from_tuples(HISTORY, system="你好")
+    again = Conversation.from_json(conv.to_json())
+    assert again == conv
+    assert "你好" in conv.to_json()  # not \u-escaped
+    assert Conversation.from_json(json.dumps(conv.to_openai())) == conv
+
+
+def test_prompt_messages_window_and_user() -> None:
+    conv = Conversation.from_tuples(HISTORY, system="s")
+    messages = conv.prompt_messages("next", first_turn=1)
+    assert messages == [Message("system", "s"), Message("user", "how are you?"),
+                        Message("assistant", "fine"), Message("user", "next")]
+
+
+def test_append_and_pop() -> None:
+    conv = Conversation()
+    conv.append_turn("q", "")  # an empty reply is allowed
+    assert conv.pop_turn() == Turn("q", "")
+    assert conv.pop_turn() is None
+
+
+@pytest.mark.parametrize("history, where", [
+    ([("only one",)], "history[0]"),
+    (["a string"], "history[0]"),
+    ([("u", "a", "x")], "history[0]"),
+    ([("u", "a"), ("u2", 5)], "history[1]"),
+    ([(None, "a")], "history[0]"),
+    ([("  ", "a")], "history[0]"),
+])
+def test_bad_tuple_history(history: list, where: str) -> None:
+    with pytest.raises(InvalidInput, match=r"history\[\d\]") as info:
+        Conversation.from_tuples(history)
+    assert where in str(info.value)
+
+
+def test_history_must_be_a_list() -> None:
+    with pytest.raises(InvalidInput, match="list of"):
+        Conversation.from_tuples("hello")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+    ([{"role": "assistant", "content": "a"}], "alternate"),
+    ([{"role": "robot", "content": "a"}], "unknown role"),
+    ([{"role": "user", "content": 5}], "must be a string, got int"),
+    ([{"role": "user", "content": ""}], "empty"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "only come first"),
+    (["not a dict"], "object"),
+    ({"role": "user"}, "must be a list"),
+])
+def test_bad_openai_messages(messages: object, match: str) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        Conversation.from_openai(messages)
+
+
+def test_bad_json() -> None:
+    with pytest.raises(InvalidInput, match="Not valid JSON"):
+        Conversation.from_json("{nope")
+    with pytest.raises(InvalidInput, match="two system prompts"):
+        Conversation.from_dict({"system": "a", "messages": [{"role": "system", "content": "b"}]})
+
+
+def test_blank_system_prompt_is_an_error() -> None:
+    with pytest.raises(InvalidInput, match="system prompt is empty"):
+        Conversation(system="  ")

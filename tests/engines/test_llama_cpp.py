@@ -163,5 +163,5 @@ def test_truncated_gguf(tmp_path: Path, engine: LlamaCppEngine) -> None:
 
 
 def test_unknown_engine_lists_valid_ones() -> None:
-    with pytest.raises(UnknownName, match="Valid engines: llama.cpp"):
+    with pytest.raises(UnknownName, match=r"Valid engines: llama\.cpp"):
         load_engine(engine="vllm")

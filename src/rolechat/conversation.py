@@ -79,8 +79,9 @@ class Conversation:
             expected = "user" if index % 2 == 0 else "assistant"
             if not isinstance(message, Message) or message.role != expected:
                 got = message.role if isinstance(message, Message) else type(message).__name__
+                article = "an" if expected == "assistant" else "a"
                 raise InvalidInput(
-                    f"messages[{index}] should be a {expected} message, got {got}.",
+                    f"messages[{index}] should be {article} {expected} message, got {got}.",
                     "Messages must alternate user, assistant, user, ... starting with user.",
                     field=f"messages[{index}]")
             check_text(message.content, f"{message.role} message {index}",

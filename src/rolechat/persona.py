@@ -131,4 +131,6 @@ def get_persona(name: str | Persona | None = None) -> Persona:
     if name in BUILTIN:
         return BUILTIN[name]
     found, broken = load_personas()
+    if name in broken:
+        raise broken[name]
     raise UnknownName("persona", name, set(found) | set(broken))

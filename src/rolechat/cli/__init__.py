@@ -37,7 +37,17 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli()
+    """Entry point: click's own usage errors become one ``error:`` line too."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        where = getattr(getattr(exc, "ctx", None), "command_path", "rolechat")
+        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 from . import ask, chat, personas, prompt  # noqa: E402  (commands register themselves)

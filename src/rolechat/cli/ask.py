@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..conversation import check_text
 from ..errors import InvalidInput
 from . import cli
 from .options import (
@@ -33,9 +34,10 @@ def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, **options: Any) 
     if text:
         question = " ".join(text)
     elif not sys.stdin.isatty():
-        question = sys.stdin.read()
+        question = sys.stdin.read().rstrip("\r\n")
     else:
         raise InvalidInput("No question given.", 'Pass it: rolechat ask "Why is the sky blue?"')
+    check_text(question, "question")  # before loading a model
     chat = open_chat(options)
     if as_json:
         reply = chat.send(question)

@@ -68,10 +68,10 @@ def model_options(func: F) -> F:
         click.option("--model", "-m", "model", type=click.Path(dir_okay=True, path_type=str),
                      default=None, help="A .gguf model file (default: the embedded "
                                         "SmolLM2-135M-Instruct)."),
-        click.option("--context-length", type=int, default=None,
+        click.option("--context-length", type=click.IntRange(min=16), default=None,
                      help="Context length in tokens (default: the model's trained context, "
                           "capped at 32768)."),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: all physical cores)."),
         click.option("--chat-template", default=None,
                      help="Override the model's chat template (Jinja text or a file)."),

@@ -30,7 +30,7 @@ def personas(as_json: bool) -> None:
             params = ", ".join(f"{k}={v}" for k, v in p.params.explicit().items())
             mark = " (default)" if p.name == DEFAULT_PERSONA else ""
             table.add_row(p.name + mark, p.description, params, p.source)
-        console = Console()
+        console = Console(width=None if Console().is_terminal else 160)
         console.print(table)
         console.print(f"Add your own: {persona_dir()}/NAME.toml", style="dim")
     for name, exc in broken.items():

@@ -77,6 +77,9 @@ def prompt(file: Any, system: str | None, persona: str | None, users: tuple[str,
     text = engine.template.render(messages, add_generation_prompt=ends_with_user)
     sys.stdout.write(text)
     sys.stdout.flush()
-    tokens = engine.count_tokens(messages) if ends_with_user else len(
-        engine.tokenize(text, special=True))
+    tokens = engine.count_tokens(messages, add_generation_prompt=ends_with_user)
+    budget = engine.context_length - params.max_new_tokens
+    if tokens > budget and not apply_window:
+        note += (f" · does not fit: {tokens} > {budget} (context - max_new_tokens); "
+                 "--window shows what would be sent")
     click.echo(f"\n[{tokens} tokens · context {engine.context_length}{note}]", err=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -34,7 +34,7 @@ def command(name: str, help_text: str) -> Callable[[Command], Command]:
 @dataclass
 class Repl:
     chat: Chat
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)
 
     def __post_init__(self) -> None:
         self.console = Console(file=self.out, highlight=False, soft_wrap=True)

@@ -108,7 +108,8 @@ class Engine(ABC):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._prompt_memo: OrderedDict[tuple[Message, ...], list[int]] = OrderedDict()
+        self._piece_memo: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+        self._prompt_memo: OrderedDict[tuple[Message | bool, ...], list[int]] = OrderedDict()
 
     # ----- what a subclass provides ------------------------------------------------------
     @abstractmethod
@@ -133,19 +134,21 @@ class Engine(ABC):
         """The exact prompt text for ``messages`` (generation prompt appended)."""
         return self.template.render(messages)
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+    def prompt_ids(self, messages: Sequence[Message], *,
+                   add_generation_prompt: bool = True) -> list[int]:
         """The prompt's token ids: template text may hold control tokens, content never."""
-        key = tuple(messages)
+        key: tuple[Message | bool, ...] = (*messages, add_generation_prompt)
         ids = self._prompt_memo.get(key)
         if ids is None:
-            ids = self._tokenize_prompt(key)
+            ids = self._tokenize_prompt(messages, add_generation_prompt)
             self._prompt_memo[key] = ids
             if len(self._prompt_memo) > 8:
                 self._prompt_memo.popitem(last=False)
         return ids
 
-    def _tokenize_prompt(self, messages: Sequence[Message]) -> list[int]:
-        segments = self.template.segments(messages)
+    def _tokenize_prompt(self, messages: Sequence[Message],
+                         add_generation_prompt: bool) -> list[int]:
+        segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)
         if segments is None:
             # The template rewrites content, so pieces cannot be traced: refuse content that
             # would turn into control tokens, then tokenize the whole text.
@@ -155,17 +158,31 @@ class Engine(ABC):
                     raise InvalidInput(f"A {m.role} message contains control-token text, and "
                                        "this model's template cannot keep it as plain text.",
                                        "Remove the special tokens from the message.")
-            ids = self.tokenize(self.render(messages), special=True)
+            text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+            ids = self.tokenize(text, special=True)
         else:
             ids = []
             for text, is_content in segments:
-                ids += self.tokenize(text, special=not is_content)
+                ids += self._piece_ids(text, not is_content)
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self.prompt_ids(messages))
+    def _piece_ids(self, text: str, special: bool) -> list[int]:
+        """Token ids of one prompt piece, memoized: a new turn tokenizes only its new text."""
+        key = (text, special)
+        ids = self._piece_memo.get(key)
+        if ids is None:
+            ids = self._piece_memo[key] = self.tokenize(text, special=special)
+            if len(self._piece_memo) > 4096:
+                self._piece_memo.popitem(last=False)
+        else:
+            self._piece_memo.move_to_end(key)
+        return ids
+
+    def count_tokens(self, messages: Sequence[Message], *,
+                     add_generation_prompt: bool = True) -> int:
+        return len(self.prompt_ids(messages, add_generation_prompt=add_generation_prompt))
 
     def stream(self, messages: Sequence[Message], params: GenerationParams) -> Generation:
         """Generate a reply to ``messages`` (which end with a user message), chunk by chunk."""

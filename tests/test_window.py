@@ -39,7 +39,7 @@ def test_slides_down_to_the_low_water_mark() -> None:
     plan = Window().plan(history(5), USER, FakeEngine(256), PARAMS)
     assert plan.dropped == [0, 1, 2] and plan.kept == [3, 4]  # 142 <= 154 < 193
     assert plan.prompt_tokens == 142
-    assert plan.summary() == "142/206 prompt tokens, 2 turn(s) kept, 3 oldest dropped"
+    assert plan.summary() == "142/206 prompt tokens, 2 earlier turn(s) kept, 3 oldest dropped"
 
 
 def test_sticky_start_keeps_the_prefix_for_several_turns() -> None:

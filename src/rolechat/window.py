@@ -52,7 +52,7 @@ class WindowPlan:
 
     def summary(self) -> str:
         kept, dropped = len(self.kept), len(self.dropped)
-        text = f"{self.prompt_tokens}/{self.budget} prompt tokens, {kept} turn(s) kept"
+        text = f"{self.prompt_tokens}/{self.budget} prompt tokens, {kept} earlier turn(s) kept"
         return text + (f", {dropped} oldest dropped" if dropped else "")
 
     def to_dict(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_prompt_window_drops_the_oldest_turn_to_fit(cli, engine):
     assert result.out == engine.render([Message("system", SYSTEM), Message("user", USER2)])
     tokens, context, window = token_note(result.err)
     assert context == 256
-    assert window == f"{tokens}/192 prompt tokens, 0 turn(s) kept, 1 oldest dropped"
+    assert window == f"{tokens}/192 prompt tokens, 0 earlier turn(s) kept, 1 oldest dropped"
 
 
 def test_prompt_keeps_control_token_text_in_content_as_plain_text(cli, engine):

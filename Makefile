@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar off -e .
 	@touch $@
 
+# The tests also cover the transformers engine. TORCH names the PyTorch build to install first
+# (2.13.0 is a CPU build on this kind of machine; plain `torch` can pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --progress-bar off '$(TORCH)'
+	$(BIN)/pip install --progress-bar off -e '.[dev,transformers]'
 	@touch $@
 
 install: $(VENV)/.installed

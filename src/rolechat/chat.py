@@ -149,12 +149,21 @@ _WINDOW_HINTS: weakref.WeakKeyDictionary[Engine, tuple[int, Turn]] = weakref.Wea
 
 
 def _as_engine(model: Any, tokenizer: Any) -> Engine:
+    """A rolechat engine (tokenizer None), or the tutorial's transformers model + tokenizer."""
     if isinstance(model, Engine):
         if tokenizer is not None and tokenizer is not model:
             raise InvalidInput("With a rolechat engine the tokenizer is part of the engine.",
                                "Pass tokenizer=None.")
         return model
-    raise InvalidInput(f"model must be a rolechat engine, got {type(model).__name__}.",
+    from .engines.transformers import is_transformers_model, wrap
+
+    if is_transformers_model(model):
+        if tokenizer is None:
+            raise InvalidInput("A transformers model needs its tokenizer.",
+                               "Pass the AutoTokenizer loaded with the model.")
+        return wrap(model, tokenizer)
+    raise InvalidInput(f"model must be a rolechat engine or a transformers model, got "
+                       f"{type(model).__name__}.",
                        "Create one with rolechat.load_engine() (or load_engine('model.gguf')).")
 
 

@@ -16,7 +16,9 @@ import click
 from rich.console import Console
 
 from ..chat import Chat
-from ..engines import Engine, load_engine
+from ..engines import ENGINES, Engine, engine_for, load_engine
+from ..engines.transformers import HUBS
+from ..errors import InvalidInput
 from ..params import GenerationParams
 from ..persona import get_persona
 
@@ -65,9 +67,20 @@ def params_from(options: dict[str, Any]) -> GenerationParams:
 
 def model_options(func: F) -> F:
     decorators = [
-        click.option("--model", "-m", "model", type=click.Path(dir_okay=True, path_type=str),
-                     default=None, help="A .gguf model file (default: the embedded "
-                                        "SmolLM2-135M-Instruct)."),
+        click.option("--model", "-m", "model", type=str, default=None,
+                     help="A .gguf file, a Hugging Face / ModelScope model folder, or with "
+                          "--hub a model id (default: the embedded SmolLM2-135M-Instruct)."),
+        click.option("--engine", type=click.Choice(ENGINES), default=None,
+                     help="Engine (default: llama.cpp for .gguf, transformers for a folder)."),
+        click.option("--hub", type=click.Choice(HUBS), default=None,
+                     help="Download --model by id from this hub (transformers engine)."),
+        click.option("--device", default=None,
+                     help="transformers: cpu, cuda, cuda:N or auto [default: auto]."),
+        click.option("--dtype", default=None,
+                     help="transformers: auto, bfloat16, float16 or float32 [default: auto]."),
+        click.option("--fast-decode/--no-fast-decode", default=None,
+                     help="transformers: static KV cache + CUDA graphs [default: on with "
+                          "CUDA]."),
         click.option("--context-length", type=click.IntRange(min=16), default=None,
                      help="Context length in tokens (default: the model's trained context, "
                           "capped at 32768)."),
@@ -90,16 +103,23 @@ def persona_options(func: F) -> F:
 
 def open_engine(options: dict[str, Any]) -> Engine:
     """Load the engine named by the model flags (popped from ``options``)."""
-    model = options.pop("model", None)
-    engine_options = {k: v for k in ("context_length", "chat_template")
-                      if (v := options.pop(k, None)) is not None}
+    model, engine, hub = (options.pop(k, None) for k in ("model", "engine", "hub"))
+    engine_options = {k: v for k in ("context_length", "chat_template", "device", "dtype",
+                                     "fast_decode") if (v := options.pop(k, None)) is not None}
     threads = options.pop("threads", None)
     if threads is not None:
         engine_options["n_threads"] = threads
+    name = engine or engine_for(model, hub)
+    if name == "llama.cpp":
+        misplaced = sorted({"device", "dtype", "fast_decode"} & set(engine_options))
+        if misplaced:
+            flags = ", ".join("--" + m.replace("_", "-") for m in misplaced)
+            raise InvalidInput(f"{flags} only apply to the transformers engine.",
+                               "Add --engine transformers, or drop them.")
     if not err_console.is_terminal:
-        return load_engine(model, **engine_options)
+        return load_engine(model, engine=name, hub=hub, **engine_options)
     with err_console.status(f"Loading {model or 'the embedded model'}…", spinner="dots"):
-        return load_engine(model, **engine_options)
+        return load_engine(model, engine=name, hub=hub, **engine_options)
 
 
 def open_chat(options: dict[str, Any]) -> Chat:

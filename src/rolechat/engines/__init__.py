@@ -15,32 +15,42 @@ from typing import Any
 from ..errors import ModelLoadError, UnknownName
 from .base import Completion, Engine, Generation, Usage
 
-ENGINES = ("llama.cpp",)
+ENGINES = ("llama.cpp", "transformers")
 
 
-def engine_for(model: str | Path | None) -> str:
-    """The engine that should load ``model``."""
+def engine_for(model: str | Path | None, hub: str | None = None) -> str:
+    """The engine that should load ``model``: llama.cpp for a GGUF file (and the embedded
+    default), transformers for a model folder or a hub id."""
     if model is None:
         return "llama.cpp"
+    if hub is not None:
+        return "transformers"
     path = Path(model).expanduser()
-    if path.is_dir():
-        raise ModelLoadError(str(path), "it is a folder; Hugging Face / ModelScope folders need "
-                             "the transformers engine, which this version does not have yet",
-                             "Pass a .gguf file instead (llama.cpp's convert_hf_to_gguf.py "
-                             "converts a folder).")
-    return "llama.cpp"
+    return "transformers" if path.is_dir() else "llama.cpp"
 
 
 def load_engine(model: str | Path | None = None, *, engine: str | None = None,
-                **options: Any) -> Engine:
-    """Load a model. ``options`` go to the engine (e.g. ``context_length``, ``n_threads``,
-    ``chat_template``)."""
-    name = engine or engine_for(model)
+                hub: str | None = None, **options: Any) -> Engine:
+    """Load a model. ``options`` go to the engine: ``context_length``, ``chat_template`` for
+    both; ``n_threads`` for llama.cpp; ``device``, ``dtype``, ``fast_decode`` for transformers.
+    ``hub`` ("hf" or "modelscope") downloads ``model`` by id — only when asked."""
+    name = engine or engine_for(model, hub)
     if name == "llama.cpp":
+        if hub is not None:
+            raise ModelLoadError(str(model), "the llama.cpp engine loads local .gguf files only",
+                                 "Drop --hub, or use --engine transformers.")
         from .llama_cpp import LlamaCppEngine
 
         return LlamaCppEngine(Path(model).expanduser() if model is not None else None,
                               **options)
+    if name == "transformers":
+        from .transformers import TransformersEngine
+
+        if model is None:
+            from .llama_cpp import embedded_model_path
+
+            model = embedded_model_path()
+        return TransformersEngine.load(model, hub=hub, **options)
     raise UnknownName("engine", name, ENGINES)
 
 

@@ -41,7 +41,7 @@ def test_a_line_streams_the_reply_and_records_the_turn():
     assert repl.handle("Capital of France?") is True
     text = out.getvalue()
     assert text.startswith("Paris.\n")
-    assert re.search(r"\n\d+ tokens · [\d.]+ tok/s · .* 0 turn\(s\) kept\n$", text), text
+    assert re.search(r"\n\d+ tokens · [\d.]+ tok/s · .* 0 earlier turn\(s\) kept\n$", text), text
     assert repl.chat.conversation.to_tuples() == [("Capital of France?", "Paris.")]
 
 

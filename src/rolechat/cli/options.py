@@ -114,7 +114,8 @@ def open_engine(options: dict[str, Any]) -> Engine:
         misplaced = sorted({"device", "dtype", "fast_decode"} & set(engine_options))
         if misplaced:
             flags = ", ".join("--" + m.replace("_", "-") for m in misplaced)
-            raise InvalidInput(f"{flags} only apply to the transformers engine.",
+            verb = "applies" if len(misplaced) == 1 else "apply"
+            raise InvalidInput(f"{flags} only {verb} to the transformers engine.",
                                "Add --engine transformers, or drop them.")
     if not err_console.is_terminal:
         return load_engine(model, engine=name, hub=hub, **engine_options)

@@ -26,7 +26,9 @@ def engine_for(model: str | Path | None, hub: str | None = None) -> str:
     if hub is not None:
         return "transformers"
     path = Path(model).expanduser()
-    return "transformers" if path.is_dir() else "llama.cpp"
+    if path.is_file() or path.suffix.lower() == ".gguf":
+        return "llama.cpp"
+    return "transformers"  # a folder, or an id whose error will suggest --hub
 
 
 def load_engine(model: str | Path | None = None, *, engine: str | None = None,

@@ -7,25 +7,13 @@ import re
 
 import pytest
 
+import seed_data as seed
 from rolechat import Message
 
-SYSTEM = "你是专业的AI助手，请尽量回答简洁"
-USER1 = "我想学做一道最简单的家常菜"
-ASSISTANT1 = ("你可以尝试做西红柿炒鸡蛋，做法简单：1. 鸡蛋打散；2. 西红柿切块；"
-              "3. 热油锅炒鸡蛋至熟；4. 锅中再放油，炒西红柿至出汁；"
-              "5. 把鸡蛋倒进西红柿中，快速翻炒均匀即可。")
-USER2 = "能再具体点吗？比如火候。"
-#: The seed tutorial's In[17] messages (OpenAI form).
-IN17 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER1},
-        {"role": "assistant", "content": ASSISTANT1}, {"role": "user", "content": USER2}]
-#: What the tutorial prints for In[17] (SmolLM2's ChatML renders it as Qwen's does).
-IN17_TEXT = (
-    "<|im_start|>system\n你是专业的AI助手，请尽量回答简洁<|im_end|>\n<|im_start|>user\n"
-    "我想学做一道最简单的家常菜<|im_end|>\n<|im_start|>assistant\n你可以尝试做西红柿炒鸡蛋，"
-    "做法简单：1. 鸡蛋打散；2. 西红柿切块；3. 热油锅炒鸡蛋至熟；4. 锅中再放油，炒西红柿至出汁；"
-    "5. 把鸡蛋倒进西红柿中，快速翻炒均匀即可。<|im_end|>\n<|im_start|>user\n"
-    "能再具体点吗？比如火候。<|im_end|>\n<|im_start|>assistant\n"
-)
+#: The seed tutorial's In[17] messages (OpenAI form) and the text it prints.
+IN17 = [m.to_openai() for m in seed.IN17]
+IN17_TEXT, SYSTEM, USER1, ASSISTANT1, USER2 = (seed.IN17_TEXT, seed.SYSTEM, seed.USER1,
+                                               seed.ASSISTANT1, seed.USER2)
 IM_START = 1  # SmolLM2's <|im_start|> token id
 TOKENS = re.compile(r"^\[(\d+) tokens · context (\d+)(?: · window: (.*))?\]$")
 

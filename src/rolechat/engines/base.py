@@ -19,13 +19,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..conversation import Message
-from ..errors import InvalidInput
+from ..errors import ContextOverflow, InvalidInput
 from ..params import GenerationParams
+from ..streaming import ReplyText
 from ..template import ChatTemplate
 
 FinishReason = Literal["stop", "length"]
@@ -93,6 +94,43 @@ class Timer:
         rate = (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0
         return Usage(prompt_tokens, cached_tokens, self.tokens, first - self.start, rate,
                      end - self.start)
+
+
+def reply_room(prompt_tokens: int, context_length: int, params: GenerationParams) -> int:
+    """How many tokens the reply may have; ContextOverflow if the prompt leaves none."""
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise ContextOverflow(prompt_tokens=prompt_tokens, available_tokens=context_length - 1,
+                              context_length=context_length, max_new_tokens=1)
+    return min(params.max_new_tokens, room)
+
+
+def emit_reply(tokens: Iterator[int], piece: Callable[[int], bytes], end_of_turn: set[int],
+               params: GenerationParams, max_new: int,
+               timer: Timer) -> Generator[str, None, tuple[str, FinishReason]]:
+    """The one token loop of every local engine: count each sampled token, stop at an
+    end-of-turn token, a stop string or ``max_new`` tokens, and yield safe text. Returns the
+    reply text and why it ended. A token the loop stops at is not asked for more, so an engine
+    never evaluates the last sampled token."""
+    reply = ReplyText(params.stop)
+    finish: FinishReason = "length"
+    for token in tokens:
+        timer.token()
+        if token in end_of_turn:
+            finish = "stop"
+            break
+        chunk = reply.push(piece(token))
+        if chunk:
+            yield chunk
+        if reply.stopped:
+            finish = "stop"
+            break
+        if timer.tokens >= max_new:
+            break
+    tail = reply.finish()
+    if tail:
+        yield tail
+    return reply.text, finish
 
 
 class Engine(ABC):

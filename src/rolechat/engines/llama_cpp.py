@@ -19,17 +19,16 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ContextOverflow, ModelLoadError
+from ..errors import ModelLoadError
 from ..params import GenerationParams
-from ..streaming import ReplyText
 from ..template import ChatTemplate, read_template_option
-from .base import Completion, Engine, FinishReason, Timer
+from .base import Completion, Engine, Timer, emit_reply, reply_room
 from .gguf import read_gguf_info
 
 if TYPE_CHECKING:
@@ -174,40 +173,17 @@ class LlamaCppEngine(Engine):
     # ----- generation --------------------------------------------------------------------
     def _generate(self, prompt_ids: list[int],
                   params: GenerationParams) -> Generator[str, None, Completion]:
-        n_prompt = len(prompt_ids)
-        room = self.context_length - n_prompt
-        if room < 1:
-            raise ContextOverflow(prompt_tokens=n_prompt, available_tokens=self.context_length - 1,
-                                  context_length=self.context_length, max_new_tokens=1)
-        max_new = min(params.max_new_tokens, room)
+        max_new = reply_room(len(prompt_ids), self.context_length, params)
         timer = Timer()
         cached = self.prefill(prompt_ids)
         self._llm.set_seed(params.seed if params.seed is not None else RANDOM_SEED)
-        reply = ReplyText(params.stop)
-        finish: FinishReason = "length"
         tokens = self._llm.generate(
             prompt_ids[cached:], reset=False, temp=params.temperature, top_k=params.top_k,
             top_p=params.top_p, min_p=0.0, typical_p=1.0, repeat_penalty=params.repetition_penalty)
-        try:
-            for token in tokens:
-                timer.token()
-                if token in self._eog:
-                    finish = "stop"
-                    break
-                chunk = reply.push(self._detok([token]))
-                if chunk:
-                    yield chunk
-                if reply.stopped:
-                    finish = "stop"
-                    break
-                if timer.tokens >= max_new:
-                    break
-        finally:
-            tokens.close()
-        tail = reply.finish()
-        if tail:
-            yield tail
-        return Completion(reply.text, timer.usage(n_prompt, cached), finish)
+        with closing(tokens):
+            text, finish = yield from emit_reply(tokens, lambda t: self._detok([t]), self._eog,
+                                                 params, max_new, timer)
+        return Completion(text, timer.usage(len(prompt_ids), cached), finish)
 
     def close(self) -> None:
         self._llm.close()

@@ -23,14 +23,14 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Generator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ContextOverflow, InvalidInput, ModelLoadError, UnknownName
+from ..errors import InvalidInput, ModelLoadError, UnknownName
 from ..params import GenerationParams
-from ..streaming import ReplyText
 from ..template import ChatTemplate, read_template_option
-from .base import Completion, Engine, FinishReason, Timer
+from .base import Completion, Engine, Timer, emit_reply, reply_room
 
 if TYPE_CHECKING:
     import torch
@@ -348,50 +348,36 @@ class TransformersEngine(Engine):
     # ----- generation --------------------------------------------------------------------
     def _generate(self, prompt_ids: list[int],
                   params: GenerationParams) -> Generator[str, None, Completion]:
-        torch = self.torch
-        n_prompt = len(prompt_ids)
-        room = self.context_length - n_prompt
-        if room < 1:
-            raise ContextOverflow(prompt_tokens=n_prompt, available_tokens=self.context_length - 1,
-                                  context_length=self.context_length, max_new_tokens=1)
-        max_new = min(params.max_new_tokens, room)
-        generator = torch.Generator(device=self.device).manual_seed(
-            params.seed if params.seed is not None else random.getrandbits(63))
-        reply = ReplyText(params.stop)
+        max_new = reply_room(len(prompt_ids), self.context_length, params)
         detok = IncrementalDetokenizer(self.tokenizer)
-        finish: FinishReason = "length"
         timer = Timer()
-        with torch.no_grad():
+        with self.torch.no_grad():
             try:
                 cached, logits = self.prefill(prompt_ids)
-                seen = torch.tensor(prompt_ids, device=self.device)
-                while True:
-                    token = sample(logits, params, generator, seen)
-                    token_id = int(token)  # waits for the device: the text must stream now
-                    timer.token()
-                    if token_id in self._eog:
-                        finish = "stop"
-                        break
-                    chunk = reply.push(detok.push(token_id).encode("utf-8"))
-                    if chunk:
-                        yield chunk
-                    if reply.stopped:
-                        finish = "stop"
-                        break
-                    if timer.tokens >= max_new:
-                        break
-                    if params.repetition_penalty != 1.0:
-                        seen = torch.cat([seen, token.view(1)])
-                    logits = self.decode_one(token)
+                with closing(self._tokens(prompt_ids, logits, params)) as tokens:
+                    text, finish = yield from emit_reply(
+                        tokens, lambda t: detok.push(t).encode("utf-8"), self._eog, params,
+                        max_new, timer)
             except GeneratorExit:  # the caller stopped at a chunk: the cache is consistent
                 raise
             except BaseException:  # inside the model (Ctrl-C, out of memory): layers may
                 self.reset_cache()  # disagree, so the cache cannot be trusted any more
                 raise
-        tail = reply.finish()
-        if tail:
-            yield tail
-        return Completion(reply.text, timer.usage(n_prompt, cached), finish)
+        return Completion(text, timer.usage(len(prompt_ids), cached), finish)
+
+    def _tokens(self, prompt_ids: list[int], logits: Tensor,
+                params: GenerationParams) -> Generator[int, None, None]:
+        """Sample a token, hand it out, and evaluate it only when the next one is wanted."""
+        torch = self.torch
+        generator = torch.Generator(device=self.device).manual_seed(
+            params.seed if params.seed is not None else random.getrandbits(63))
+        seen = torch.tensor(prompt_ids, device=self.device)
+        while True:
+            token = sample(logits, params, generator, seen)
+            yield int(token)  # waits for the device: the text must stream now
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, token.view(1)])
+            logits = self.decode_one(token)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "device": str(self.device),

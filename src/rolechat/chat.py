@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from .conversation import Conversation, Turn, check_text
 from .engines import load_engine
@@ -38,6 +38,18 @@ class Reply:
     plan: WindowPlan
 
 
+class TurnLog(Protocol):
+    """Something that records turns as they happen (the store's
+    :class:`~rolechat.store.StoreLog`): ``started`` before generating, then exactly one of
+    ``completed`` or ``failed``."""
+
+    def started(self, text: str, plan: WindowPlan) -> Any: ...
+
+    def completed(self, handle: Any, text: str, reply: Reply) -> None: ...
+
+    def failed(self, handle: Any) -> None: ...
+
+
 class ReplyStream(Iterator[str]):
     """Text chunks of one reply. ``reply`` is set once the stream is exhausted."""
 
@@ -45,6 +57,8 @@ class ReplyStream(Iterator[str]):
         self._chat, self._text, self._plan = chat, text, plan
         self._generation: Generation = chat.engine.stream(plan.messages, params)
         self.reply: Reply | None = None
+        self._handle = chat.log.started(text, plan) if chat.log is not None else None
+        self._open = True
 
     def __next__(self) -> str:
         try:
@@ -55,12 +69,22 @@ class ReplyStream(Iterator[str]):
             if self.reply is None:
                 self.reply = Reply(completion.text, completion.usage, completion.finish_reason,
                                    self._plan)
+                self._open = False
                 self._chat._record(self._text, self.reply)
+                if self._chat.log is not None:
+                    self._chat.log.completed(self._handle, self._text, self.reply)
+            raise
+        except BaseException:
+            self.close()
             raise
 
     def close(self) -> None:
         """Stop now; the conversation is left as it was before this reply."""
         self._generation.close()
+        if self._open:
+            self._open = False
+            if self._chat.log is not None:
+                self._chat.log.failed(self._handle)
 
     def __enter__(self) -> ReplyStream:
         return self
@@ -76,7 +100,8 @@ class Chat:
     def __init__(self, engine: Engine | None = None, *, persona: str | Persona | None = None,
                  system: str | None = None,
                  params: GenerationParams | Mapping[str, Any] | None = None,
-                 window: Window | None = None, conversation: Conversation | None = None) -> None:
+                 window: Window | None = None, conversation: Conversation | None = None,
+                 log: TurnLog | None = None) -> None:
         self.engine = engine if engine is not None else load_engine()
         self.persona = get_persona(persona)
         if not isinstance(params, GenerationParams):
@@ -91,6 +116,8 @@ class Chat:
         self.conversation = conversation
         self.first_turn = 0
         self.last_reply: Reply | None = None
+        #: Records each turn as it happens (e.g. in the conversation store); optional.
+        self.log = log
 
     @property
     def system(self) -> str | None:

@@ -90,3 +90,19 @@ class ModelLoadError(RolechatError):
         self.reason = reason
         super().__init__(f"Cannot load model {path!r}: {reason}.", hint)
 
+
+
+class StoreError(RolechatError):
+    """The conversation store cannot do what was asked (missing id, locked or unreadable)."""
+
+    exit_code = 6
+
+    def __init__(self, path: str, reason: str, hint: str = "", *, missing: bool = False) -> None:
+        self.path = path
+        self.reason = reason
+        self.missing = missing
+        if missing:
+            self.exit_code = 2
+        super().__init__(f"Conversation store {path!r}: {reason}.",
+                         hint or "Check that the file is readable and writable and that no other "
+                                 "program holds it locked.")

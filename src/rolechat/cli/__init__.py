@@ -50,6 +50,6 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-from . import ask, chat, personas, prompt  # noqa: E402  (commands register themselves)
+from . import ask, chat, conversations, personas, prompt  # noqa: E402  (commands register)
 
-__all__ = ["ask", "chat", "cli", "main", "personas", "prompt"]
+__all__ = ["ask", "chat", "cli", "conversations", "main", "personas", "prompt"]

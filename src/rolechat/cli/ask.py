@@ -17,6 +17,7 @@ from .options import (
     model_options,
     open_chat,
     persona_options,
+    store_options,
     usage_line,
 )
 
@@ -24,12 +25,15 @@ from .options import (
 @cli.command()
 @click.argument("text", nargs=-1)
 @persona_options
+@store_options
 @generation_options
 @model_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: response, usage, finish_reason, window.")
 @click.option("--usage", "show_usage", is_flag=True, help="Print token usage and speed to stderr.")
-def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, **options: Any) -> None:
+@click.option("--no-log", is_flag=True, help="Do not save this exchange in the store.")
+def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, no_log: bool,
+        **options: Any) -> None:
     """Ask one question. TEXT is read from stdin when not given."""
     if text:
         question = " ".join(text)
@@ -38,13 +42,14 @@ def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, **options: Any) 
     else:
         raise InvalidInput("No question given.", 'Pass it: rolechat ask "Why is the sky blue?"')
     check_text(question, "question")  # before loading a model
-    chat = open_chat(options)
+    chat = open_chat(options, log=not no_log)
     if as_json:
         reply = chat.send(question)
         click.echo(json.dumps({
             "response": reply.text, "finish_reason": reply.finish_reason,
             "usage": reply.usage.to_dict(), "window": reply.plan.to_dict(),
             "persona": chat.persona.name, "model": chat.engine.model,
+            "conversation_id": getattr(chat.log, "cid", None),
         }, ensure_ascii=False, indent=2))
         return
     with chat.stream(question) as chunks:

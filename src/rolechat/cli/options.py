@@ -21,6 +21,8 @@ from ..engines.transformers import HUBS
 from ..errors import InvalidInput
 from ..params import GenerationParams
 from ..persona import get_persona
+from ..store import Store
+from ..store import open_chat as store_open_chat
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,12 +125,36 @@ def open_engine(options: dict[str, Any]) -> Engine:
         return load_engine(model, engine=name, hub=hub, **engine_options)
 
 
-def open_chat(options: dict[str, Any]) -> Chat:
-    """A Chat from the persona, system, generation and model flags."""
+def store_options(func: F) -> F:
+    """``-c/--continue`` and ``--cid``: resume a saved conversation."""
+    func = click.option("--cid", type=int, default=None,
+                        help="Continue the saved conversation with this id.")(func)
+    return click.option("--continue", "-c", "resume", is_flag=True,
+                        help="Continue the most recent conversation.")(func)
+
+
+def open_chat(options: dict[str, Any], *, log: bool = True) -> Chat:
+    """A Chat from the persona, system, generation, model and store flags. With ``log`` its
+    turns are saved in the store (a new conversation, or the one ``-c``/``--cid`` names)."""
     params = params_from(options)
-    persona = get_persona(options.pop("persona", None))  # fail fast, before loading a model
+    persona_name = options.pop("persona", None)
+    if persona_name is not None:
+        get_persona(persona_name)  # fail fast, before loading a model
+    system = options.pop("system", None)
+    resume, cid = options.pop("resume", False), options.pop("cid", None)
+    store = Store.default() if (log or resume or cid is not None) else None
+    if store is not None and resume and cid is None:
+        cid = store.latest()
+        if cid is None:
+            raise InvalidInput("There is no saved conversation to continue.",
+                               "Start one with `rolechat chat`.")
+    if store is not None and cid is not None:
+        store.info(cid)  # an unknown id fails before the model loads
     engine = open_engine(options)
-    return Chat(engine, persona=persona, system=options.pop("system", None), params=params)
+    if store is None:
+        return Chat(engine, persona=persona_name, system=system, params=params)
+    return store_open_chat(store, engine, cid=cid, persona=persona_name, system=system,
+                           params=params)
 
 
 def usage_line(usage: Any) -> str:

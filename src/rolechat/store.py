@@ -1,0 +1,367 @@
+"""The conversation store: SQLite in the rolechat home folder.
+
+Contract:
+- One database file (``<home>/rolechat.db``), WAL journal, foreign keys on, a busy timeout so a
+  second process waits instead of failing. The schema is versioned with ``PRAGMA user_version``
+  and brought up to date by :data:`MIGRATIONS`, in order, each in one transaction.
+- Conversations hold id, title, persona, system prompt, model, parameters and times; messages
+  hold their order, role, content, status, token count and the reply's usage and timings.
+- A user message is written (``pending``) *before* generation; the reply is written and the user
+  message marked ``complete`` in one transaction *when the reply completes*; an interrupted
+  reply marks its user message ``interrupted``. Only complete turns are ever loaded back into a
+  :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
+- Errors (unknown id, unreadable or locked database, corrupt import) raise
+  :class:`~rolechat.errors.StoreError` / :class:`~rolechat.errors.InvalidInput` with what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .conversation import Conversation
+from .errors import InvalidInput, StoreError
+from .params import GenerationParams
+
+if TYPE_CHECKING:
+    from .chat import Chat, Reply
+    from .engines import Engine
+    from .window import WindowPlan
+
+#: Schema migrations; migration i brings ``user_version`` from i to i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE conversations (
+        id         INTEGER PRIMARY KEY,
+        title      TEXT NOT NULL DEFAULT '',
+        persona    TEXT,
+        system     TEXT,
+        model      TEXT,
+        params     TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        seq             INTEGER NOT NULL,
+        role            TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content         TEXT NOT NULL,
+        status          TEXT NOT NULL DEFAULT 'complete'
+                        CHECK (status IN ('pending', 'complete', 'interrupted')),
+        tokens          INTEGER,
+        usage           TEXT,
+        created_at      TEXT NOT NULL,
+        UNIQUE (conversation_id, seq)
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, seq);
+    """,
+)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    id: int
+    title: str
+    persona: str | None
+    system: str | None
+    model: str | None
+    params: dict[str, Any]
+    created_at: str
+    updated_at: str
+    turns: int = 0
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    seq: int
+    role: str
+    content: str
+    status: str
+    tokens: int | None
+    usage: dict[str, Any] | None
+
+
+class Store:
+    """Conversations in one SQLite file. Safe to open from several processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            if self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                self._db.execute("PRAGMA journal_mode = DELETE")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(str(self.path), str(exc)) from None
+
+    @classmethod
+    def default(cls) -> Store:
+        from .paths import home
+
+        return cls(home() / "rolechat.db")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ----- schema ------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.version
+        if current > len(MIGRATIONS):
+            raise StoreError(str(self.path), f"schema version {current} is newer than this "
+                             f"rolechat knows ({len(MIGRATIONS)})", "Upgrade rolechat.")
+        for version in range(current, len(MIGRATIONS)):
+            try:  # one transaction per migration: the schema and its version move together
+                self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} "
+                                       f"PRAGMA user_version = {version + 1}; COMMIT;")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(str(self.path), str(exc)) from None
+
+    # ----- conversations -----------------------------------------------------------------
+    def create(self, *, persona: str | None = None, system: str | None = None,
+               model: str | None = None, params: dict[str, Any] | None = None,
+               title: str = "") -> int:
+        now = _now()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, persona, system, model, params, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (title, persona, system, model, json.dumps(params or {}), now, now))
+        return int(cursor.lastrowid or 0)
+
+    def info(self, cid: int) -> ConversationInfo:
+        row = self._db.execute(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
+            "m.role = 'assistant') AS turns FROM conversations c WHERE c.id = ?",
+            (cid,)).fetchone()
+        if row is None:
+            raise StoreError(str(self.path), f"there is no conversation {cid}",
+                             "See `rolechat conversations list`.", missing=True)
+        return _info(row)
+
+    def recent(self, limit: int = 50) -> list[ConversationInfo]:
+        rows = self._db.execute(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
+            "m.role = 'assistant') AS turns FROM conversations c "
+            "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", (limit,)).fetchall()
+        return [_info(row) for row in rows]
+
+    def latest(self) -> int | None:
+        row = self._db.execute("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC "
+                               "LIMIT 1").fetchone()
+        return int(row[0]) if row else None
+
+    def update(self, cid: int, **fields: Any) -> None:
+        """Change title, persona, system, model or params."""
+        allowed = {"title", "persona", "system", "model", "params"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidInput(f"Unknown conversation fields {sorted(unknown)}.",
+                               f"Use {sorted(allowed)}.")
+        self.info(cid)
+        if "params" in fields:
+            fields["params"] = json.dumps(fields["params"] or {})
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        with self._transaction() as db:
+            db.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
+                       (*fields.values(), _now(), cid))
+
+    def delete(self, cid: int) -> None:
+        self.info(cid)
+        with self._transaction() as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+
+    # ----- messages ----------------------------------------------------------------------
+    def messages(self, cid: int) -> list[StoredMessage]:
+        self.info(cid)
+        rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq",
+                                (cid,)).fetchall()
+        return [StoredMessage(r["id"], r["seq"], r["role"], r["content"], r["status"],
+                              r["tokens"], json.loads(r["usage"]) if r["usage"] else None)
+                for r in rows]
+
+    def conversation(self, cid: int) -> Conversation:
+        """The completed turns only: a pending or interrupted message never comes back."""
+        info = self.info(cid)
+        stored = self.messages(cid)
+        turns = []
+        for user, reply in pairwise(stored):
+            if (user.role, reply.role) == ("user", "assistant") and user.status == "complete":
+                turns.append((user.content, reply.content))
+        return Conversation.from_tuples(turns, system=info.system)
+
+    def _next_seq(self, db: sqlite3.Connection, cid: int) -> int:
+        row = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages "
+                         "WHERE conversation_id = ?", (cid,)).fetchone()
+        return int(row[0])
+
+    def begin_turn(self, cid: int, text: str, tokens: int | None = None) -> int:
+        """Save the user's message before generating; returns its id."""
+        self.info(cid)
+        now = _now()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens,"
+                " created_at) VALUES (?, ?, 'user', ?, 'pending', ?, ?)",
+                (cid, self._next_seq(db, cid), text, tokens, now))
+            db.execute("UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' "
+                       "THEN ? ELSE title END WHERE id = ?", (now, _title(text), cid))
+        return int(cursor.lastrowid or 0)
+
+    def complete_turn(self, cid: int, user_id: int, reply: str, tokens: int,
+                      usage: dict[str, Any]) -> None:
+        """Save the finished reply and mark its user message complete, atomically."""
+        now = _now()
+        with self._transaction() as db:
+            db.execute("UPDATE messages SET status = 'complete' WHERE id = ?", (user_id,))
+            db.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
+                " created_at) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?)",
+                (cid, self._next_seq(db, cid), reply, tokens, json.dumps(usage), now))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+
+    def interrupt_turn(self, user_id: int) -> None:
+        """The reply did not complete: keep the message, marked, out of every prompt."""
+        with self._transaction() as db:
+            db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
+                       "status = 'pending'", (user_id,))
+
+    def drop_last_turn(self, cid: int) -> None:
+        """Delete the newest complete turn (and anything after it): ``/undo``."""
+        stored = [m for m in self.messages(cid) if m.role == "assistant"]
+        if not stored:
+            return
+        last = stored[-1].seq
+        with self._transaction() as db:
+            db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq >= ?",
+                       (cid, last - 1))
+
+    def import_conversation(self, conversation: Conversation, **fields: Any) -> int:
+        cid = self.create(system=conversation.system, **fields)
+        for turn in conversation.turns:
+            user_id = self.begin_turn(cid, turn.user)
+            self.complete_turn(cid, user_id, turn.assistant, 0, {})
+        return cid
+
+
+    def export(self, cid: int, fmt: str) -> str:
+        """The conversation as ``json`` (rolechat's own, re-importable) or ``md``."""
+        info = self.info(cid)
+        conversation = self.conversation(cid)
+        if fmt == "json":
+            return json.dumps({**conversation.to_dict(), "id": info.id, "title": info.title,
+                               "persona": info.persona, "model": info.model,
+                               "params": info.params, "created_at": info.created_at},
+                              ensure_ascii=False, indent=2)
+        if fmt == "md":
+            lines = [f"# {info.title or f'Conversation {info.id}'}", ""]
+            if conversation.system:
+                lines += [f"**System:** {conversation.system}", ""]
+            for turn in conversation.turns:
+                lines += ["### You", "", turn.user, "", "### Assistant", "", turn.assistant, ""]
+            return "\n".join(lines)
+        raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
+
+    def import_file(self, text: str) -> int:
+        """Import an OpenAI message list or rolechat's own JSON; returns the new id."""
+        conversation = Conversation.from_json(text)
+        if conversation.pending is not None:
+            conversation.messages.pop()  # a question without its answer is not a turn
+        data = json.loads(text)
+        fields: dict[str, Any] = {}
+        if isinstance(data, dict):
+            fields = {k: data[k] for k in ("title", "persona", "model", "params")
+                      if isinstance(data.get(k), (str, dict))}
+        return self.import_conversation(conversation, **fields)
+
+
+class StoreLog:
+    """Records a :class:`~rolechat.chat.Chat`'s turns in the store as they happen."""
+
+    def __init__(self, store: Store, cid: int) -> None:
+        self.store, self.cid = store, cid
+
+    def started(self, text: str, plan: WindowPlan) -> int:
+        return self.store.begin_turn(self.cid, text)
+
+    def completed(self, handle: int, text: str, reply: Reply) -> None:
+        usage = {**reply.usage.to_dict(), "finish_reason": reply.finish_reason,
+                 "window": reply.plan.to_dict()}
+        self.store.complete_turn(self.cid, handle, reply.text, reply.usage.generated_tokens,
+                                 usage)
+
+    def failed(self, handle: int) -> None:
+        self.store.interrupt_turn(handle)
+
+
+def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
+              persona: str | None = None, system: str | None = None,
+              params: GenerationParams | None = None) -> Chat:
+    """A Chat whose turns are saved: a new conversation, or conversation ``cid`` resumed with
+    its persona, system prompt and parameters (arguments given here override them)."""
+    from .chat import Chat
+
+    params = params or GenerationParams()
+    if cid is None:
+        chat = Chat(engine, persona=persona, system=system, params=params)
+        cid = store.create(persona=chat.persona.name, system=chat.system, model=engine.model,
+                           params=chat.params.explicit())
+    else:
+        info = store.info(cid)
+        stored = GenerationParams.from_mapping(info.params)
+        chat = Chat(engine, persona=persona or info.persona,
+                    params=stored.merged(**params.explicit()),
+                    conversation=store.conversation(cid))
+        if system is not None:
+            chat.system = system
+        store.update(cid, persona=chat.persona.name, system=chat.system,
+                     params=chat.params.explicit())
+    chat.log = StoreLog(store, cid)
+    return chat
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def _info(row: sqlite3.Row) -> ConversationInfo:
+    return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
+                            json.loads(row["params"] or "{}"), row["created_at"],
+                            row["updated_at"], row["turns"])

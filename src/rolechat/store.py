@@ -67,7 +67,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Microseconds: ``recent``/``latest`` order by this, and two writes often share a second.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)

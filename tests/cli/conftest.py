@@ -131,6 +131,7 @@ class ReplSession:
     def __init__(self, home: Path, *args: str) -> None:
         env = {**os.environ, "ROLECHAT_HOME": str(home), "TERM": "xterm",
                "PROMPT_TOOLKIT_NO_CPR": "1"}
+        self.home = home
         env.pop("NO_COLOR", None)
         self.child = pexpect.spawn(str(ROLECHAT), ["chat", *args], env=env, dimensions=(40, 200),
                                    encoding="utf-8", timeout=30)

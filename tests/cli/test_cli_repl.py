@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from rolechat.cli.repl import COMMANDS
+from rolechat.store import Store
 
 SHORT = ("-t", "0", "--max-new-tokens", "24", "--threads", "1")
 FIRST = "What is the capital of France?"
@@ -92,6 +93,14 @@ def test_ctrl_c_discards_the_reply_and_keeps_the_conversation(spawn_repl):
     assert FIRST in shown
     assert "dragon" not in shown
 
+    saved = repl.send("/save", "saved in")
+    cid = int(re.search(r"conversation (\d+)", saved).group(1))  # type: ignore[union-attr]
+    store = Store(repl.home / "rolechat.db")
+    statuses = [(m.role, m.status, m.content) for m in store.messages(cid)]
+    assert statuses[-1] == ("user", "interrupted", story)  # kept, marked, never sent back
+    assert store.conversation(cid).to_tuples()[-1][0] == FIRST
+    store.close()
+
     again = repl.send(SECOND, "tok/s")  # the engine is usable after the interruption
     assert reply_text(again, SECOND)
     assert usage_of(again)[3] == 1  # one earlier turn kept: the interrupted one is gone
@@ -114,3 +123,57 @@ def test_piped_chat_ends_at_end_of_input(cli):
     result = cli.ok("chat", *cli.FAST, stdin="hello\n\n/prompt\n")
     assert "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n" in result.out
     usage_of(result.out)
+
+
+def test_system_undo_retry_and_multiline_in_a_terminal(spawn_repl):
+    repl = spawn_repl(*SHORT)
+    assert "system prompt set" in repl.send("/system You are a pirate.", "system prompt set")
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in shown
+
+    first = repl.send(FIRST, "tok/s")
+    answer = reply_text(first, FIRST)
+    second = repl.send(SECOND, "tok/s")
+    assert usage_of(second)[3] == 1
+
+    undone = repl.send("/undo", "removed the last turn")
+    assert SECOND in undone
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert FIRST in shown and SECOND not in shown
+
+    retried = repl.send("/retry", "tok/s")
+    assert f"retrying: {FIRST}" in retried
+    assert reply_text(retried, f"retrying: {FIRST}]") == answer  # greedy: the same reply
+    assert usage_of(retried)[3] == 0  # the first turn was taken out before sending again
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert shown.count(FIRST) == 1
+
+    # Esc then Enter inserts a newline; Enter alone sends the whole message.
+    repl.child.send("Line one.\x1b\r")
+    repl.child.send("Line two.\r")
+    repl.expect("tok/s")
+    repl.wait_prompt()
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert "<|im_start|>user\nLine one.\nLine two.<|im_end|>" in shown
+
+    assert "nothing to undo" not in repl.send("/undo", "removed the last turn")
+    repl.send("/undo", "removed the last turn")
+    assert "nothing to undo" in repl.send("/undo", "nothing to undo")
+
+    repl.child.sendeof()
+    assert repl.finish() == 0
+
+
+def test_resume_the_last_conversation_with_continue(spawn_repl):
+    repl = spawn_repl(*SHORT)
+    repl.send(FIRST, "tok/s")
+    repl.child.sendeof()  # Ctrl-D
+    assert repl.finish() == 0
+
+    resumed = spawn_repl("-c", *SHORT)
+    shown = resumed.send("/prompt", "<|im_start|>system")
+    assert f"<|im_start|>user\n{FIRST}<|im_end|>\n<|im_start|>assistant\n" in shown
+    second = resumed.send(SECOND, "tok/s")
+    assert usage_of(second)[3] == 1  # the first session's turn is in the prompt
+    resumed.child.sendeof()
+    assert resumed.finish() == 0

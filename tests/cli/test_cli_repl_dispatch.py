@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
+from typing import Any
 
 from fakes import FakeEngine
 from rolechat import Chat
-from rolechat.cli.repl import COMMANDS, Repl
+from rolechat.cli.repl import COMMANDS, Repl, looks_like_markdown, parse_value
+from rolechat.conversation import Conversation
+from rolechat.params import GenerationParams
+from rolechat.store import Store, StoreLog
+from rolechat.store import open_chat as store_open_chat
 
 SYSTEM = "You are a professional AI assistant. Answer as concisely as possible."
 
@@ -19,7 +25,9 @@ def make_repl(engine: FakeEngine | None = None) -> tuple[Repl, io.StringIO]:
 
 
 def test_commands_table():
-    assert set(COMMANDS) == {"/help", "/reset", "/prompt", "/exit"}
+    assert set(COMMANDS) == {"/help", "/reset", "/undo", "/retry", "/system", "/persona",
+                             "/set", "/params", "/prompt", "/window", "/usage", "/save",
+                             "/export", "/exit"}
     for name, (func, help_text) in COMMANDS.items():
         assert name.startswith("/") and callable(func) and help_text.strip()
 
@@ -81,7 +89,7 @@ def test_unknown_command_is_an_error_and_the_loop_goes_on():
     assert repl.handle("/foo bar") is True
     text = out.getvalue()
     assert text.startswith("error: Unknown command '/foo'.")
-    assert "Valid commands: /exit, /help, /prompt, /reset." in text
+    assert "Valid commands: " + ", ".join(sorted(COMMANDS)) + "." in text
     assert len(text.splitlines()) == 1
 
 
@@ -119,3 +127,339 @@ def test_ctrl_c_during_a_reply_discards_it():
     assert "tok/s" not in text
     assert repl.chat.conversation.messages == []
     assert repl.chat.last_reply is None
+
+
+def test_ctrl_c_marks_the_stored_message_interrupted(tmp_path):
+    store = Store(tmp_path / "db")
+    chat = store_open_chat(store, InterruptedEngine(), params=GenerationParams(max_new_tokens=32))
+    repl = Repl(chat, out=io.StringIO())
+    repl.handle("Tell me a story")
+    cid = chat.log.cid
+    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
+    assert store.conversation(cid).turns == []
+    assert chat.conversation.messages == []
+
+
+# ----- commands, with and without a store ------------------------------------------------
+
+def stored_repl(tmp_path: Path, engine: FakeEngine | None = None,
+                **params: Any) -> tuple[Repl, io.StringIO, Store]:
+    store = Store(tmp_path / "db")
+    chat = store_open_chat(store, engine or FakeEngine(),
+                           params=GenerationParams(max_new_tokens=32, **params))
+    out = io.StringIO()
+    return Repl(chat, out=out), out, store
+
+
+def cid_of(repl: Repl) -> int:
+    assert isinstance(repl.chat.log, StoreLog)
+    return repl.chat.log.cid
+
+
+def fresh(out: io.StringIO) -> str:
+    """What was written since the last call, then forget it."""
+    text = out.getvalue()
+    out.truncate(0)
+    out.seek(0)
+    return text
+
+
+def test_undo_removes_the_last_turn_from_the_conversation_and_the_store(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    repl.handle("one")
+    repl.handle("two")
+    fresh(out)
+    assert repl.handle("/undo") is True
+    assert "removed the last turn: two" in fresh(out)
+    assert repl.chat.conversation.to_tuples() == [("one", "echo")]
+    assert store.conversation(cid_of(repl)).to_tuples() == [("one", "echo")]
+    repl.handle("/undo")
+    assert repl.chat.conversation.messages == []
+    assert store.messages(cid_of(repl)) == []
+    fresh(out)
+    repl.handle("/undo")
+    assert fresh(out).strip() == "nothing to undo"
+
+
+def test_undo_without_a_store():
+    repl, out = make_repl()
+    repl.handle("one")
+    repl.handle("/undo")
+    assert repl.chat.conversation.messages == []
+    assert repl.chat.first_turn == 0
+
+
+def test_retry_sends_the_last_message_again(tmp_path):
+    engine = FakeEngine()
+    engine.replies += ["first answer", "second answer"]
+    repl, out, store = stored_repl(tmp_path, engine)
+    repl.handle("question")
+    fresh(out)
+    assert repl.handle("/retry") is True
+    text = fresh(out)
+    assert "retrying: question" in text and "second answer\n" in text and "tok/s" in text
+    assert repl.chat.conversation.to_tuples() == [("question", "second answer")]
+    assert store.conversation(cid_of(repl)).to_tuples() == [("question", "second answer")]
+    assert len(engine.prompts) == 2
+    assert engine.prompts[0] == engine.prompts[1]  # the same prompt went out again
+
+
+def test_retry_with_nothing_to_retry():
+    repl, out = make_repl()
+    repl.handle("/retry")
+    assert out.getvalue().strip() == "nothing to retry"
+
+
+def test_system_sets_shows_and_stores_the_system_prompt(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    repl.handle("/system")
+    assert fresh(out).strip() == SYSTEM
+    repl.handle("/system You are a pirate.")
+    assert "system prompt set" in fresh(out)
+    repl.handle("/prompt")
+    assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in fresh(out)
+    assert store.info(cid_of(repl)).system == "You are a pirate."
+    repl.handle("/system")
+    assert fresh(out).strip() == "You are a pirate."
+
+
+def test_persona_switches_system_prompt_and_parameters(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    assert repl.chat.params.temperature == 0.9
+    assert repl.handle("/persona expert") is True
+    chat = repl.chat
+    assert chat.persona.name == "expert"
+    assert chat.system is not None and chat.system.startswith("You are a technical")
+    assert chat.params.temperature == 0.3
+    assert chat.params.max_new_tokens == 32  # what the user set explicitly stays
+    info = store.info(cid_of(repl))
+    assert info.persona == "expert" and info.system == chat.system
+    assert info.params == {"temperature": 0.3, "max_new_tokens": 32}
+    fresh(out)
+    repl.handle("/persona")
+    assert fresh(out).startswith("expert: ")
+
+
+def test_persona_keeps_values_set_with_set():
+    repl, out = make_repl()
+    repl.handle("/set temperature 0.5")
+    repl.handle("/persona support")
+    assert repl.chat.params.temperature == 0.5
+    assert repl.chat.persona.name == "support"
+
+
+def test_unknown_persona_lists_the_valid_names():
+    repl, out = make_repl()
+    assert repl.handle("/persona nobody") is True
+    text = out.getvalue()
+    assert text.startswith("error: Unknown persona 'nobody'. Valid personas: ")
+    assert "concise" in text and "expert" in text and len(text.splitlines()) == 1
+    assert repl.chat.persona.name == "concise"
+
+
+def test_set_changes_a_parameter_and_the_store(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    assert repl.handle("/set temperature 0.2") is True
+    assert repl.chat.params.temperature == 0.2
+    assert "temperature = 0.2" in fresh(out)
+    assert store.info(cid_of(repl)).params["temperature"] == 0.2
+    repl.handle("/set seed 7")
+    assert repl.chat.params.seed == 7
+    repl.handle("/set seed none")
+    assert repl.chat.params.seed is None
+    assert "seed" not in store.info(cid_of(repl)).params
+
+
+def test_set_out_of_range_is_a_one_line_error():
+    repl, out = make_repl()
+    assert repl.handle("/set top_p 2") is True
+    text = out.getvalue()
+    assert text.startswith("error: Invalid generation parameters: top_p: ")
+    assert len(text.splitlines()) == 1
+    assert repl.chat.params.top_p == 0.95
+
+
+def test_set_unknown_parameter_lists_the_valid_names():
+    repl, out = make_repl()
+    repl.handle("/set nope 1")
+    text = out.getvalue()
+    assert "error: Invalid generation parameters: nope: unknown parameter (valid: " in text
+    for name in GenerationParams.model_fields:
+        assert name in text
+    assert len(text.splitlines()) == 1
+
+
+def test_set_without_a_value_is_an_error():
+    repl, out = make_repl()
+    repl.handle("/set temperature")
+    assert out.getvalue().startswith("error: /set temperature needs a value.")
+    fresh(out)
+    repl.handle("/set")
+    assert fresh(out).startswith("error: Usage: /set KEY VALUE.")
+
+
+def test_set_stop_takes_the_rest_of_the_line_and_clears(tmp_path):
+    engine = FakeEngine()
+    engine.replies.append("one two THE END three")
+    repl, out, store = stored_repl(tmp_path, engine)
+    repl.handle("/set stop THE END")
+    assert repl.chat.params.stop == ("THE END",)
+    assert store.info(cid_of(repl)).params["stop"] == ["THE END"]
+    repl.handle("go")
+    assert repl.chat.conversation.turns[-1].assistant == "one two "
+    repl.handle("/set stop")
+    assert repl.chat.params.stop == ()
+    assert "stop" not in store.info(cid_of(repl)).params
+
+
+def test_params_shows_every_parameter():
+    repl, out = make_repl()
+    repl.handle("/set temperature 0.2")
+    fresh(out)
+    assert repl.handle("/params") is True
+    lines = fresh(out).splitlines()
+    assert len(lines) == len(GenerationParams.model_fields)
+    assert any(line.split()[:2] == ["temperature", "0.2"] and "default" not in line
+               for line in lines)
+    assert any(line.split()[:2] == ["max_new_tokens", "32"] for line in lines)
+    assert any(line.split()[:2] == ["top_p", "0.95"] and "(default)" in line for line in lines)
+
+
+def test_window_shows_kept_and_dropped_turns():
+    repl, out = make_repl(FakeEngine(context_length=256))
+    for i in range(6):
+        repl.handle(f"message number {i} " + "x" * 20)
+    assert repl.chat.first_turn > 0  # the window slid
+    fresh(out)
+    assert repl.handle("/window") is True
+    lines = fresh(out).splitlines()
+    plan = repl.chat.plan("…")
+    assert lines[0].startswith(f"next prompt: {plan.prompt_tokens}/224 tokens (context 256 - "
+                               "max_new_tokens 32)")
+    assert f"{len(plan.kept)} turn(s) kept, {len(plan.dropped)} dropped" in lines[0]
+    assert len(lines) == 1 + 6
+    states = [line.split()[2] for line in lines[1:]]
+    assert states == ["dropped"] * plan.first_turn + ["kept"] * (6 - plan.first_turn)
+    assert "dropped" in states
+    assert lines[1].split()[:2] == ["turn", "1"]
+    assert re.search(r"\b\d+ tokens  message number 0", lines[1])
+
+
+def test_window_with_no_turns():
+    repl, out = make_repl()
+    repl.handle("/window")
+    assert out.getvalue().splitlines()[0].endswith("0 turn(s) kept, 0 dropped")
+
+
+def test_usage_shows_the_last_reply_and_totals(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    repl.handle("/usage")
+    text = fresh(out)
+    assert "no reply yet" in text and "this session: 0 tokens generated" in text
+    repl.handle("hello")
+    repl.handle("again")
+    fresh(out)
+    assert repl.handle("/usage") is True
+    text = fresh(out)
+    assert re.search(r"last reply: 4 tokens · [\d.]+ tok/s .* · finish stop", text), text
+    assert "this session: 8 tokens generated" in text
+    assert f"conversation {cid_of(repl)}: 8 tokens generated in all" in text
+
+
+def test_save_names_the_conversation_and_the_file(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    assert repl.handle("/save") is True
+    text = out.getvalue()
+    assert f"conversation {cid_of(repl)}" in text and str(store.path) in text
+    repl2, out2 = make_repl()
+    repl2.handle("/save")
+    assert out2.getvalue().startswith("not saved")
+
+
+def test_export_md_and_json(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    repl.handle("first question")
+    repl.handle("second question")
+    repl.handle(f"/export md {tmp_path / 'chat.md'}")
+    repl.handle(f"/export json {tmp_path / 'chat.json'}")
+    assert "error" not in out.getvalue()
+    md = (tmp_path / "chat.md").read_text(encoding="utf-8")
+    assert "first question" in md and "### Assistant" in md and SYSTEM in md
+    loaded = Conversation.from_json((tmp_path / "chat.json").read_text(encoding="utf-8"))
+    assert loaded.to_tuples() == repl.chat.conversation.to_tuples()
+    assert loaded.system == SYSTEM
+
+
+def test_export_without_a_store(tmp_path):
+    repl, out = make_repl()
+    repl.handle("hi there")
+    repl.handle(f"/export json {tmp_path / 'c.json'}")
+    repl.handle(f"/export md {tmp_path / 'c.md'}")
+    loaded = Conversation.from_json((tmp_path / "c.json").read_text(encoding="utf-8"))
+    assert loaded.to_tuples() == [("hi there", "echo")]
+    assert "hi there" in (tmp_path / "c.md").read_text(encoding="utf-8")
+    assert "exported 1 turn(s) as md" in out.getvalue()
+
+
+def test_export_errors(tmp_path):
+    repl, out = make_repl()
+    repl.handle("/export pdf x.pdf")
+    assert fresh(out).startswith("error: Usage: /export md|json PATH.")
+    repl.handle("/export md")
+    assert fresh(out).startswith("error: Usage: /export md|json PATH.")
+    repl.handle(f"/export md {tmp_path / 'missing' / 'x.md'}")
+    text = fresh(out)
+    assert text.startswith("error: Cannot write") and len(text.splitlines()) == 1
+
+
+def test_reset_with_a_store_starts_a_new_conversation(tmp_path):
+    repl, out, store = stored_repl(tmp_path)
+    repl.handle("remember me")
+    old = cid_of(repl)
+    repl.handle("/reset")
+    new = cid_of(repl)
+    assert new != old
+    assert f"new conversation {new}" in out.getvalue()
+    assert store.conversation(old).to_tuples() == [("remember me", "echo")]
+    assert store.conversation(new).turns == []
+    assert store.info(new).system == SYSTEM
+    repl.handle("fresh start")
+    assert store.conversation(new).to_tuples() == [("fresh start", "echo")]
+    assert store.conversation(old).to_tuples() == [("remember me", "echo")]
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", text)
+
+
+class TtyOut(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_markdown_reply_is_rendered_again_on_a_terminal():
+    engine = FakeEngine()
+    engine.replies += ["**Bold** answer", "plain answer"]
+    out = TtyOut()
+    repl = Repl(Chat(engine, params={"max_new_tokens": 32}), out=out)
+    repl.handle("q1")
+    text = strip_ansi(fresh(out))
+    assert text.startswith("**Bold** answer\n")
+    assert "─" in text and "Bold answer" in text  # a rule, then the rendered Markdown
+    repl.handle("q2")
+    text = strip_ansi(fresh(out))
+    assert "─" not in text and text.count("plain answer") == 1
+
+
+def test_looks_like_markdown():
+    assert looks_like_markdown("```py\nx = 1\n```")
+    assert looks_like_markdown("Steps:\n- one\n- two")
+    assert looks_like_markdown("# Title")
+    assert not looks_like_markdown("Paris is the capital of France.")
+    assert not looks_like_markdown("2 - 1 = 1")
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5
+    assert parse_value("none") is None and parse_value("None") is None
+    assert parse_value("abc") == "abc"

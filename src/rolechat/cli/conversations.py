@@ -27,7 +27,7 @@ def list_(limit: int) -> None:
         table.add_column(column)
     for info in Store.default().recent(limit):
         table.add_row(str(info.id), info.title, str(info.turns), info.persona or "",
-                      info.updated_at)
+                      info.updated_at[:19].replace("T", " "))
     Console(width=None if Console().is_terminal else 160).print(table)
 
 

@@ -1,0 +1,575 @@
+"""The conversation store: schema migrations, the turn life cycle (pending → complete or
+interrupted), resuming, listing, export/import, locked and read-only databases, and a real
+process killed with SIGKILL in the middle of a reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import rolechat.store as store_module
+from fakes import FakeEngine
+from rolechat.chat import Chat
+from rolechat.conversation import Conversation
+from rolechat.errors import InvalidInput, StoreError
+from rolechat.params import GenerationParams
+from rolechat.store import MIGRATIONS, Store, StoreLog, open_chat
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store" / "rolechat.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    opened = Store(db_path)
+    yield opened
+    opened.close()
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def one_turn(store: Store, cid: int, user: str, reply: str) -> int:
+    user_id = store.begin_turn(cid, user)
+    store.complete_turn(cid, user_id, reply, 3, {"generated_tokens": 3})
+    return user_id
+
+
+# ----- schema ----------------------------------------------------------------------------------
+
+def test_migrations_on_a_blank_database(store: Store, db_path: Path) -> None:
+    assert store.version == len(MIGRATIONS) == user_version(db_path)
+    assert {"conversations", "messages"} <= tables(db_path)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_reopening_runs_no_migration_again(store: Store, db_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = store.create(title="kept")
+    store.close()
+    again = Store(db_path)  # migration 1 again would fail: "table conversations already exists"
+    assert again.version == len(MIGRATIONS)
+    assert again.info(cid).title == "kept"
+    again.close()
+    # A later migration runs alone, on top of what is there.
+    monkeypatch.setattr(store_module, "MIGRATIONS",
+                        (*MIGRATIONS, "CREATE TABLE extra (x INTEGER);"))
+    upgraded = Store(db_path)
+    assert upgraded.version == len(MIGRATIONS) + 1
+    assert "extra" in tables(db_path)
+    assert upgraded.info(cid).title == "kept"
+    upgraded.close()
+
+
+def test_a_failing_migration_changes_nothing(store: Store, db_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    store.close()
+    broken = "CREATE TABLE extra (x INTEGER); CREATE TABLE extra (y INTEGER);"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    with pytest.raises(StoreError, match="already exists"):
+        Store(db_path)
+    assert user_version(db_path) == len(MIGRATIONS)
+    assert "extra" not in tables(db_path)
+
+
+def test_a_newer_schema_is_refused(store: Store, db_path: Path) -> None:
+    store._db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store.close()
+    with pytest.raises(StoreError, match="newer") as caught:
+        Store(db_path)
+    assert caught.value.exit_code == 6
+    assert "Upgrade rolechat" in str(caught.value)
+
+
+def test_a_file_that_is_not_a_database(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not an sqlite database, just text " * 100)
+    with pytest.raises(StoreError, match="not a database") as caught:
+        Store(db_path)
+    assert caught.value.exit_code == 6 and not caught.value.missing
+
+
+def test_default_store_lives_in_the_rolechat_home(rolechat_home: Path) -> None:
+    store = Store.default()
+    assert store.path == rolechat_home / "rolechat.db"
+    assert store.path.exists()
+    store.close()
+
+
+# ----- the turn life cycle ---------------------------------------------------------------------
+
+def test_only_complete_turns_come_back(store: Store) -> None:
+    cid = store.create(system="Be brief.")
+    one_turn(store, cid, "first", "one")
+    interrupted = store.begin_turn(cid, "cut off")
+    store.interrupt_turn(interrupted)
+    one_turn(store, cid, "second", "two")
+    store.begin_turn(cid, "still pending")
+
+    conversation = store.conversation(cid)
+    assert conversation.to_tuples() == [("first", "one"), ("second", "two")]
+    assert conversation.system == "Be brief."
+    assert conversation.pending is None
+    assert [(m.role, m.content, m.status) for m in store.messages(cid)] == [
+        ("user", "first", "complete"), ("assistant", "one", "complete"),
+        ("user", "cut off", "interrupted"),
+        ("user", "second", "complete"), ("assistant", "two", "complete"),
+        ("user", "still pending", "pending"),
+    ]
+    assert [m.seq for m in store.messages(cid)] == list(range(6))
+    assert store.info(cid).turns == 2
+
+
+def test_interrupting_a_completed_turn_changes_nothing(store: Store) -> None:
+    cid = store.create()
+    user_id = one_turn(store, cid, "q", "a")
+    store.interrupt_turn(user_id)  # only a pending message can be interrupted
+    assert store.messages(cid)[0].status == "complete"
+    assert store.conversation(cid).to_tuples() == [("q", "a")]
+
+
+def test_complete_turn_stores_tokens_and_usage(store: Store) -> None:
+    cid = store.create()
+    user_id = store.begin_turn(cid, "hi", tokens=2)
+    usage = {"generated_tokens": 5, "finish_reason": "stop", "window": {"first_turn": 0}}
+    store.complete_turn(cid, user_id, "hello", 5, usage)
+    user, reply = store.messages(cid)
+    assert (user.tokens, user.usage) == (2, None)
+    assert (reply.role, reply.content, reply.tokens, reply.usage) == ("assistant", "hello", 5,
+                                                                       usage)
+
+
+def test_title_comes_from_the_first_message(store: Store) -> None:
+    cid = store.create()
+    long_text = "word " * 40
+    one_turn(store, cid, "  A   question\nover two lines  ", "x")
+    assert store.info(cid).title == "A question over two lines"
+    one_turn(store, cid, "a later question", "y")  # the first message names it
+    assert store.info(cid).title == "A question over two lines"
+
+    other = store.create()
+    store.begin_turn(other, long_text)
+    title = store.info(other).title
+    assert len(title) == 60 and title.endswith("…")
+    assert title[:-1] == " ".join(long_text.split())[:59]
+
+    named = store.create(title="My title")
+    one_turn(store, named, "hello", "hi")
+    assert store.info(named).title == "My title"
+
+
+def test_drop_last_turn(store: Store) -> None:
+    cid = store.create()
+    one_turn(store, cid, "one", "1")
+    one_turn(store, cid, "two", "2")
+    store.begin_turn(cid, "pending after")
+    store.drop_last_turn(cid)
+    assert store.conversation(cid).to_tuples() == [("one", "1")]
+    assert [m.content for m in store.messages(cid)] == ["one", "1"]
+    store.drop_last_turn(cid)
+    store.drop_last_turn(cid)  # nothing left: no error
+    assert store.messages(cid) == []
+
+
+# ----- Chat + StoreLog ---------------------------------------------------------------------------
+
+def test_a_completed_send_writes_both_messages(store: Store) -> None:
+    engine = FakeEngine()
+    engine.replies += ["Hello there!", "Fine."]
+    chat = Chat(engine, log=StoreLog(store, cid := store.create()))
+    reply = chat.send("Hi")
+    chat.send("How are you?")
+    assert store.conversation(cid).to_tuples() == [("Hi", "Hello there!"),
+                                                    ("How are you?", "Fine.")]
+    messages = store.messages(cid)
+    assert [m.status for m in messages] == ["complete"] * 4
+    assert messages[1].tokens == reply.usage.generated_tokens == len("Hello there!")
+    assert messages[1].usage is not None
+    assert messages[1].usage["finish_reason"] == "stop"
+    assert messages[1].usage["generated_tokens"] == len("Hello there!")
+    assert "window" in messages[1].usage
+
+
+def test_an_engine_failure_marks_the_turn_interrupted(store: Store) -> None:
+    engine = FakeEngine()
+    engine.replies += ["first reply", "this one breaks"]
+    cid = store.create()
+    chat = Chat(engine, log=StoreLog(store, cid))
+    chat.send("one")
+    before = chat.conversation.copy()
+    engine.fail_after = 2
+    with pytest.raises(RuntimeError, match="mid-reply"):
+        chat.send("two")
+    assert chat.conversation == before
+    assert [(m.content, m.status) for m in store.messages(cid)] == [
+        ("one", "complete"), ("first reply", "complete"), ("two", "interrupted")]
+    assert store.conversation(cid).to_tuples() == [("one", "first reply")]
+
+
+def test_closing_a_stream_early_marks_it_interrupted(store: Store) -> None:
+    engine = FakeEngine()
+    engine.replies.append("a long reply that is cut off")
+    cid = store.create()
+    chat = Chat(engine, log=StoreLog(store, cid))
+    stream = chat.stream("tell me")
+    assert store.messages(cid)[0].status == "pending"  # written before generating
+    next(stream)
+    stream.close()
+    stream.close()  # twice is harmless
+    assert [(m.content, m.status) for m in store.messages(cid)] == [("tell me", "interrupted")]
+    assert chat.conversation.turns == []
+    assert store.conversation(cid).turns == []
+
+
+def test_open_chat_creates_and_resumes(store: Store) -> None:
+    params = GenerationParams(temperature=0.3, max_new_tokens=20)
+    chat = open_chat(store, FakeEngine(), persona="expert", system="Be brief.", params=params)
+    assert isinstance(chat.log, StoreLog)
+    cid = chat.log.cid
+    chat.send("one")
+    chat.send("two")
+    info = store.info(cid)
+    assert (info.persona, info.system, info.model) == ("expert", "Be brief.", "fake")
+    assert info.params == {"temperature": 0.3, "max_new_tokens": 20}
+
+    engine = FakeEngine()
+    resumed = open_chat(store, engine, cid=cid)
+    assert resumed.persona.name == "expert"
+    assert resumed.system == "Be brief."
+    assert (resumed.params.temperature, resumed.params.max_new_tokens) == (0.3, 20)
+    assert resumed.conversation.to_tuples() == [("one", "echo"), ("two", "echo")]
+    resumed.send("three")
+    prompt = bytes(t for t in engine.prompts[-1] if t < 256).decode()
+    assert "one" in prompt and "two" in prompt and "Be brief." in prompt
+    assert store.conversation(cid).to_tuples()[-1] == ("three", "echo")
+    assert len(store.recent()) == 1  # resumed, not copied
+
+    # Arguments given override the stored values, and are stored for next time.
+    again = open_chat(store, FakeEngine(), cid=cid, persona="concise", system="New system.",
+                      params=GenerationParams(temperature=0.7))
+    assert again.persona.name == "concise"
+    assert again.system == "New system."
+    assert (again.params.temperature, again.params.max_new_tokens) == (0.7, 20)
+    info = store.info(cid)
+    assert (info.persona, info.system) == ("concise", "New system.")
+    assert info.params == {"temperature": 0.7, "max_new_tokens": 20}
+
+
+def test_open_chat_with_an_unknown_id(store: Store) -> None:
+    with pytest.raises(StoreError) as caught:
+        open_chat(store, FakeEngine(), cid=42)
+    assert caught.value.missing and caught.value.exit_code == 2
+
+
+# ----- listing, editing, deleting ------------------------------------------------------------
+
+def test_recent_and_latest_follow_activity(store: Store) -> None:
+    assert store.recent() == [] and store.latest() is None
+    first, second, third = store.create(), store.create(), store.create()
+    assert [c.id for c in store.recent()] == [third, second, first]
+    assert store.latest() == third
+    # Activity in an older conversation moves it to the front, even within the same second.
+    one_turn(store, first, "back to the first", "ok")
+    assert store.latest() == first
+    assert [c.id for c in store.recent()] == [first, third, second]
+    store.update(second, title="renamed")
+    assert store.latest() == second
+    assert [c.id for c in store.recent(limit=2)] == [second, first]
+    assert store.info(first).turns == 1
+
+
+def test_update(store: Store) -> None:
+    cid = store.create(persona="concise", params={"temperature": 0.1})
+    store.update(cid, title="T", persona="expert", system="S", model="m",
+                 params={"max_new_tokens": 3})
+    info = store.info(cid)
+    assert (info.title, info.persona, info.system, info.model, info.params) == (
+        "T", "expert", "S", "m", {"max_new_tokens": 3})
+    store.update(cid, params=None)
+    assert store.info(cid).params == {}
+    with pytest.raises(InvalidInput, match="Unknown conversation fields"):
+        store.update(cid, colour="red")
+
+
+def test_delete_cascades_to_messages(store: Store, db_path: Path) -> None:
+    cid = store.create()
+    keep = store.create()
+    one_turn(store, cid, "a", "b")
+    one_turn(store, keep, "c", "d")
+    store.delete(cid)
+    with sqlite3.connect(db_path) as db:
+        counts = dict(db.execute("SELECT conversation_id, COUNT(*) FROM messages "
+                                 "GROUP BY conversation_id").fetchall())
+    assert counts == {keep: 2}
+    assert [c.id for c in store.recent()] == [keep]
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.info(999), lambda s: s.messages(999), lambda s: s.conversation(999),
+    lambda s: s.delete(999), lambda s: s.update(999, title="x"),
+    lambda s: s.begin_turn(999, "hi"), lambda s: s.export(999, "md"),
+    lambda s: s.drop_last_turn(999),
+])
+def test_an_unknown_id(store: Store, call: object) -> None:
+    with pytest.raises(StoreError) as caught:
+        call(store)  # type: ignore[operator]
+    assert caught.value.missing is True
+    assert caught.value.exit_code == 2
+    assert "there is no conversation 999" in str(caught.value)
+    assert "rolechat conversations list" in str(caught.value)
+
+
+# ----- export and import -----------------------------------------------------------------------
+
+def test_export_md_and_json(store: Store) -> None:
+    cid = store.create(system="Be brief.", persona="expert", params={"temperature": 0.2})
+    one_turn(store, cid, "Why is the sky blue?", "Rayleigh scattering.")
+    store.begin_turn(cid, "never answered")
+
+    md = store.export(cid, "md")
+    assert md.splitlines()[0] == "# Why is the sky blue?"
+    assert "**System:** Be brief." in md
+    assert "### You\n\nWhy is the sky blue?\n\n### Assistant\n\nRayleigh scattering." in md
+    assert "never answered" not in md
+
+    data = json.loads(store.export(cid, "json"))
+    assert data["system"] == "Be brief."
+    assert data["messages"] == [{"role": "user", "content": "Why is the sky blue?"},
+                                {"role": "assistant", "content": "Rayleigh scattering."}]
+    assert (data["id"], data["title"], data["persona"]) == (cid, "Why is the sky blue?",
+                                                            "expert")
+    assert data["params"] == {"temperature": 0.2}
+
+    untitled = store.create()
+    assert store.export(untitled, "md").startswith(f"# Conversation {untitled}")
+    with pytest.raises(InvalidInput, match="Unknown export format"):
+        store.export(cid, "html")
+
+
+def test_import_round_trips_rolechat_json(store: Store) -> None:
+    cid = store.create(system="Be brief.", persona="expert", params={"temperature": 0.2})
+    one_turn(store, cid, "one", "1")
+    one_turn(store, cid, "two", "2")
+    new = store.import_file(store.export(cid, "json"))
+    assert new != cid
+    assert store.conversation(new) == store.conversation(cid)
+    assert store.conversation(new).system == "Be brief."
+    info = store.info(new)
+    assert (info.title, info.persona, info.params) == ("one", "expert", {"temperature": 0.2})
+
+
+def test_import_an_openai_message_list(store: Store) -> None:
+    messages = [{"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Arr!"},
+                {"role": "user", "content": "Where is the treasure?"},
+                {"role": "assistant", "content": "Buried."}]
+    cid = store.import_file(json.dumps(messages))
+    conversation = store.conversation(cid)
+    assert conversation.system == "You are a pirate."
+    assert conversation.to_tuples() == [("Hello", "Arr!"), ("Where is the treasure?", "Buried.")]
+    assert store.info(cid).title == "Hello"
+
+
+def test_import_drops_an_unanswered_last_message(store: Store) -> None:
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                {"role": "user", "content": "No answer yet"}]
+    cid = store.import_file(json.dumps(messages))
+    assert store.conversation(cid).to_tuples() == [("Hello", "Hi")]
+    assert [m.content for m in store.messages(cid)] == ["Hello", "Hi"]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('{"messages": [', "Not valid JSON"),
+    ("", "Not valid JSON"),
+    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]',
+     "should be an assistant message"),
+    ('[{"role": "assistant", "content": "a"}]', "should be a user message"),
+    ('{"no": "messages"}', "JSON list of messages"),
+    ('[{"role": "wizard", "content": "a"}]', "unknown role"),
+])
+def test_a_bad_import_creates_nothing(store: Store, text: str, match: str) -> None:
+    with pytest.raises(InvalidInput, match=match) as caught:
+        store.import_file(text)
+    assert caught.value.exit_code == 2
+    assert store.recent() == []
+
+
+def test_import_conversation(store: Store) -> None:
+    conversation = Conversation.from_tuples([("a", "b")], system="sys")
+    cid = store.import_conversation(conversation, title="imported")
+    assert store.conversation(cid) == conversation
+    assert store.info(cid).title == "imported"
+
+
+# ----- locked and read-only databases ----------------------------------------------------------
+
+def test_a_locked_database(store: Store, db_path: Path) -> None:
+    cid = store.create()
+    one_turn(store, cid, "q", "a")
+    store._db.execute("PRAGMA busy_timeout = 200")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked") as caught:
+            store.begin_turn(cid, "blocked")
+        assert time.monotonic() - started < 5
+        assert caught.value.exit_code == 6 and not caught.value.missing
+        assert "no other program holds it locked" in str(caught.value)
+        assert not store._db.in_transaction
+        # WAL: reading goes on while another process writes.
+        assert store.conversation(cid).to_tuples() == [("q", "a")]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.begin_turn(cid, "after the lock")  # the store works again once the lock is gone
+    assert store.messages(cid)[-1].content == "after the lock"
+
+
+def test_a_second_writer_waits_instead_of_failing(store: Store, db_path: Path) -> None:
+    """The busy timeout: a lock held briefly by another process is waited for."""
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    timer = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    timer.start()
+    try:
+        cid = store.create()  # waits ~0.3 s with the default timeout, then succeeds
+    finally:
+        timer.join()
+        other.close()
+    assert store.info(cid).id == cid
+
+
+def test_a_read_only_database(store: Store, db_path: Path) -> None:
+    """We run as root, so file permissions cannot make the file read-only; SQLite's own
+    read-only mode (``mode=ro``) gives the same SQLITE_READONLY error on every write."""
+    cid = store.create(title="kept")
+    one_turn(store, cid, "q", "a")
+    store._db.close()
+    store._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None,
+                                check_same_thread=False)
+    store._db.row_factory = sqlite3.Row
+    for write in (lambda: store.create(), lambda: store.begin_turn(cid, "x"),
+                  lambda: store.update(cid, title="y"), lambda: store.delete(cid)):
+        with pytest.raises(StoreError, match="readonly") as caught:
+            write()
+        assert caught.value.exit_code == 6
+        assert not store._db.in_transaction
+    assert store.conversation(cid).to_tuples() == [("q", "a")]  # reading still works
+    assert store.info(cid).title == "kept"
+
+
+# ----- a process killed in the middle of a reply ------------------------------------------------
+
+KILLED_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from rolechat import load_engine
+    from rolechat.params import GenerationParams
+    from rolechat.store import Store, open_chat
+
+    store = Store(sys.argv[1])
+    engine = load_engine(n_threads=1)
+    chat = open_chat(store, engine, params=GenerationParams(temperature=0, max_new_tokens=16))
+    chat.send("Hello! What is your name?")
+    chat.send("What is two plus two?")
+    print("CID", chat.log.cid, flush=True)
+    print("TWO-TURNS-DONE", flush=True)
+    for chunk in chat.stream("Write a long story about a dragon.", max_new_tokens=400):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+        time.sleep(0.02)  # keep the reply going long enough to be killed in the middle
+    print("THIRD-TURN-DONE", flush=True)
+""")
+MARKER = "TWO-TURNS-DONE\n"
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
+    path = rolechat_home / "rolechat.db"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SCRIPT, str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    output = b""
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            text = output.decode("utf-8", errors="replace")
+            if MARKER in text and len(text.split(MARKER, 1)[1].strip()) >= 10:
+                break  # the third reply is streaming
+            assert time.monotonic() < deadline, f"no streamed output in time: {text!r}"
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                assert chunk, (f"the script ended early: {text!r} "
+                               f"{proc.stderr.read().decode() if proc.stderr else ''}")
+                output += chunk
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = output.decode("utf-8", errors="replace")
+    assert proc.returncode == -signal.SIGKILL
+    assert "THIRD-TURN-DONE" not in text
+    cid = int(text.split("CID ", 1)[1].split()[0])
+
+    plain = sqlite3.connect(path)
+    try:
+        assert plain.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        plain.close()
+
+    store = Store(path)
+    conversation = store.conversation(cid)
+    assert [t.user for t in conversation.turns] == ["Hello! What is your name?",
+                                                     "What is two plus two?"]
+    assert all(t.assistant for t in conversation.turns)
+    messages = store.messages(cid)
+    assert [(m.role, m.status) for m in messages] == [
+        ("user", "complete"), ("assistant", "complete"),
+        ("user", "complete"), ("assistant", "complete"),
+        ("user", "pending")]  # the process died before it could mark it
+    assert messages[-1].content == "Write a long story about a dragon."
+    assert store.info(cid).turns == 2
+
+    # The conversation continues cleanly, without the half-done turn.
+    engine = FakeEngine()
+    engine.replies.append("Welcome back.")
+    chat = open_chat(store, engine, cid=cid)
+    assert chat.conversation == conversation
+    chat.send("Are you still there?")
+    prompt = bytes(t for t in engine.prompts[-1] if t < 256).decode()
+    assert "two plus two" in prompt and "dragon" not in prompt
+    again = store.conversation(cid)
+    assert len(again.turns) == 3
+    assert again.turns[-1].user == "Are you still there?"
+    assert again.turns[-1].assistant == "Welcome back."
+    assert [m.status for m in store.messages(cid)][-3:] == ["pending", "complete", "complete"]
+    store.close()

@@ -94,7 +94,9 @@ def test_ctrl_c_discards_the_reply_and_keeps_the_conversation(spawn_repl):
     assert "dragon" not in shown
 
     saved = repl.send("/save", "saved in")
-    cid = int(re.search(r"conversation (\d+)", saved).group(1))  # type: ignore[union-attr]
+    match = re.search(r"conversation (\d+)", saved)
+    assert match, saved
+    cid = int(match.group(1))
     store = Store(repl.home / "rolechat.db")
     statuses = [(m.role, m.status, m.content) for m in store.messages(cid)]
     assert statuses[-1] == ("user", "interrupted", story)  # kept, marked, never sent back

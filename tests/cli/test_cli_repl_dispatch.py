@@ -182,7 +182,7 @@ def test_undo_removes_the_last_turn_from_the_conversation_and_the_store(tmp_path
 
 
 def test_undo_without_a_store():
-    repl, out = make_repl()
+    repl, _out = make_repl()
     repl.handle("one")
     repl.handle("/undo")
     assert repl.chat.conversation.messages == []
@@ -241,7 +241,7 @@ def test_persona_switches_system_prompt_and_parameters(tmp_path):
 
 
 def test_persona_keeps_values_set_with_set():
-    repl, out = make_repl()
+    repl, _out = make_repl()
     repl.handle("/set temperature 0.5")
     repl.handle("/persona support")
     assert repl.chat.params.temperature == 0.5
@@ -301,7 +301,7 @@ def test_set_without_a_value_is_an_error():
 def test_set_stop_takes_the_rest_of_the_line_and_clears(tmp_path):
     engine = FakeEngine()
     engine.replies.append("one two THE END three")
-    repl, out, store = stored_repl(tmp_path, engine)
+    repl, _out, store = stored_repl(tmp_path, engine)
     repl.handle("/set stop THE END")
     assert repl.chat.params.stop == ("THE END",)
     assert store.info(cid_of(repl)).params["stop"] == ["THE END"]
@@ -352,7 +352,7 @@ def test_window_with_no_turns():
 
 
 def test_usage_shows_the_last_reply_and_totals(tmp_path):
-    repl, out, store = stored_repl(tmp_path)
+    repl, out, _store = stored_repl(tmp_path)
     repl.handle("/usage")
     text = fresh(out)
     assert "no reply yet" in text and "this session: 0 tokens generated" in text
@@ -377,7 +377,7 @@ def test_save_names_the_conversation_and_the_file(tmp_path):
 
 
 def test_export_md_and_json(tmp_path):
-    repl, out, store = stored_repl(tmp_path)
+    repl, out, _store = stored_repl(tmp_path)
     repl.handle("first question")
     repl.handle("second question")
     repl.handle(f"/export md {tmp_path / 'chat.md'}")

@@ -1,0 +1,203 @@
+"""``rolechat ask`` logging (``-c``, ``--cid``, ``--no-log``), ``rolechat conversations ...``
+and resuming a piped ``rolechat chat``, through the real installed command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import Cli
+from rolechat.conversation import Conversation
+from rolechat.store import Store
+
+#: Short, greedy, single-threaded generation.
+FAST = ("-t", "0", "--max-new-tokens", "8", "--threads", "1")
+#: A model that cannot load: a command that fails with exit 2 failed before loading it.
+NO_MODEL = ("--model", "/nonexistent/model.gguf")
+
+
+def store(cli: Cli) -> Store:
+    return Store(cli.home / "rolechat.db")
+
+
+def seeded(cli: Cli, turns: list[tuple[str, str]], system: str | None = "Be brief.") -> int:
+    """A saved conversation, written straight into the command's store (no model needed)."""
+    saved = store(cli)
+    try:
+        return saved.import_conversation(Conversation.from_tuples(turns, system=system))
+    finally:
+        saved.close()
+
+
+# ----- ask --------------------------------------------------------------------------------------
+
+def test_ask_logs_continues_and_no_log(cli: Cli) -> None:
+    first = cli.ask_json(*FAST, "What is the capital of France?")
+    second = cli.ask_json(*FAST, "Name a colour.")
+    assert isinstance(first["conversation_id"], int)
+    assert first["conversation_id"] != second["conversation_id"]
+
+    listing = cli.ok("conversations", "list").out
+    assert "What is the capital of France?" in listing and "Name a colour." in listing
+    assert len(store(cli).recent()) == 2
+
+    unlogged = cli.ask_json(*FAST, "--no-log", "Say hi.")
+    assert unlogged["conversation_id"] is None
+    assert len(store(cli).recent()) == 2
+    assert "Say hi." not in cli.ok("conversations", "list").out
+
+    # -c continues the most recent conversation.
+    cont = cli.ask_json(*FAST, "-c", "And of Italy?")
+    assert cont["conversation_id"] == second["conversation_id"]
+    shown = cli.ok("conversations", "show", str(second["conversation_id"])).out
+    assert shown.count("### You") == 2
+    assert shown.index("Name a colour.") < shown.index("And of Italy?")
+    assert second["response"].strip() in shown
+
+    # --cid continues a chosen one; the prompt holds its earlier turn.
+    cid = first["conversation_id"]
+    again = cli.ask_json(*FAST, "--cid", str(cid), "Repeat my first question.")
+    assert again["conversation_id"] == cid
+    assert again["window"]["prompt_tokens"] > first["window"]["prompt_tokens"]
+    shown = cli.ok("conversations", "show", str(cid)).out
+    assert "What is the capital of France?" in shown and "Repeat my first question." in shown
+    assert len(store(cli).recent()) == 2
+    # ... and becomes the most recent, which -c picks next.
+    assert store(cli).latest() == cid
+
+
+def test_ask_streamed_is_logged_too(cli: Cli) -> None:
+    out = cli.ok("ask", *FAST, "Hello there").out
+    (info,) = store(cli).recent()
+    conversation = store(cli).conversation(info.id)
+    assert conversation.to_tuples() == [("Hello there", out.rstrip("\n"))]
+    assert info.title == "Hello there" and info.turns == 1
+
+
+def test_ask_with_an_unknown_cid_fails_before_loading_the_model(cli: Cli) -> None:
+    line = cli.fails("ask", *NO_MODEL, "--cid", "999", "hello", code=2)
+    assert "there is no conversation 999" in line
+    assert "rolechat conversations list" in line
+
+
+def test_ask_continue_with_an_empty_store(cli: Cli) -> None:
+    line = cli.fails("ask", *NO_MODEL, "-c", "hello", code=2)
+    assert line == ("error: There is no saved conversation to continue. "
+                    "Start one with `rolechat chat`.")
+    assert store(cli).recent() == []
+
+
+def test_ask_no_log_does_not_need_the_store(cli: Cli) -> None:
+    cli.ask_json(*FAST, "--no-log", "hi")
+    assert not (cli.home / "rolechat.db").exists()
+
+
+# ----- conversations -----------------------------------------------------------------------------
+
+def test_list_empty_and_limit(cli: Cli) -> None:
+    assert "id" in cli.ok("conversations", "list").out
+    for n in range(3):
+        seeded(cli, [(f"question number {n}", "answer")])
+    out = cli.ok("conversations", "list", "--limit", "2").out
+    assert "question number 2" in out and "question number 1" in out
+    assert "question number 0" not in out
+    cli.fails("conversations", "list", "--limit", "0", code=2)
+
+
+def test_show_export_import_delete(cli: Cli) -> None:
+    cid = seeded(cli, [("Why is the sky blue?", "Rayleigh scattering."),
+                       ("And sunsets?", "Longer path, more red.")])
+    shown = cli.ok("conversations", "show", str(cid)).out
+    assert shown.startswith("# Why is the sky blue?")
+    assert shown.count("### You") == 2 and shown.count("### Assistant") == 2
+    assert "**System:** Be brief." in shown
+
+    md = cli.ok("conversations", "export", str(cid), "--format", "md").out
+    assert md == shown
+
+    exported = cli.ok("conversations", "export", str(cid)).json()  # json is the default
+    assert exported["system"] == "Be brief."
+    assert len(exported["messages"]) == 4
+
+    target = cli.tmp / "saved.json"
+    result = cli.ok("conversations", "export", str(cid), "--format", "json", "-o", str(target))
+    assert result.out == "" and "wrote" in result.err
+    assert json.loads(target.read_text(encoding="utf-8")) == exported
+
+    imported = cli.ok("conversations", "import", str(target))
+    new = int(imported.out.strip())
+    assert new != cid
+    assert f"rolechat chat --cid {new}" in imported.err
+    assert store(cli).conversation(new) == store(cli).conversation(cid)
+    assert cli.ok("conversations", "show", str(new)).out == shown
+
+    deleted = cli.ok("conversations", "delete", str(cid))
+    assert deleted.out == "" and f"deleted conversation {cid}" in deleted.err
+    line = cli.fails("conversations", "show", str(cid), code=2)
+    assert f"there is no conversation {cid}" in line
+    cli.fails("conversations", "delete", str(cid), code=2)
+    cli.fails("conversations", "export", str(cid), code=2)
+    assert [c.id for c in store(cli).recent()] == [new]
+
+
+def test_import_an_openai_list_from_a_file_and_stdin(cli: Cli) -> None:
+    messages = [{"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Arr!"},
+                {"role": "user", "content": "unanswered"}]
+    path = cli.write("openai.json", json.dumps(messages))
+    cid = int(cli.ok("conversations", "import", str(path)).out)
+    conversation = store(cli).conversation(cid)
+    assert conversation.system == "You are a pirate."
+    assert conversation.to_tuples() == [("Hello", "Arr!")]
+
+    piped = int(cli.ok("conversations", "import", "-", stdin=json.dumps(messages[:3])).out)
+    assert store(cli).conversation(piped) == conversation
+
+
+def test_a_bad_import_fails_cleanly(cli: Cli) -> None:
+    corrupt = cli.write("corrupt.json", '{"messages": [{"role": "user", ')
+    assert "Not valid JSON" in cli.fails("conversations", "import", str(corrupt), code=2)
+    twice = cli.write("twice.json", json.dumps([{"role": "user", "content": "a"},
+                                                {"role": "user", "content": "b"}]))
+    assert "should be an assistant message" in cli.fails("conversations", "import", str(twice),
+                                                         code=2)
+    cli.fails("conversations", "import", str(cli.tmp / "missing.json"), code=2)
+    assert store(cli).recent() == []
+
+
+def test_bad_arguments(cli: Cli) -> None:
+    cid = seeded(cli, [("q", "a")])
+    cli.fails("conversations", "export", str(cid), "--format", "html", code=2)
+    cli.fails("conversations", "show", "abc", code=2)
+    cli.fails("conversations", "show", "12345", code=2)
+
+
+# ----- chat -c, piped ----------------------------------------------------------------------------
+
+def test_piped_chat_resumes_with_continue(cli: Cli) -> None:
+    cli.ok("chat", *FAST, stdin="hello\n")
+    (info,) = store(cli).recent()
+    assert info.title == "hello" and info.turns == 1
+
+    resumed = cli.ok("chat", "-c", *FAST, stdin="/prompt\n")
+    assert "<|im_start|>user\nhello<|im_end|>" in resumed.out  # /prompt shows the resumed turn
+    assert len(store(cli).recent()) == 1  # resumed, not a new conversation
+
+
+def test_a_store_that_is_not_a_database(cli: Cli) -> None:
+    path = cli.home / "rolechat.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a database " * 100)
+    line = cli.fails("conversations", "list", code=6)
+    assert "rolechat.db" in line and "not a database" in line
+    cli.fails("ask", *NO_MODEL, "hello", code=6)
+
+
+def test_the_store_path_is_per_home(cli: Cli, tmp_path: Path) -> None:
+    cid = seeded(cli, [("q", "a")])
+    other = tmp_path / "other-home"
+    result = cli.run("conversations", "show", str(cid))
+    assert result.code == 0
+    cli.env["ROLECHAT_HOME"] = str(other)
+    cli.fails("conversations", "show", str(cid), code=2)

@@ -573,3 +573,14 @@ def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
     assert again.turns[-1].assistant == "Welcome back."
     assert [m.status for m in store.messages(cid)][-3:] == ["pending", "complete", "complete"]
     store.close()
+
+
+def test_user_messages_record_their_token_count(tmp_path: Path) -> None:
+    from fakes import FakeEngine
+
+    store = Store(tmp_path / "db")
+    chat = open_chat(store, FakeEngine())
+    chat.send("héllo")  # the fake engine counts one token per UTF-8 byte
+    user, reply = store.messages(chat.log.cid)
+    assert (user.role, user.tokens) == ("user", 6)
+    assert reply.tokens == reply.usage["generated_tokens"]

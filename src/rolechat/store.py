@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -315,11 +315,14 @@ class Store:
 class StoreLog:
     """Records a :class:`~rolechat.chat.Chat`'s turns in the store as they happen."""
 
-    def __init__(self, store: Store, cid: int) -> None:
+    def __init__(self, store: Store, cid: int,
+                 count_tokens: Callable[[str], int] | None = None) -> None:
         self.store, self.cid = store, cid
+        self.count_tokens = count_tokens
 
     def started(self, text: str, plan: WindowPlan) -> int:
-        return self.store.begin_turn(self.cid, text)
+        tokens = self.count_tokens(text) if self.count_tokens is not None else None
+        return self.store.begin_turn(self.cid, text, tokens)
 
     def completed(self, handle: int, text: str, reply: Reply) -> None:
         usage = {**reply.usage.to_dict(), "finish_reason": reply.finish_reason,
@@ -353,7 +356,7 @@ def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
             chat.system = system
         store.update(cid, persona=chat.persona.name, system=chat.system,
                      params=chat.params.explicit())
-    chat.log = StoreLog(store, cid)
+    chat.log = StoreLog(store, cid, lambda text: len(engine.tokenize(text, special=False)))
     return chat
 
 

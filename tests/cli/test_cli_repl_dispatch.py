@@ -463,3 +463,20 @@ def test_parse_value():
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5
     assert parse_value("none") is None and parse_value("None") is None
     assert parse_value("abc") == "abc"
+
+
+def test_retry_that_fails_keeps_the_previous_reply(tmp_path):
+    from rolechat.store import Store
+    from rolechat.store import open_chat as store_open_chat
+
+    engine = FakeEngine()
+    engine.replies.append("first answer")
+    store = Store(tmp_path / "db")
+    chat = store_open_chat(store, engine)
+    repl = Repl(chat, out=io.StringIO())
+    repl.handle("question")
+    engine.fail_after = 1
+    engine.replies.append("never finished")
+    assert repl.dispatch("/retry") is True
+    assert chat.conversation.to_tuples() == [("question", "first answer")]
+    assert store.conversation(chat.log.cid).to_tuples() == [("question", "first answer")]

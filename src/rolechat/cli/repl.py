@@ -149,6 +149,10 @@ class Repl:
             self.out.write("\n")
             self.error(exc)
             return False
+        except Exception as exc:  # an engine fault (e.g. out of memory): keep the session
+            self.out.write("\n")
+            self.note(f"error: the engine failed: {type(exc).__name__}: {exc}", style="red")
+            return False
         finally:
             chunks.close()
         self.out.write("\n")
@@ -185,6 +189,13 @@ class Repl:
         chat.first_turn = min(chat.first_turn, len(chat.conversation.turns))
         chat.last_reply = None
         return turn
+
+    def restore_turn(self, turn: Turn) -> None:
+        """Put back a turn that :meth:`pop_turn` removed (a /retry that did not complete)."""
+        self.chat.conversation.append_turn(turn.user, turn.assistant)
+        if self.store is not None:
+            store, cid = self.store
+            store.complete_turn(cid, store.begin_turn(cid, turn.user), turn.assistant, 0, {})
 
 
 @command("/help", "Show the commands.")
@@ -227,7 +238,9 @@ def _retry(repl: Repl, argument: str) -> bool:
         repl.note("nothing to retry")
         return True
     repl.note(f"[retrying: {_short(turn.user)}]")
-    repl.reply(turn.user)
+    if not repl.reply(turn.user):  # nothing lost: the old turn comes back
+        repl.restore_turn(turn)
+        repl.note("[the previous reply is kept]")
     return True
 
 

@@ -187,6 +187,15 @@ class Conversation:
     def to_openai(self) -> list[dict[str, str]]:
         return [m.to_openai() for m in self.prompt_messages()]
 
+    def to_markdown(self, title: str = "Conversation") -> str:
+        """A readable export: the system prompt, then each turn under "You" / "Assistant"."""
+        lines = [f"# {title}", ""]
+        if self.system:
+            lines += [f"**System:** {self.system}", ""]
+        for turn in self.turns:
+            lines += ["### You", "", turn.user, "", "### Assistant", "", turn.assistant, ""]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {"system": self.system, "messages": [m.to_openai() for m in self.messages]}
 

@@ -291,12 +291,7 @@ class Store:
                                "params": info.params, "created_at": info.created_at},
                               ensure_ascii=False, indent=2)
         if fmt == "md":
-            lines = [f"# {info.title or f'Conversation {info.id}'}", ""]
-            if conversation.system:
-                lines += [f"**System:** {conversation.system}", ""]
-            for turn in conversation.turns:
-                lines += ["### You", "", turn.user, "", "### Assistant", "", turn.assistant, ""]
-            return "\n".join(lines)
+            return conversation.to_markdown(info.title or f"Conversation {info.id}")
         raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
 
     def import_file(self, text: str) -> int:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from rich.console import Console
 
 from ..chat import Chat
-from ..conversation import Conversation, Message, Turn
+from ..conversation import Message, Turn
 from ..errors import InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import get_persona
@@ -67,15 +67,6 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def conversation_markdown(conversation: Conversation, title: str = "Conversation") -> str:
-    lines = [f"# {title}", ""]
-    if conversation.system:
-        lines += [f"**System:** {conversation.system}", ""]
-    for turn in conversation.turns:
-        lines += ["### You", "", turn.user, "", "### Assistant", "", turn.assistant, ""]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -376,7 +367,7 @@ def _export(repl: Repl, argument: str) -> bool:
     elif fmt == "json":
         text = repl.chat.conversation.to_json()
     else:
-        text = conversation_markdown(repl.chat.conversation)
+        text = repl.chat.conversation.to_markdown()
     path = Path(where).expanduser()
     try:
         path.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")

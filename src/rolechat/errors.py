@@ -91,6 +91,20 @@ class ModelLoadError(RolechatError):
         super().__init__(f"Cannot load model {path!r}: {reason}.", hint)
 
 
+class EngineError(RolechatError):
+    """A remote engine (an OpenAI-compatible server) failed: unreachable, refused the request
+    or broke off mid-reply. ``url`` is the server, ``status`` the HTTP status (None when the
+    server never answered)."""
+
+    exit_code = 5
+
+    def __init__(self, url: str, reason: str, hint: str = "", *,
+                 status: int | None = None) -> None:
+        self.url = url
+        self.reason = reason
+        self.status = status
+        super().__init__(f"Server {url}: {reason}.", hint)
+
 
 class StoreError(RolechatError):
     """The conversation store cannot do what was asked (missing id, locked or unreadable)."""

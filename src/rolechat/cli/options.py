@@ -90,6 +90,14 @@ def model_options(func: F) -> F:
                      help="CPU threads (default: all physical cores)."),
         click.option("--chat-template", default=None,
                      help="Override the model's chat template (Jinja text or a file)."),
+        click.option("--base-url", default=None,
+                     help="openai: the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
+                          "(implies --engine openai; --model is the served model name)."),
+        click.option("--api-key", default=None,
+                     help="openai: the server's API key [default: $OPENAI_API_KEY, or none]."),
+        click.option("--tokenizer", default=None,
+                     help="openai: a .gguf file or tokenizer folder, for exact token counts "
+                          "(default: a safe estimate)."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -107,11 +115,31 @@ def open_engine(options: dict[str, Any]) -> Engine:
     """Load the engine named by the model flags (popped from ``options``)."""
     model, engine, hub = (options.pop(k, None) for k in ("model", "engine", "hub"))
     engine_options = {k: v for k in ("context_length", "chat_template", "device", "dtype",
-                                     "fast_decode") if (v := options.pop(k, None)) is not None}
+                                     "fast_decode", "base_url", "api_key", "tokenizer")
+                      if (v := options.pop(k, None)) is not None}
     threads = options.pop("threads", None)
     if threads is not None:
         engine_options["n_threads"] = threads
-    name = engine or engine_for(model, hub)
+    remote = {"base_url", "api_key", "tokenizer"}
+    name = engine or ("openai" if "base_url" in engine_options else engine_for(model, hub))
+    if name == "openai":
+        misplaced = sorted({"device", "dtype", "fast_decode", "n_threads"} & set(engine_options))
+        if misplaced:
+            flags = ", ".join("--" + ("threads" if m == "n_threads" else m.replace("_", "-"))
+                              for m in misplaced)
+            raise InvalidInput(f"{flags} cannot be used with the openai engine (the server "
+                               "decides).", "Drop them.")
+        if hub is not None:
+            raise InvalidInput("--hub cannot be used with the openai engine.", "Drop it.")
+        if "base_url" not in engine_options:
+            raise InvalidInput("--engine openai needs --base-url.",
+                               "For example: --base-url http://127.0.0.1:8000/v1")
+    elif remote & set(engine_options):
+        misplaced = sorted(remote & set(engine_options))
+        flags = ", ".join("--" + m.replace("_", "-") for m in misplaced)
+        verb = "applies" if len(misplaced) == 1 else "apply"
+        raise InvalidInput(f"{flags} only {verb} to the openai engine.",
+                           "Add --engine openai, or drop them.")
     if name == "llama.cpp":
         misplaced = sorted({"device", "dtype", "fast_decode"} & set(engine_options))
         if misplaced:
@@ -121,7 +149,8 @@ def open_engine(options: dict[str, Any]) -> Engine:
                                "Add --engine transformers, or drop them.")
     if not err_console.is_terminal:
         return load_engine(model, engine=name, hub=hub, **engine_options)
-    with err_console.status(f"Loading {model or 'the embedded model'}…", spinner="dots"):
+    label = model or engine_options.get("base_url") or "the embedded model"
+    with err_console.status(f"Loading {label}…", spinner="dots"):
         return load_engine(model, engine=name, hub=hub, **engine_options)
 
 

@@ -2,7 +2,8 @@
 
 Contract: :func:`load_engine` with no model loads the embedded default (SmolLM2-135M-Instruct
 through llama.cpp). With a model it picks the engine from the path — a GGUF file goes to
-llama.cpp — unless ``engine=`` names one. Unknown engine names raise
+llama.cpp — unless ``engine=`` names one; a ``base_url=`` option means the ``openai`` engine (a
+remote OpenAI-compatible server, see :mod:`rolechat.engines.openai`). Unknown engine names raise
 :class:`~rolechat.errors.UnknownName` listing the valid ones; a path that does not exist or is
 not a model raises :class:`~rolechat.errors.ModelLoadError`.
 """
@@ -15,7 +16,7 @@ from typing import Any
 from ..errors import ModelLoadError, UnknownName
 from .base import Completion, Engine, Generation, Usage
 
-ENGINES = ("llama.cpp", "transformers")
+ENGINES = ("llama.cpp", "transformers", "openai")
 
 
 def engine_for(model: str | Path | None, hub: str | None = None) -> str:
@@ -34,9 +35,20 @@ def engine_for(model: str | Path | None, hub: str | None = None) -> str:
 def load_engine(model: str | Path | None = None, *, engine: str | None = None,
                 hub: str | None = None, **options: Any) -> Engine:
     """Load a model. ``options`` go to the engine: ``context_length``, ``chat_template`` for
-    both; ``n_threads`` for llama.cpp; ``device``, ``dtype``, ``fast_decode`` for transformers.
+    all; ``n_threads`` for llama.cpp; ``device``, ``dtype``, ``fast_decode`` for transformers;
+    ``base_url``, ``api_key``, ``tokenizer`` for openai (``model`` is then the served name).
     ``hub`` ("hf" or "modelscope") downloads ``model`` by id — only when asked."""
-    name = engine or engine_for(model, hub)
+    name = engine or ("openai" if options.get("base_url") else engine_for(model, hub))
+    if name == "openai":
+        if hub is not None:
+            raise ModelLoadError(str(model), "the openai engine talks to a server",
+                                 "Drop --hub.")
+        if not options.get("base_url"):
+            raise ModelLoadError(str(model), "the openai engine needs a server URL",
+                                 "Pass base_url= (--base-url), e.g. http://127.0.0.1:8000/v1.")
+        from .openai import OpenAIEngine
+
+        return OpenAIEngine(None if model is None else str(model), **options)
     if name == "llama.cpp":
         if hub is not None:
             raise ModelLoadError(str(model), "the llama.cpp engine loads local .gguf files only",

@@ -50,6 +50,6 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-from . import ask, chat, conversations, personas, prompt  # noqa: E402  (commands register)
+from . import ask, chat, conversations, personas, prompt, serve  # noqa: E402  (they register)
 
-__all__ = ["ask", "chat", "cli", "conversations", "main", "personas", "prompt"]
+__all__ = ["ask", "chat", "cli", "conversations", "main", "personas", "prompt", "serve"]

@@ -67,7 +67,9 @@ def params_from(options: dict[str, Any]) -> GenerationParams:
     return GenerationParams(**given)
 
 
-def model_options(func: F) -> F:
+def model_options(func: F, *, api_key_flag: str = "--api-key") -> F:
+    """The engine flags. ``rolechat serve`` names the remote engine's key ``--remote-api-key``:
+    there ``--api-key`` is the key clients must present."""
     decorators = [
         click.option("--model", "-m", "model", type=str, default=None,
                      help="A .gguf file, a Hugging Face / ModelScope model folder, or with "
@@ -93,7 +95,7 @@ def model_options(func: F) -> F:
         click.option("--base-url", default=None,
                      help="openai: the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
                           "(implies --engine openai; --model is the served model name)."),
-        click.option("--api-key", default=None,
+        click.option(api_key_flag, "api_key", default=None,
                      help="openai: the server's API key [default: $OPENAI_API_KEY, or none]."),
         click.option("--tokenizer", default=None,
                      help="openai: a .gguf file or tokenizer folder, for exact token counts "

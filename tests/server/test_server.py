@@ -1,0 +1,211 @@
+"""`rolechat serve` over real HTTP on loopback, with the embedded model and the official
+`openai` client (and raw SSE parsing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROLECHAT = Path(sys.executable).parent / "rolechat"
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "ROLECHAT_HOME": str(tmp_path_factory.mktemp("home"))}
+    proc = subprocess.Popen(
+        [str(ROLECHAT), "serve", "--port", str(port), "--api-key", KEY, "--context-length",
+         "1024", "--threads", "1", "--max-body-bytes", "20000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            httpx.get(f"{base}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=1)
+            break
+        except httpx.HTTPError:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=60)
+
+
+def model_of(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert model_of(client) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_completion_and_cached_prefix(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(model=model_of(client), messages=messages,
+                                           temperature=0, max_tokens=16)
+    assert first.choices[0].message.content
+    assert first.choices[0].finish_reason in ("stop", "length")
+    assert first.usage is not None and first.usage.prompt_tokens > 0
+    assert 0 < first.usage.completion_tokens <= 16
+    follow = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(model=model_of(client), messages=follow,
+                                            temperature=0, max_tokens=16)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 2
+    again = client.chat.completions.create(model=model_of(client), messages=messages,
+                                           temperature=0, max_tokens=16)
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=model_of(client), messages=[{"role": "user", "content": "Count to five."}],
+        temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert text and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_raw_sse(server: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 8,
+            "temperature": 0}
+    events = []
+    with httpx.stream("POST", f"{server}/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def long_conversation(turns: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"Question {i}: " + "tell me more " * 12},
+                     {"role": "assistant", "content": f"Answer {i}: " + "here is more " * 12}]
+    return [*messages, {"role": "user", "content": "Last question?"}]
+
+
+def test_too_long_is_context_length_exceeded(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_of(client), messages=long_conversation(12),
+                                       max_tokens=64)
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "context_length_exceeded"
+    assert "available" in error["message"]
+
+
+def test_window_opt_in_drops_whole_turns(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=model_of(client), messages=long_conversation(12), max_tokens=32, temperature=0,
+        extra_body={"rolechat": {"window": True}})
+    extra = reply.model_extra or {}
+    dropped = extra["rolechat"]["dropped_turns"]
+    assert dropped and dropped == list(range(len(dropped)))  # the oldest, whole turns
+    assert reply.usage is not None and reply.usage.prompt_tokens <= 1024 - 32
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
+    ({"messages": [{"role": "user", "content": ""}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "max_tokens"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, 400, "frobnicate"),
+])
+def test_bad_requests_get_openai_errors(server: str, body: dict, status: int,
+                                        param: str | None) -> None:
+    response = httpx.post(f"{server}/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_malformed_json_and_big_bodies(server: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad = httpx.post(f"{server}/chat/completions", content=b"{not json", headers=headers)
+    assert bad.status_code == 400 and "error" in bad.json()
+    big = httpx.post(f"{server}/chat/completions", headers=headers, content=json.dumps(
+        {"messages": [{"role": "user", "content": "x" * 30000}]}).encode())
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_api_key_required(server: str) -> None:
+    assert httpx.get(f"{server}/models").status_code == 401
+    wrong = httpx.get(f"{server}/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_client_disconnect_frees_the_engine(server: str, client: openai.OpenAI) -> None:
+    body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "stream": True, "max_tokens": 800, "temperature": 0.8}
+    with httpx.stream("POST", f"{server}/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i > 5:
+                break  # leave mid-stream
+    start = time.time()
+    reply = client.chat.completions.create(
+        model=model_of(client), messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    assert time.time() - start < 5  # not stuck behind the abandoned 800-token story
+
+
+def test_concurrent_requests_all_succeed(client: openai.OpenAI) -> None:
+    results: list[str] = []
+
+    def ask(i: int) -> None:
+        reply = client.chat.completions.create(
+            model=model_of(client), messages=[{"role": "user", "content": f"Say {i}."}],
+            max_tokens=8, temperature=0)
+        results.append(reply.choices[0].message.content or "")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4

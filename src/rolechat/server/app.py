@@ -229,4 +229,9 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    static = Path(__file__).with_name("static")
+    if (static / "index.html").is_file():  # the web chat page
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=static, html=True), name="page")
     return app

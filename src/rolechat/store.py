@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import pairwise
 from pathlib import Path
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 from .conversation import Conversation
@@ -63,6 +65,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_conversation ON messages (conversation_id, seq);
     """,
+    # 2: conversations belong to an owner (the server's API key, hashed); NULL: no owner.
+    """
+    ALTER TABLE conversations ADD COLUMN owner TEXT;
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at);
+    """,
 )
 
 
@@ -82,6 +89,8 @@ class ConversationInfo:
     created_at: str
     updated_at: str
     turns: int = 0
+    #: Who the conversation belongs to (the server's hashed API key); None: nobody in particular.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,9 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # One connection shared by threads (the server's worker and handlers): one transaction
+        # at a time.
+        self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
@@ -143,44 +155,55 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock:
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(str(self.path), str(exc)) from None
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(str(self.path), str(exc)) from None
 
     # ----- conversations -----------------------------------------------------------------
     def create(self, *, persona: str | None = None, system: str | None = None,
                model: str | None = None, params: dict[str, Any] | None = None,
-               title: str = "") -> int:
+               title: str = "", owner: str | None = None) -> int:
         now = _now()
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO conversations (title, persona, system, model, params, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (title, persona, system, model, json.dumps(params or {}), now, now))
+                " updated_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (title, persona, system, model, json.dumps(params or {}), now, now, owner))
         return int(cursor.lastrowid or 0)
 
-    def info(self, cid: int) -> ConversationInfo:
+    def info(self, cid: int, *, owner: str | EllipsisType | None = ...) -> ConversationInfo:
+        """Conversation ``cid``; with ``owner`` given, only if it belongs to that owner (a
+        conversation of another owner is reported missing, like one that does not exist)."""
+        where, args = "c.id = ?", list[Any]([cid])
+        if owner is not ...:
+            where, args = "c.id = ? AND c.owner IS ?", [cid, owner]
         row = self._db.execute(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            "m.role = 'assistant') AS turns FROM conversations c WHERE c.id = ?",
-            (cid,)).fetchone()
+            f"m.role = 'assistant') AS turns FROM conversations c WHERE {where}",
+            args).fetchone()
         if row is None:
             raise StoreError(str(self.path), f"there is no conversation {cid}",
                              "See `rolechat conversations list`.", missing=True)
         return _info(row)
 
-    def recent(self, limit: int = 50) -> list[ConversationInfo]:
+    def recent(self, limit: int = 50, *,
+               owner: str | EllipsisType | None = ...) -> list[ConversationInfo]:
+        """The newest conversations first; with ``owner`` given, only that owner's."""
+        where, args = "", list[Any]([limit])
+        if owner is not ...:
+            where, args = "WHERE c.owner IS ? ", [owner, limit]
         rows = self._db.execute(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            "m.role = 'assistant') AS turns FROM conversations c "
-            "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", (limit,)).fetchall()
+            f"m.role = 'assistant') AS turns FROM conversations c {where}"
+            "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args).fetchall()
         return [_info(row) for row in rows]
 
     def latest(self) -> int | None:
@@ -331,16 +354,18 @@ class StoreLog:
 
 def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
               persona: str | None = None, system: str | None = None,
-              params: GenerationParams | None = None) -> Chat:
+              params: GenerationParams | None = None, title: str = "",
+              owner: str | None = None) -> Chat:
     """A Chat whose turns are saved: a new conversation, or conversation ``cid`` resumed with
-    its persona, system prompt and parameters (arguments given here override them)."""
+    its persona, system prompt and parameters (arguments given here override them).
+    ``title`` and ``owner`` apply to a new conversation only."""
     from .chat import Chat
 
     params = params or GenerationParams()
     if cid is None:
         chat = Chat(engine, persona=persona, system=system, params=params)
         cid = store.create(persona=chat.persona.name, system=chat.system, model=engine.model,
-                           params=chat.params.explicit())
+                           params=chat.params.explicit(), title=title, owner=owner)
     else:
         info = store.info(cid)
         stored = GenerationParams.from_mapping(info.params)
@@ -363,4 +388,4 @@ def _title(text: str) -> str:
 def _info(row: sqlite3.Row) -> ConversationInfo:
     return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
                             json.loads(row["params"] or "{}"), row["created_at"],
-                            row["updated_at"], row["turns"])
+                            row["updated_at"], row["turns"], row["owner"])

@@ -35,9 +35,12 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
         raise ModelLoadError("server", f"{exc.name} is not installed",
                              "Install the extra: pip install 'rolechat[server]'") from None
     keys = list(server_keys) or [k for k in [os.environ.get("ROLECHAT_API_KEY", "")] if k]
+    from ..store import Store
+
+    store = Store.default()
     engine = open_engine(options)
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, store=store)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
                       + (" (API key required)" if keys else ""), style="dim")
     uvicorn.run(app, host=host, port=port, log_level="warning")

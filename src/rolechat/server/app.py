@@ -14,6 +14,8 @@ Contract:
   ``{"error": {"message", "type", "param", "code"}}`` with the right status.
 - Generation runs on one worker thread (:mod:`rolechat.server.worker`); a client that
   disconnects stops its generation at the next token.
+- Stored conversations (sessions) live under ``/v1/conversations`` and ``/v1/personas``: see
+  :mod:`rolechat.server.sessions`; they are kept in ``store`` (default: the rolechat home's).
 - With API keys, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
   time). Bodies over ``max_body_bytes`` are refused (413). CORS is off unless origins are given.
 """
@@ -39,7 +41,9 @@ from ..conversation import Conversation
 from ..engines import Engine
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
+from ..store import Store
 from ..window import Window, WindowPlan
+from .sessions import sessions_router
 from .worker import Worker
 
 
@@ -119,9 +123,11 @@ def rolechat_body(plan: WindowPlan, reply: Reply | None = None) -> dict[str, Any
 
 
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
-               max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = ()) -> FastAPI:
+               max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = (),
+               store: Store | None = None) -> FastAPI:
     app = FastAPI(title="rolechat", docs_url=None, redoc_url=None)
     worker = Worker()
+    store = store if store is not None else Store.default()
     model_id = Path(engine.model).name or engine.model
     keys = [k.encode() for k in api_keys]
 
@@ -228,6 +234,8 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    app.include_router(sessions_router(engine, store, worker, keyed=bool(keys)))
 
     static = Path(__file__).with_name("static")
     if (static / "index.html").is_file():  # the web chat page

@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # The tests also cover the transformers engine. TORCH names the PyTorch build to install first
 # (2.13.0 is a CPU build on this kind of machine; plain `torch` can pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
+# The web page's tests drive Debian's Chromium through Playwright (browsers are not downloaded
+# by `playwright install`): install it when missing (needs root and apt).
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/pip install --progress-bar off '$(TORCH)'
 	$(BIN)/pip install --progress-bar off -e '.[dev,transformers]'
 	@touch $@

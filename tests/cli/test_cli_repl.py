@@ -25,11 +25,14 @@ def usage_of(output: str) -> tuple[int, int, int, int]:
 
 
 def reply_text(output: str, sent: str) -> str:
-    """The streamed reply: what comes between the echoed input line and the usage line."""
+    """The streamed reply: what comes between the echoed input line and the usage line.
+    prompt_toolkit may redraw the input line (``you › ...``) when the machine is busy; such
+    redraws are not part of the reply."""
     after = output.split(sent, 1)[1]
     usage = USAGE.search(after)
     assert usage, output
-    return after[:usage.start()].strip()
+    lines = after[:usage.start()].splitlines()
+    return "\n".join(line for line in lines if not line.startswith("you ›")).strip()
 
 
 def test_chat_session_in_a_terminal(spawn_repl):

@@ -132,6 +132,26 @@ def test_estimate_is_never_below_the_exact_count(remote: OpenAIEngine,
         assert remote.count_tokens(messages) >= engine.count_tokens(messages), messages
 
 
+def test_reported_usage_tightens_the_estimate_safely(server: str,
+                                                    engine: LlamaCppEngine) -> None:
+    """What the server reports as prompt_tokens calibrates the estimate (llama-cpp-python's
+    server sends no usage when streaming, so the report is fed in as a server would)."""
+    fresh = load_engine(ALIAS, engine="openai", base_url=server)
+    try:
+        first, *others = SAMPLES
+        before = fresh.count_tokens(first)
+        fresh._calibrate(first, engine.count_tokens(first))  # the server's exact count
+        assert fresh.calibration < 1.0
+        assert engine.count_tokens(first) <= fresh.count_tokens(first) < before
+        assert fresh.count_tokens(first) <= 1.2 * engine.count_tokens(first)
+        for messages in others:  # calibration keeps the largest ratio: still never below
+            fresh._calibrate(messages, engine.count_tokens(messages))
+        for messages in SAMPLES:
+            assert fresh.count_tokens(messages) >= engine.count_tokens(messages), messages
+    finally:
+        fresh.close()
+
+
 def test_window_drops_whole_turns_on_a_small_context(server: str) -> None:
     small = load_engine(ALIAS, engine="openai", base_url=server, context_length=512)
     try:

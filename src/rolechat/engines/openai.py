@@ -33,9 +33,11 @@ Contract:
     non-ASCII byte, plus 8 for the role header; plus 8 for the generation prompt; plus
     :data:`ESTIMATE_TEMPLATE` (48) once for text the server's template may add on its own
     (a default system prompt, a date line); and the total times :data:`ESTIMATE_MARGIN`
-    (1.15). :meth:`OpenAIEngine.tokenize` then returns placeholder ids (-1), as many as the
-    estimate, for callers that only count. It over-counts on purpose — turns are
-    dropped somewhat earlier than strictly needed, but a prompt the window accepts fits.
+    (1.15). Once the server has reported ``usage.prompt_tokens`` for a prompt, the estimate is
+    scaled by the largest reported/estimated ratio seen so far (at most 1): the window then
+    works from the server's own counts, still with the 15 % margin, and tightens from ~1.8x
+    towards ~1.15x the real count for English. :meth:`OpenAIEngine.tokenize` returns
+    placeholder ids (-1), as many as the estimate, for callers that only count.
 
 - The context length is ``context_length=`` if given, else what ``/models`` reports
   (vLLM/SGLang ``max_model_len``, llama.cpp server ``meta.n_ctx_train``, ``context_length``),
@@ -170,6 +172,9 @@ class OpenAIEngine(Engine):
                                  "small", "Use at least a few hundred tokens.")
         self.tokenizer_path = Path(tokenizer).expanduser() if tokenizer is not None else None
         self._tokenize: Any = None
+        #: Scale on the raw estimate, learnt from the server's reported usage (1: none yet).
+        self.calibration = 1.0
+        self._ratios: list[float] = []
         if self.tokenizer_path is not None:
             self._load_tokenizer(self.tokenizer_path, chat_template)
         else:
@@ -283,9 +288,21 @@ class OpenAIEngine(Engine):
                      add_generation_prompt: bool = True) -> int:
         if self._tokenize is not None:
             return super().count_tokens(messages, add_generation_prompt=add_generation_prompt)
+        return math.ceil(self._raw_estimate(messages, add_generation_prompt) * self.calibration
+                         * ESTIMATE_MARGIN)
+
+    def _raw_estimate(self, messages: Sequence[Message], add_generation_prompt: bool) -> int:
         raw = sum(estimate_tokens(m.content) + ESTIMATE_PER_MESSAGE for m in messages)
-        raw += ESTIMATE_TEMPLATE + (ESTIMATE_PER_MESSAGE if add_generation_prompt else 0)
-        return math.ceil(raw * ESTIMATE_MARGIN)
+        return raw + ESTIMATE_TEMPLATE + (ESTIMATE_PER_MESSAGE if add_generation_prompt else 0)
+
+    def _calibrate(self, messages: Sequence[Message], reported_prompt_tokens: int) -> None:
+        """Learn from the server's reported usage how far the raw estimate over-counts: the
+        scale is the largest reported/estimated ratio seen so far (never above 1, so the
+        estimate only ever tightens towards what the server really counted)."""
+        raw = self._raw_estimate(messages, True)
+        ratio = min(1.0, reported_prompt_tokens / raw) if raw > 0 else 1.0
+        self._ratios.append(ratio)
+        self.calibration = max(self._ratios)
 
     # ----- generation --------------------------------------------------------------------
     def _generate(self, prompt_ids: list[int],
@@ -369,6 +386,8 @@ class OpenAIEngine(Engine):
                                 else "stop")
         if usage is not None:
             prompt_tokens = int(usage.prompt_tokens)
+            if not self.exact_counts:
+                self._calibrate(messages, prompt_tokens)
             generated = int(usage.completion_tokens)
             details = usage.prompt_tokens_details
             cached = int(details.cached_tokens or 0) if details is not None else 0

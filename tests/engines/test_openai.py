@@ -5,11 +5,7 @@ local port, killed at the end). Skipped when the server extra (fastapi, uvicorn,
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from cli.conftest import Cli
 from rolechat import Chat, GenerationParams, Message, ModelLoadError, load_engine
 from rolechat.engines.llama_cpp import LlamaCppEngine, embedded_model_path
 from rolechat.engines.openai import OpenAIEngine
+from servers import free_port, running
 
 pytest.importorskip("openai")
 pytest.importorskip("llama_cpp.server.app")  # the llama-cpp-python[server] extra
@@ -27,44 +24,16 @@ ALIAS = "smol"
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server() -> Iterator[str]:
     """The base URL (``http://127.0.0.1:PORT/v1``) of a running llama-cpp-python server."""
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
-         "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-         "--chat_format", "chatml", "--n_threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "the server exited; see its log"
-            assert time.monotonic() < deadline, "the server did not answer within 60 s"
-            time.sleep(0.3)
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+               "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx",
+               "2048", "--chat_format", "chatml", "--n_threads", "1"]
+    with running(command, f"{url}/models"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="session")
@@ -189,7 +158,7 @@ def test_request_mapping(remote: OpenAIEngine) -> None:
 
 
 def test_closed_port_is_a_clear_error() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ModelLoadError) as caught:
         load_engine(ALIAS, engine="openai", base_url=url)
     assert url in str(caught.value) and "--base-url" in caught.value.hint

@@ -3,12 +3,7 @@ real ``rolechat serve`` with the embedded model."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
+from servers import rolechat_serve
+
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from rolechat.store import Store  # noqa: E402
 
-ROLECHAT = Path(sys.executable).parent / "rolechat"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -29,42 +25,6 @@ XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 SCREENSHOT = Path("/tmp/page.png")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(home: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "ROLECHAT_HOME": str(home)}
-    proc = subprocess.Popen(
-        [str(ROLECHAT), "serve", "--port", str(port), "--context-length", "1024", "--threads",
-         "1", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            httpx.get(f"{base}/v1/models", timeout=1)
-            return proc, base
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"rolechat serve exited:\n{out}") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("rolechat serve did not start in 60 s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +44,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(seeded: dict[str, Any]) -> Iterator[str]:
-    proc, base = start_server(seeded["home"])
-    yield base
-    stop(proc)
+    with rolechat_serve(seeded["home"]) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +173,7 @@ def test_delete_conversation(server: str, page: Any) -> None:
 
 
 def test_api_key_prompt(tmp_path: Path, browser: Any) -> None:
-    proc, base = start_server(tmp_path / "keyed", "--api-key", KEY)
-    try:
+    with rolechat_serve(tmp_path / "keyed", "--api-key", KEY) as base:
         context = browser.new_context()
         page = context.new_page()
         page.set_default_timeout(30_000)
@@ -232,5 +190,3 @@ def test_api_key_prompt(tmp_path: Path, browser: Any) -> None:
         page.wait_for_selector("body[data-ready='1']")
         assert page.is_hidden("#key-box")
         context.close()
-    finally:
-        stop(proc)

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,40 +15,17 @@ import httpx
 import pytest
 
 from rolechat.store import MIGRATIONS, Store
+from servers import rolechat_serve
 
-ROLECHAT = Path(sys.executable).parent / "rolechat"
 K1, K2 = "k1", "k2"
 SHORT = {"temperature": 0, "max_new_tokens": 12}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "ROLECHAT_HOME": str(tmp_path_factory.mktemp("home"))}
-    proc = subprocess.Popen(
-        [str(ROLECHAT), "serve", "--port", str(port), "--api-key", K1, "--api-key", K2,
-         "--context-length", "1024", "--threads", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            httpx.get(f"{base}/models", headers={"Authorization": f"Bearer {K1}"}, timeout=1)
-            break
-        except httpx.HTTPError:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=10)
+    with rolechat_serve(tmp_path_factory.mktemp("home"), "--api-key", K1,
+                        "--api-key", K2) as base:
+        yield f"{base}/v1"
 
 
 @pytest.fixture

@@ -1,0 +1,73 @@
+"""Real servers for the tests: `rolechat serve` (and any other command) on a free loopback
+port, waited for until it answers, and stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+ROLECHAT = Path(sys.executable).parent / "rolechat"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(command: Sequence[str], ready_url: str, *, env: dict[str, str] | None = None,
+            timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``command``; yield once ``ready_url`` answers at all (a 401 counts: it is up).
+    Its output goes to a temporary file (a pipe nobody reads would fill up and stall it)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_up(proc, log, ready_url, timeout)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_until_up(proc: subprocess.Popen[bytes], log: IO[bytes], url: str,
+                   timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{proc.args!r} exited:\n"
+                                   f"{log.read().decode(errors='replace')}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args!r} did not answer in {timeout} s") from None
+            time.sleep(0.2)
+
+
+@contextmanager
+def rolechat_serve(home: Path, *args: str) -> Iterator[str]:
+    """`rolechat serve` with ROLECHAT_HOME=home and a 1024-token context; yields its base URL
+    (``http://127.0.0.1:PORT``)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(ROLECHAT), "serve", "--port", str(port), "--context-length", "1024",
+               "--threads", "1", *args]
+    with running(command, f"{base}/v1/models", env={**os.environ, "ROLECHAT_HOME": str(home)}):
+        yield base

@@ -364,8 +364,7 @@ def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
     params = params or GenerationParams()
     if cid is None:
         chat = Chat(engine, persona=persona, system=system, params=params)
-        cid = store.create(persona=chat.persona.name, system=chat.system, model=engine.model,
-                           params=chat.params.explicit(), title=title, owner=owner)
+        cid = new_conversation(store, chat, title=title, owner=owner)
     else:
         info = store.info(cid)
         stored = GenerationParams.from_mapping(info.params)
@@ -376,8 +375,18 @@ def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
             chat.system = system
         store.update(cid, persona=chat.persona.name, system=chat.system,
                      params=chat.params.explicit())
-    chat.log = StoreLog(store, cid, lambda text: len(engine.tokenize(text, special=False)))
+        chat.log = StoreLog(store, cid, lambda text: len(engine.tokenize(text, special=False)))
     return chat
+
+
+def new_conversation(store: Store, chat: Chat, *, title: str = "",
+                     owner: str | None = None) -> int:
+    """A new stored conversation with ``chat``'s persona, system prompt, model and
+    parameters; ``chat``'s turns are then recorded there."""
+    cid = store.create(persona=chat.persona.name, system=chat.system, model=chat.engine.model,
+                       params=chat.params.explicit(), title=title, owner=owner)
+    chat.log = StoreLog(store, cid, lambda text: len(chat.engine.tokenize(text, special=False)))
+    return cid
 
 
 def _title(text: str) -> str:

@@ -29,6 +29,14 @@ class TokenCounter(Protocol):
     def count_tokens(self, messages: list[Message]) -> int: ...
 
 
+def check_room(params: GenerationParams, context_length: int) -> int:
+    """The prompt budget ``context_length - max_new_tokens``; InvalidParams if it is empty."""
+    if params.max_new_tokens >= context_length:
+        raise InvalidParams([("max_new_tokens", f"must be less than the context length "
+                              f"{context_length} (got {params.max_new_tokens})")])
+    return context_length - params.max_new_tokens
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     #: What the model receives: system prompt, kept turns, the user message.
@@ -78,10 +86,7 @@ class Window:
              params: GenerationParams, *, first_turn: int = 0) -> WindowPlan:
         """Choose the turns for a prompt that ends with ``user``."""
         context = engine.context_length
-        if params.max_new_tokens >= context:
-            raise InvalidParams([("max_new_tokens", f"must be less than the context length "
-                                  f"{context} (got {params.max_new_tokens})")])
-        budget = context - params.max_new_tokens
+        budget = check_room(params, context)
         total = len(conversation.turns)
         start = min(max(first_turn, 0), total)
         if self.max_turns is not None:

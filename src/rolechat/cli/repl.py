@@ -31,7 +31,7 @@ from ..conversation import Message, Turn
 from ..errors import InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import get_persona
-from ..store import Store, StoreLog
+from ..store import Store, StoreLog, new_conversation
 from .options import usage_line
 
 Command = Callable[["Repl", str], bool]
@@ -201,12 +201,9 @@ def _help(repl: Repl, argument: str) -> bool:
 def _reset(repl: Repl, argument: str) -> bool:
     chat = repl.chat
     chat.reset()
-    if repl.store is not None and isinstance(chat.log, StoreLog):
-        store, _ = repl.store
-        chat.log.cid = store.create(persona=chat.persona.name, system=chat.system,
-                                    model=chat.engine.model, params=chat.params.explicit())
-        repl.note(f"[conversation cleared] new conversation {chat.log.cid} (the old one stays "
-                  "saved)")
+    if repl.store is not None:
+        cid = new_conversation(repl.store[0], chat)
+        repl.note(f"[conversation cleared] new conversation {cid} (the old one stays saved)")
     else:
         repl.note("[conversation cleared]")
     return True

@@ -246,20 +246,12 @@ class OpenAIEngine(Engine):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(str(path), f"cannot load its tokenizer ({exc})",
                                  "Pass a Hugging Face tokenizer folder or a .gguf file.") from None
+        from .transformers import hf_template_and_bos, hf_tokenize
+
         source = override or getattr(hf, "chat_template", "") or ""
         self._require_template(source, path)
-        self.template = ChatTemplate(source, bos_token=hf.bos_token or "",
-                                     eos_token=hf.eos_token or "")
-        plain = hf("a", add_special_tokens=False).input_ids
-        with_special = hf("a").input_ids
-        bos = hf.bos_token_id
-        self.bos_id = bos if bos is not None and with_special[:1] == [bos] != plain[:1] else None
-
-        def hf_tokenize(text: str, special: bool) -> list[int]:
-            return list(hf(text, add_special_tokens=False,
-                           split_special_tokens=not special).input_ids)
-
-        self._tokenize = hf_tokenize
+        self.template, self.bos_id = hf_template_and_bos(hf, source)
+        self._tokenize = lambda text, special: hf_tokenize(hf, text, special)
 
     @staticmethod
     def _require_template(source: str, path: Path) -> None:

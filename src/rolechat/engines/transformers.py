@@ -95,6 +95,25 @@ class IncrementalDetokenizer:
         return ""
 
 
+def hf_template_and_bos(tokenizer: Any, source: str) -> tuple[ChatTemplate, int | None]:
+    """The chat template (``source``, the tokenizer's own when empty) with the tokenizer's
+    BOS/EOS text, and the BOS id to put first when the tokenizer adds one itself."""
+    template = ChatTemplate(source or getattr(tokenizer, "chat_template", "") or "",
+                            bos_token=tokenizer.bos_token or "",
+                            eos_token=tokenizer.eos_token or "")
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    with_special = tokenizer("a").input_ids
+    bos = tokenizer.bos_token_id
+    return template, (bos if bos is not None and with_special[:1] == [bos] != plain[:1]
+                      else None)
+
+
+def hf_tokenize(tokenizer: Any, text: str, special: bool) -> list[int]:
+    """Token ids of ``text``: control-token text becomes control tokens only if ``special``."""
+    return list(tokenizer(text, add_special_tokens=False,
+                          split_special_tokens=not special).input_ids)
+
+
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
            seen: torch.Tensor | None) -> torch.Tensor:
     """One token id (a 0-d tensor, still on the device) from the last position's logits [V]."""
@@ -188,12 +207,7 @@ class TransformersEngine(Engine):
         if not source:
             raise ModelLoadError(self.model, "its tokenizer has no chat template",
                                  "Use an instruct/chat model, or pass --chat-template.")
-        self.template = ChatTemplate(source, bos_token=tokenizer.bos_token or "",
-                                     eos_token=tokenizer.eos_token or "")
-        plain = tokenizer("a", add_special_tokens=False).input_ids
-        with_special = tokenizer("a").input_ids
-        bos = tokenizer.bos_token_id
-        self.bos_id = bos if bos is not None and with_special[:1] == [bos] != plain[:1] else None
+        self.template, self.bos_id = hf_template_and_bos(tokenizer, source)
         self._eog = self._end_of_turn_ids()
         self.fast_decode = (self.device.type == "cuda") if fast_decode is None else fast_decode
         if self.fast_decode and self.device.type != "cuda":
@@ -262,9 +276,7 @@ class TransformersEngine(Engine):
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         if not text:
             return []
-        encoded = self.tokenizer(text, add_special_tokens=False,
-                                 split_special_tokens=not special)
-        return list(encoded.input_ids)
+        return hf_tokenize(self.tokenizer, text, special)
 
     # ----- the KV cache ------------------------------------------------------------------
     def _new_cache(self) -> Any:

@@ -34,11 +34,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..chat import Chat
+from ..conversation import check_text
 from ..engines import Engine
-from ..errors import InvalidInput, InvalidParams, RolechatError, UnknownName
+from ..errors import RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import load_personas
 from ..store import ConversationInfo, Store, StoreLog, open_chat
+from ..window import check_room
 from .worker import Worker
 
 #: Conversations whose Chat (and so whose sticky window) stays in memory.
@@ -96,19 +98,10 @@ def conversation_body(store: Store, info: ConversationInfo, *,
     return body
 
 
-def _content(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInput("The message content is empty.", "Type some text to send.",
-                           field="content")
-    return text
-
-
 def _params(data: dict[str, Any] | None, engine: Engine) -> GenerationParams:
     params = GenerationParams.from_mapping(data)
-    if params.max_new_tokens >= engine.context_length and "max_new_tokens" in params.explicit():
-        raise InvalidParams([("max_new_tokens", f"must be less than the context length "
-                                                f"{engine.context_length} (got "
-                                                f"{params.max_new_tokens})")])
+    if "max_new_tokens" in params.explicit():
+        check_room(params, engine.context_length)
     return params
 
 
@@ -197,7 +190,7 @@ def sessions_router(engine: Engine, store: Store, worker: Worker, *,
     @router.post("/conversations/{cid}/prompt")
     async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, Any]:
         owner = owner_of(request, keyed)
-        text = _content(body.content)
+        text = check_text(body.content, "content")
         await asyncio.to_thread(owned, cid, owner)
         async with lock_of(cid):
             chat = await asyncio.to_thread(chat_of, cid, owner)
@@ -214,7 +207,7 @@ def sessions_router(engine: Engine, store: Store, worker: Worker, *,
         from .app import rolechat_body, usage_body
 
         owner = owner_of(request, keyed)
-        text = _content(body.content)
+        text = check_text(body.content, "content")
         overrides = _params(body.params, engine).explicit()
         await asyncio.to_thread(owned, cid, owner)
         lock = lock_of(cid)

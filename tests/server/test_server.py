@@ -184,3 +184,11 @@ def test_concurrent_requests_all_succeed(client: openai.OpenAI) -> None:
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 4
+
+
+def test_a_body_that_is_not_json_says_so(server: str) -> None:
+    response = httpx.post(f"{server}/chat/completions", content=b"messages=hi", timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}",
+                                   "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400
+    assert "Content-Type: application/json" in response.json()["error"]["message"]

@@ -157,6 +157,9 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        if "json" not in request.headers.get("content-type", ""):
+            message = ("The body must be JSON, sent with the header Content-Type: "
+                       "application/json.")
         return JSONResponse(error_body(message, param=where or None, code="invalid_value"), 400)
 
     @app.exception_handler(RolechatError)

@@ -2,17 +2,23 @@
 
 Tokens: one per UTF-8 byte of plain text; ``<|im_start|>`` and ``<|im_end|>`` are single
 control tokens (ids 256 and 257) only where special tokens are allowed. Replies are queued by
-the test (``engine.replies.append("...")``) or echo the user's message. A simulated KV cache
-reports cached tokens the same way a real engine does (longest common prefix).
+the test (``engine.replies.append("...")``) or are ``echo``; each character of a reply is one
+generated token. The engine is a real :class:`~rolechat.engines.local.LocalEngine`: its KV
+cache is simulated (:class:`FakeKVCache`: the "state" is the ids themselves), so KV reuse and
+snapshots (memory and disk tiers) run the production code with exact token arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Iterator
+from typing import Any
 
-from rolechat.engines.base import Completion, Engine, Timer
+import numpy as np
+
+from rolechat.engines.kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
+from rolechat.engines.local import LocalEngine
+from rolechat.engines.tokenizers import PromptEncoder
 from rolechat.params import GenerationParams
-from rolechat.streaming import ReplyText
 from rolechat.template import ChatTemplate
 
 CHATML = (
@@ -21,20 +27,14 @@ CHATML = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = {"<|im_start|>": 256, "<|im_end|>": 257}
+#: Generated characters outside ASCII get ids from here on.
+WIDE = 1000
 
 
-class FakeEngine(Engine):
-    kind = "fake"
-
-    def __init__(self, context_length: int = 2048, fail_after: int | None = None) -> None:
-        super().__init__()
-        self.model = "fake"
-        self.context_length = context_length
-        self.template = ChatTemplate(CHATML)
-        self.replies: list[str] = []
-        self.prompts: list[list[int]] = []
-        self.cache: list[int] = []
-        self.fail_after = fail_after  # raise after this many chunks
+class ByteTokenizer:
+    bos_id = None
+    bos_text = eos_text = ""
+    template_source = CHATML
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         ids: list[int] = []
@@ -50,33 +50,96 @@ class FakeEngine(Engine):
                 i += 1
         return ids
 
-    def _generate(self, prompt_ids: list[int],
-                  params: GenerationParams) -> Generator[str, None, Completion]:
-        self.prompts.append(prompt_ids)
-        cached = 0
-        for a, b in zip(self.cache, prompt_ids[:-1]):
-            if a != b:
-                break
-            cached += 1
-        self.cache = list(prompt_ids)
+
+class FakeKVCache(KVCache):
+    """A simulated cache whose state is its token ids."""
+
+    def __init__(self, model: str = "fake", context_length: int = 2048) -> None:
+        self.held: list[int] = []
+        self.identity_ = {"model": {"path": model}, "engine": "fake",
+                          "context_length": context_length}
+        #: Snapshots restored (for tests that count them).
+        self.restores = 0
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.held, dtype=np.int32)
+
+    def keep(self, n: int) -> None:
+        del self.held[max(n, 0):]
+
+    def reset(self) -> None:
+        self.held = []
+
+    def snapshot(self) -> KVSnapshot | None:
+        if not self.held:
+            return None
+        ids = as_ids(self.held)
+        return KVSnapshot(ids, ids.tobytes(), 2 * ids.nbytes)
+
+    def restore(self, snapshot: KVSnapshot, n: int) -> None:
+        state = np.frombuffer(snapshot.state, dtype=np.int32)
+        if not np.array_equal(state, snapshot.ids):
+            self.held = []
+            raise SnapshotError("the state does not match its ids")
+        self.restores += 1
+        self.held = [int(t) for t in snapshot.ids[:n]]
+
+    def dumps(self, snapshot: KVSnapshot) -> bytes:
+        return bytes(snapshot.state)
+
+    def loads(self, data: bytes, ids: np.ndarray) -> KVSnapshot:
+        if len(data) != 4 * len(ids):
+            raise SnapshotError("wrong state length")
+        return KVSnapshot(as_ids(ids), bytes(data), 2 * len(data))
+
+    def identity(self) -> dict[str, Any]:
+        return self.identity_
+
+
+class FakeEngine(LocalEngine):
+    kind = "fake"
+
+    def __init__(self, context_length: int = 2048, fail_after: int | None = None,
+                 kv_cache_ram: int = 1 << 30, model: str = "fake") -> None:
+        super().__init__(kv_cache_ram=kv_cache_ram)
+        self.model = model
+        self.context_length = context_length
+        self.template = ChatTemplate(CHATML)
+        self.encoder = PromptEncoder(ByteTokenizer(), self.template)
+        self.kv = FakeKVCache(model, context_length)
+        self._eog: set[int] = set()
+        self.replies: list[str] = []
+        self.prompts: list[list[int]] = []
+        self.fail_after = fail_after  # raise after this many chunks
+        self._wide: dict[int, bytes] = {}
+        #: Tokens evaluated by each background re-evaluation (after exact replies).
+        self.evaluations: list[int] = []
+
+    @property
+    def cache(self) -> list[int]:
+        return self.kv.held
+
+    def _evaluate(self, ids: list[int], start: int) -> None:
+        assert self.kv.held == ids[:start]
+        self.evaluations.append(len(ids) - start)
+        self.kv.held = list(ids)
+
+    def _piece(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else self._wide[token]
+
+    def _tokens(self, prompt_ids: list[int], start: int,
+                params: GenerationParams) -> Iterator[int]:
+        assert self.kv.held == prompt_ids[:start]  # the cache holds exactly what was reused
+        self.prompts.append(list(prompt_ids))
+        self.kv.held = list(prompt_ids)
         text = self.replies.pop(0) if self.replies else "echo"
-        timer = Timer()
-        reply = ReplyText(params.stop)
-        finish = "stop"
         for index, char in enumerate(text):
             if self.fail_after is not None and index >= self.fail_after:
                 raise RuntimeError("engine failed mid-reply")
-            if timer.tokens >= params.max_new_tokens:
-                finish = "length"
-                break
-            timer.token()
-            chunk = reply.push(char.encode("utf-8"))
-            self.cache.append(ord(char) % 256)
-            if chunk:
-                yield chunk
-            if reply.stopped:
-                break
-        tail = reply.finish()
-        if tail:
-            yield tail
-        return Completion(reply.text, timer.usage(len(prompt_ids), cached), finish)
+            data = char.encode("utf-8")
+            token = data[0] if len(data) == 1 else WIDE + len(self._wide)
+            if len(data) > 1:
+                self._wide[token] = data
+            yield token
+            self.kv.held.append(token)  # evaluated only when the next token is wanted

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from .conversation import Conversation, Turn, check_text
 from .engines import load_engine
 from .engines.base import Engine, FinishReason, Generation, Usage
+from .engines.snapshots import CacheKey
 from .errors import InvalidInput
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
@@ -55,7 +56,8 @@ class ReplyStream(Iterator[str]):
 
     def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams) -> None:
         self._chat, self._text, self._plan = chat, text, plan
-        self._generation: Generation = chat.engine.stream(plan.messages, params)
+        self._generation: Generation = chat.engine.stream(
+            plan.messages, params, prompt_ids=plan.prompt_ids, cache_key=chat.cache_key)
         self.reply: Reply | None = None
         self._handle = chat.log.started(text, plan) if chat.log is not None else None
         self._open = True
@@ -118,6 +120,9 @@ class Chat:
         self.last_reply: Reply | None = None
         #: Records each turn as it happens (e.g. in the conversation store); optional.
         self.log = log
+        #: Names this conversation to the engine, which keeps its KV state warm under it
+        #: (a saved chat sets it; None: the engine matches snapshots by token prefix only).
+        self.cache_key: CacheKey | None = None
 
     @property
     def system(self) -> str | None:

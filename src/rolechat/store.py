@@ -29,6 +29,12 @@ from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 from .conversation import Conversation
+from .engines.snapshots import (
+    CacheKey,
+    DiskTier,
+    conversation_snapshot,
+    delete_conversation_files,
+)
 from .errors import InvalidInput, StoreError
 from .params import GenerationParams
 
@@ -227,9 +233,16 @@ class Store:
                        (*fields.values(), _now(), cid))
 
     def delete(self, cid: int) -> None:
+        """Delete conversation ``cid``, its messages and its KV snapshot files."""
         self.info(cid)
         with self._transaction() as db:
             db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+        delete_conversation_files(self.kv_root, cid)
+
+    @property
+    def kv_root(self) -> Path:
+        """Where the conversations' KV snapshots live: ``kv/`` beside the database."""
+        return self.path.parent / "kv"
 
     # ----- messages ----------------------------------------------------------------------
     def messages(self, cid: int) -> list[StoredMessage]:
@@ -355,16 +368,18 @@ class StoreLog:
 def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
               persona: str | None = None, system: str | None = None,
               params: GenerationParams | None = None, title: str = "",
-              owner: str | None = None) -> Chat:
+              owner: str | None = None, kv_disk: DiskTier | None = None) -> Chat:
     """A Chat whose turns are saved: a new conversation, or conversation ``cid`` resumed with
     its persona, system prompt and parameters (arguments given here override them).
-    ``title`` and ``owner`` apply to a new conversation only."""
+    ``title`` and ``owner`` apply to a new conversation only. The engine keeps the
+    conversation's KV state warm under its id, and in ``kv_disk`` (snapshot files beside the
+    store) when given."""
     from .chat import Chat
 
     params = params or GenerationParams()
     if cid is None:
         chat = Chat(engine, persona=persona, system=system, params=params)
-        cid = new_conversation(store, chat, title=title, owner=owner)
+        new_conversation(store, chat, title=title, owner=owner, kv_disk=kv_disk)
     else:
         info = store.info(cid)
         stored = GenerationParams.from_mapping(info.params)
@@ -375,18 +390,25 @@ def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
             chat.system = system
         store.update(cid, persona=chat.persona.name, system=chat.system,
                      params=chat.params.explicit())
-        chat.log = StoreLog(store, cid, lambda text: len(engine.tokenize(text, special=False)))
+        chat.log = StoreLog(store, cid, token_counter(engine))
+        chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
     return chat
 
 
 def new_conversation(store: Store, chat: Chat, *, title: str = "",
-                     owner: str | None = None) -> int:
+                     owner: str | None = None, kv_disk: DiskTier | None = None) -> int:
     """A new stored conversation with ``chat``'s persona, system prompt, model and
     parameters; ``chat``'s turns are then recorded there."""
     cid = store.create(persona=chat.persona.name, system=chat.system, model=chat.engine.model,
                        params=chat.params.explicit(), title=title, owner=owner)
-    chat.log = StoreLog(store, cid, lambda text: len(chat.engine.tokenize(text, special=False)))
+    chat.log = StoreLog(store, cid, token_counter(chat.engine))
+    chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
     return cid
+
+
+def token_counter(engine: Engine) -> Callable[[str], int] | None:
+    """How the store counts a message's tokens: exactly, or not at all (never an estimate)."""
+    return engine.count_text if engine.exact_counts else None
 
 
 def _title(text: str) -> str:

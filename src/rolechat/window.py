@@ -8,14 +8,17 @@ Contract — :meth:`Window.plan` returns a :class:`WindowPlan` such that:
 - it is sticky: it starts from ``first_turn`` (the first turn the previous plan kept), so
   turns already dropped stay dropped and the cached prefix stays valid; when it must drop more,
   it drops down to ``low_water × budget`` so that the next turns append without sliding again.
-It counts tokens by asking the engine; it never tokenizes by itself. A user message that cannot
-fit even alone raises :class:`~rolechat.errors.ContextOverflow` with the numbers; a
-``max_new_tokens`` that leaves no room raises :class:`~rolechat.errors.InvalidParams`.
+It counts tokens by asking the engine; it never tokenizes by itself. The plan carries the
+prompt's token ids when the engine has them (``prompt_ids``), so the engine does not tokenize
+the chosen prompt again, and says whether its counts are estimates (``estimated``). A user
+message that cannot fit even alone raises :class:`~rolechat.errors.ContextOverflow` with the
+numbers; a ``max_new_tokens`` that leaves no room raises
+:class:`~rolechat.errors.InvalidParams`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .conversation import Conversation, Message
@@ -25,8 +28,11 @@ from .params import GenerationParams
 
 class TokenCounter(Protocol):
     context_length: int
+    exact_counts: bool
 
     def count_tokens(self, messages: list[Message]) -> int: ...
+
+    def prompt_ids(self, messages: list[Message]) -> list[int] | None: ...
 
 
 def check_room(params: GenerationParams, context_length: int) -> int:
@@ -49,6 +55,10 @@ class WindowPlan:
     budget: int
     context_length: int
     max_new_tokens: int
+    #: The prompt's token ids (None where the engine does not tokenize locally).
+    prompt_ids: list[int] | None = field(default=None, repr=False, compare=False)
+    #: True when the counts are estimates (a remote engine without a local tokenizer).
+    estimated: bool = False
 
     @property
     def kept(self) -> list[int]:
@@ -60,13 +70,16 @@ class WindowPlan:
 
     def summary(self) -> str:
         kept, dropped = len(self.kept), len(self.dropped)
-        text = f"{self.prompt_tokens}/{self.budget} prompt tokens, {kept} earlier turn(s) kept"
+        about = "~" if self.estimated else ""
+        text = (f"{about}{self.prompt_tokens}/{self.budget} prompt tokens"
+                f"{' (estimated)' if self.estimated else ''}, {kept} earlier turn(s) kept")
         return text + (f", {dropped} oldest dropped" if dropped else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"first_turn": self.first_turn, "kept": self.kept, "dropped": self.dropped,
                 "prompt_tokens": self.prompt_tokens, "budget": self.budget,
-                "context_length": self.context_length, "max_new_tokens": self.max_new_tokens}
+                "context_length": self.context_length, "max_new_tokens": self.max_new_tokens,
+                "estimated": self.estimated}
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,14 @@ class Window:
         if self.max_turns is not None:
             start = max(start, total - self.max_turns)
 
-        def count(first: int) -> tuple[list[Message], int]:
+        def count(first: int) -> tuple[list[Message], int, list[int] | None]:
             messages = conversation.prompt_messages(user, first_turn=first)
-            return messages, engine.count_tokens(messages)
+            ids = engine.prompt_ids(messages)
+            return messages, len(ids) if ids is not None else engine.count_tokens(messages), ids
 
-        def plan(first: int, counted: tuple[list[Message], int]) -> WindowPlan:
+        def plan(first: int, counted: tuple[list[Message], int, list[int] | None]) -> WindowPlan:
             return WindowPlan(counted[0], first, total, counted[1], budget, context,
-                              params.max_new_tokens)
+                              params.max_new_tokens, counted[2], not engine.exact_counts)
 
         current = count(start)
         if current[1] <= budget:

@@ -11,7 +11,8 @@ SHORT = ("-t", "0", "--max-new-tokens", "24", "--threads", "1")
 FIRST = "What is the capital of France?"
 SECOND = "And of Germany?"
 USAGE = re.compile(r"(\d+) tokens · [\d.]+ tok/s · first token \d+ ms · prompt (\d+) "
-                   r"\((\d+) cached\) · \d+/\d+ prompt tokens, (\d+) earlier turn\(s\) kept")
+                   r"\((\d+) cached(?:, restored from \w+)?\) · \d+/\d+ prompt tokens, "
+                   r"(\d+) earlier turn\(s\) kept")
 #: A word of the reply (not an escape sequence: those hold no run of four letters).
 REPLY_WORD = r"[A-Za-z]{4,}[^A-Za-z]"
 

@@ -112,9 +112,9 @@ def test_library_error_is_printed_and_the_conversation_unchanged():
 class InterruptedEngine(FakeEngine):
     """Streams two chunks, then the user presses Ctrl-C."""
 
-    def _generate(self, prompt_ids, params):
-        yield "Once upon"
-        yield " a time"
+    def _tokens(self, prompt_ids, start, params):
+        self.kv.held = list(prompt_ids)
+        yield from "Once upon a time".encode()
         raise KeyboardInterrupt
 
 

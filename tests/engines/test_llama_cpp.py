@@ -121,9 +121,9 @@ def test_hundred_turns_in_a_small_context(small_engine: LlamaCppEngine,
     seen: list[list[Message]] = []
     real_stream = small_engine.stream
 
-    def spy(messages: list[Message], p: GenerationParams) -> Any:
+    def spy(messages: list[Message], p: GenerationParams, **options: Any) -> Any:
         seen.append(list(messages))
-        return real_stream(messages, p)
+        return real_stream(messages, p, **options)
 
     monkeypatch.setattr(small_engine, "stream", spy)
     chat = Chat(small_engine, params=params)

@@ -65,8 +65,8 @@ def spy_usage(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> li
     generations: list[Generation] = []
     real_stream = engine.stream
 
-    def stream(messages: list[Message], params: GenerationParams) -> Generation:
-        generations.append(real_stream(messages, params))
+    def stream(messages: list[Message], params: GenerationParams, **options: Any) -> Generation:
+        generations.append(real_stream(messages, params, **options))
         return generations[-1]
 
     monkeypatch.setattr(engine, "stream", stream)
@@ -163,7 +163,8 @@ def test_stops_at_the_end_of_turn(smol: TransformersEngine) -> None:
     assert reply.usage.ttft_s > 0 and reply.usage.tokens_per_s > 0
     # The engine's cache holds the prompt and every generated token but the end-of-turn one:
     # the streamed text is exactly what the tokenizer decodes from those tokens.
-    generated = smol._cache_ids[reply.usage.prompt_tokens:]
+    smol.flush()
+    generated = smol.kv.held[reply.usage.prompt_tokens:]
     assert len(generated) == reply.usage.generated_tokens - 1
     assert smol.tokenizer.decode(generated, skip_special_tokens=True) == reply.text
 
@@ -357,6 +358,7 @@ def test_an_interrupted_reply_leaves_a_usable_cache(tiny_folder: Path, fail_at: 
     expected = Chat(reference, params=params).send("second question").text
     engine = load_engine(tiny_folder)
     Chat(engine, params=params).send("first question")
+    engine.flush()  # the background checkpoint evaluates the reply again: let it finish
     calls = 0
 
     def interrupt(*_: Any) -> None:
@@ -386,7 +388,7 @@ def test_fast_decode_matches_plain_greedy(tiny_folder: Path) -> None:
         other = Chat(engine, params=params).send("something else")
         results.append(([r.text for r in (*replies, other)],
                         [r.usage.generated_tokens for r in (*replies, other)],
-                        list(engine._cache_ids)))
+                        list(engine.kv.held)))
         engine.close()
     assert results[0] == results[1]
 

@@ -17,6 +17,13 @@ from rich.console import Console
 
 from ..chat import Chat
 from ..engines import ENGINES, Engine, engine_for, load_engine
+from ..engines.snapshots import (
+    DEFAULT_DISK_BYTES,
+    DEFAULT_RAM_BYTES,
+    DiskTier,
+    format_size,
+    parse_size,
+)
 from ..engines.transformers import HUBS
 from ..errors import InvalidInput
 from ..params import GenerationParams
@@ -100,10 +107,37 @@ def model_options(func: F, *, api_key_flag: str = "--api-key") -> F:
         click.option("--tokenizer", default=None,
                      help="openai: a .gguf file or tokenizer folder, for exact token counts "
                           "(default: a safe estimate)."),
+        click.option("--kv-cache-ram", type=SIZE, default=None,
+                     help="Keep conversations' KV state warm in this much RAM, e.g. 512MB "
+                          f"or 0 for none [default: {format_size(DEFAULT_RAM_BYTES)}]."),
+        click.option("--kv-cache-disk", type=SIZE, default=None,
+                     help="Keep saved conversations' KV state in files beside the store, up "
+                          f"to this size (0: none) [default: {format_size(DEFAULT_DISK_BYTES)}]."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+#: click's ParamType (generic in newer click versions, plain in older ones).
+_ParamType: Any = click.ParamType
+
+
+class SizeType(_ParamType):  # type: ignore[misc]
+    """A size in bytes: 512MB, 2GiB, 0."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+            raise  # not reached: fail() raises
+
+
+SIZE = SizeType()
 
 
 def persona_options(func: F) -> F:
@@ -122,10 +156,14 @@ def open_engine(options: dict[str, Any]) -> Engine:
     threads = options.pop("threads", None)
     if threads is not None:
         engine_options["n_threads"] = threads
+    ram = options.pop("kv_cache_ram", None)
+    if ram is not None:
+        engine_options["kv_cache_ram"] = ram
     remote = {"base_url", "api_key", "tokenizer"}
     name = engine or ("openai" if "base_url" in engine_options else engine_for(model, hub))
     if name == "openai":
-        misplaced = sorted({"device", "dtype", "fast_decode", "n_threads"} & set(engine_options))
+        misplaced = sorted({"device", "dtype", "fast_decode", "n_threads", "kv_cache_ram"}
+                           & set(engine_options))
         if misplaced:
             flags = ", ".join("--" + ("threads" if m == "n_threads" else m.replace("_", "-"))
                               for m in misplaced)
@@ -181,14 +219,26 @@ def open_chat(options: dict[str, Any], *, log: bool = True) -> Chat:
                                "Start one with `rolechat chat`.")
     if store is not None and cid is not None:
         store.info(cid)  # an unknown id fails before the model loads
+    disk = kv_disk(store, options.pop("kv_cache_disk", None))
     engine = open_engine(options)
     if store is None:
         return Chat(engine, persona=persona_name, system=system, params=params)
     return store_open_chat(store, engine, cid=cid, persona=persona_name, system=system,
-                           params=params)
+                           params=params, kv_disk=disk)
+
+
+def kv_disk(store: Store | None, max_bytes: int | None) -> DiskTier | None:
+    """The KV snapshot files beside ``store`` (None without a store or with a 0 budget)."""
+    if store is None or max_bytes == 0:
+        return None
+    return DiskTier(store.kv_root, DEFAULT_DISK_BYTES if max_bytes is None else max_bytes)
 
 
 def usage_line(usage: Any) -> str:
+    about = "~" if getattr(usage, "estimated", False) else ""
+    cached = f"{usage.cached_tokens} cached"
+    if usage.restored_tokens:
+        cached += f", restored from {usage.kv_source}"
     return (f"{usage.generated_tokens} tokens · {usage.tokens_per_s:.1f} tok/s · "
-            f"first token {usage.ttft_s * 1000:.0f} ms · prompt {usage.prompt_tokens} "
-            f"({usage.cached_tokens} cached)")
+            f"first token {usage.ttft_s * 1000:.0f} ms · prompt {about}{usage.prompt_tokens} "
+            f"({cached})")

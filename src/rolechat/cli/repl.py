@@ -28,6 +28,7 @@ from rich.console import Console
 
 from ..chat import Chat
 from ..conversation import Message, Turn
+from ..engines.snapshots import format_size
 from ..errors import InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import get_persona
@@ -202,7 +203,8 @@ def _reset(repl: Repl, argument: str) -> bool:
     chat = repl.chat
     chat.reset()
     if repl.store is not None:
-        cid = new_conversation(repl.store[0], chat)
+        disk = chat.cache_key.disk if chat.cache_key is not None else None
+        cid = new_conversation(repl.store[0], chat, kv_disk=disk)
         repl.note(f"[conversation cleared] new conversation {cid} (the old one stays saved)")
     else:
         repl.note("[conversation cleared]")
@@ -338,7 +340,29 @@ def _usage(repl: Repl, argument: str) -> bool:
         store, cid = repl.store
         total = sum(m.tokens or 0 for m in store.messages(cid) if m.role == "assistant")
         repl.say(f"conversation {cid}: {total} tokens generated in all")
+    for line in kv_lines(repl.chat):
+        repl.say(line)
     return True
+
+
+def kv_lines(chat: Chat) -> list[str]:
+    """What the engine keeps warm: the live cache, the memory tier, the disk tier."""
+    stats = chat.engine.kv_stats()
+    if stats is None:
+        return []
+    live, memory = stats["live"], stats["memory"]
+    lines = [f"KV cache: {live['tokens']} tokens live"
+             + (f" ({live['conversation']})" if live["conversation"] else ""),
+             f"KV memory: {memory['entries']} snapshot(s), {format_size(memory['bytes'])} of "
+             f"{format_size(memory['max_bytes'])}, {memory['hits']} restored, "
+             f"{memory['evictions']} evicted"]
+    disk = chat.cache_key.disk if chat.cache_key is not None else None
+    if disk is not None:
+        files = disk.stats()
+        lines.append(f"KV disk: {files['files']} file(s), {format_size(files['bytes'])} of "
+                     f"{format_size(files['max_bytes'])}, {files['hits']} restored, "
+                     f"{files['evictions']} evicted, in {files['folder']}")
+    return lines
 
 
 @command("/save", "Show where the conversation is saved (turns are saved as they happen).")

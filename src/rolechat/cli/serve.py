@@ -10,7 +10,7 @@ import click
 
 from ..errors import ModelLoadError
 from . import cli
-from .options import err_console, model_options, open_engine
+from .options import err_console, kv_disk, model_options, open_engine
 
 
 @cli.command()
@@ -38,9 +38,10 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
     from ..store import Store
 
     store = Store.default()
+    disk = kv_disk(store, options.pop("kv_cache_disk", None))
     engine = open_engine(options)
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
-                     cors_origins=cors_origins, store=store)
+                     cors_origins=cors_origins, store=store, kv_disk=disk)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
                       + (" (API key required)" if keys else ""), style="dim")
     uvicorn.run(app, host=host, port=port, log_level="warning")

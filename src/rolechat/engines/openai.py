@@ -8,8 +8,8 @@ Contract:
   :class:`~rolechat.errors.ModelLoadError` with a hint. With no ``model`` and exactly one model
   served, that one is used.
 - The engine sends the *messages* to ``POST /chat/completions`` (``stream=True``); the server
-  applies its own chat template. :meth:`OpenAIEngine.stream` is therefore overridden: there are
-  no local prompt ids and no local KV cache (``_generate`` is never used).
+  applies its own chat template. There are no local prompt ids and no local KV cache: the
+  server keeps its own prefix cache.
 - Parameters: ``max_new_tokens`` → ``max_tokens`` (capped by the room the context leaves),
   ``temperature``, ``top_p``, ``seed``, ``stop`` as in the OpenAI API; ``top_k`` and
   ``repetition_penalty`` go in the request body (``extra_body``) as vLLM/SGLang/llama.cpp
@@ -36,8 +36,8 @@ Contract:
     (1.15). Once the server has reported ``usage.prompt_tokens`` for a prompt, the estimate is
     scaled by the largest reported/estimated ratio seen so far (at most 1): the window then
     works from the server's own counts, still with the 15 % margin, and tightens from ~1.8x
-    towards ~1.15x the real count for English. :meth:`OpenAIEngine.tokenize` returns
-    placeholder ids (-1), as many as the estimate, for callers that only count.
+    towards ~1.15x the real count for English. Estimated counts are marked as such
+    (``exact_counts`` is False, ``Usage.estimated`` when the server reported no usage).
 
 - The context length is ``context_length=`` if given, else what ``/models`` reports
   (vLLM/SGLang ``max_model_len``, llama.cpp server ``meta.n_ctx_train``, ``context_length``),
@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
+import threading
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,10 +66,13 @@ from ..errors import EngineError, ModelLoadError
 from ..params import GenerationParams
 from ..streaming import ReplyText
 from ..template import ChatTemplate, read_template_option
-from .base import Completion, Engine, FinishReason, Generation, Usage, reply_room
+from .base import Completion, Engine, FinishReason, Generation, Timer, reply_room
+from .tokenizers import PromptEncoder, Tokenizer, load_tokenizer, template_for
 
 if TYPE_CHECKING:
     import openai
+
+    from .snapshots import CacheKey
 
 #: Context length used when neither ``context_length=`` nor the server says.
 DEFAULT_CONTEXT = 4096
@@ -77,8 +80,6 @@ DEFAULT_CONTEXT = 4096
 ESTIMATE_MARGIN = 1.15
 #: Tokens added per message (role header and end marker) and for the generation prompt.
 ESTIMATE_PER_MESSAGE = 8
-#: What ``tokenize`` returns for each estimated token when there is no local tokenizer.
-PLACEHOLDER_ID = -1
 #: Tokens added once per prompt for text a template writes by itself (default system prompts).
 ESTIMATE_TEMPLATE = 48
 #: Shown by ``render`` when there is no local tokenizer: the server uses its own template.
@@ -127,7 +128,10 @@ class OpenAIEngine(Engine):
                  tokenizer: str | Path | None = None, context_length: int | None = None,
                  chat_template: str | None = None, timeout: float = 600.0,
                  max_retries: int = 1) -> None:
-        super().__init__()
+        self._lock = threading.Lock()
+        #: Exact counting through a local tokenizer (None: the estimate).
+        self.encoder: PromptEncoder | None = None
+        self._tokenizer: Tokenizer | None = None
         try:
             import openai
         except ImportError:
@@ -171,7 +175,6 @@ class OpenAIEngine(Engine):
             raise ModelLoadError(self.model, f"context length {self.context_length} is too "
                                  "small", "Use at least a few hundred tokens.")
         self.tokenizer_path = Path(tokenizer).expanduser() if tokenizer is not None else None
-        self._tokenize: Any = None
         #: Scale on the raw estimate, learnt from the server's reported usage (1: none yet).
         self.calibration = 1.0
         self._ratios: list[float] = []
@@ -202,56 +205,12 @@ class OpenAIEngine(Engine):
                              f"Models it serves: {names}.")
 
     def _load_tokenizer(self, path: Path, chat_template: str | None) -> None:
-        override = read_template_option(chat_template)
-        if path.is_file():
-            from .llama_cpp import quiet_native_stderr
-
-            try:
-                from llama_cpp import Llama
-
-                with quiet_native_stderr():
-                    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise ModelLoadError(str(path), f"cannot read its tokenizer ({exc})",
-                                     "Pass a .gguf file or a Hugging Face tokenizer "
-                                     "folder.") from None
-
-            def piece(token: int) -> str:
-                if token < 0:
-                    return ""
-                return vocab._model.detokenize([token], special=True).decode("utf-8", "replace")
-
-            def tokenize(text: str, special: bool) -> list[int]:
-                return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special)
-
-            source = override or vocab.metadata.get("tokenizer.chat_template", "")
-            self._require_template(source, path)
-            self.template = ChatTemplate(source, bos_token=piece(vocab.token_bos()),
-                                         eos_token=piece(vocab.token_eos()))
-            self.bos_id = vocab.token_bos() if vocab._model.add_bos_token() else None
-            self._tokenize = tokenize
-            self._vocab = vocab
-            return
-        if not path.is_dir():
-            raise ModelLoadError(str(path), "no such tokenizer file or folder",
-                                 "Pass a .gguf file or a Hugging Face tokenizer folder.")
-        try:
-            from transformers import AutoTokenizer
-
-            hf = AutoTokenizer.from_pretrained(str(path))
-        except ImportError:
-            raise ModelLoadError(str(path), "transformers is not installed",
-                                 "pip install 'rolechat[transformers]', or pass a .gguf "
-                                 "tokenizer.") from None
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(str(path), f"cannot load its tokenizer ({exc})",
-                                 "Pass a Hugging Face tokenizer folder or a .gguf file.") from None
-        from .transformers import hf_template_and_bos, hf_tokenize
-
-        source = override or getattr(hf, "chat_template", "") or ""
+        tokenizer = load_tokenizer(path)
+        source = read_template_option(chat_template) or tokenizer.template_source
         self._require_template(source, path)
-        self.template, self.bos_id = hf_template_and_bos(hf, source)
-        self._tokenize = lambda text, special: hf_tokenize(hf, text, special)
+        self.template = template_for(tokenizer, source)
+        self.encoder = PromptEncoder(tokenizer, self.template)
+        self._tokenizer = tokenizer
 
     @staticmethod
     def _require_template(source: str, path: Path) -> None:
@@ -261,25 +220,19 @@ class OpenAIEngine(Engine):
 
     # ----- tokens ------------------------------------------------------------------------
     @property
-    def exact_counts(self) -> bool:
+    def exact_counts(self) -> bool:  # type: ignore[override]
         """True when a local tokenizer counts tokens exactly; False for the estimate."""
-        return self._tokenize is not None
+        return self.encoder is not None
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Exact ids with a local tokenizer. Without one, :data:`PLACEHOLDER_ID` repeated as
-        many times as the (margined) estimate: good for counting only (the store counts
-        message tokens this way), never sent anywhere."""
-        if not text:
-            return []
-        if self._tokenize is None:
-            return [PLACEHOLDER_ID] * math.ceil(estimate_tokens(text) * ESTIMATE_MARGIN)
-        result: list[int] = self._tokenize(text, special)
-        return result
+    def count_text(self, text: str) -> int:
+        if self.encoder is not None:
+            return self.encoder.count_text(text)
+        return math.ceil(estimate_tokens(text) * self.calibration * ESTIMATE_MARGIN)
 
     def count_tokens(self, messages: Sequence[Message], *,
                      add_generation_prompt: bool = True) -> int:
-        if self._tokenize is not None:
-            return super().count_tokens(messages, add_generation_prompt=add_generation_prompt)
+        if self.encoder is not None:
+            return len(self.encoder.ids(messages, add_generation_prompt=add_generation_prompt))
         return math.ceil(self._raw_estimate(messages, add_generation_prompt) * self.calibration
                          * ESTIMATE_MARGIN)
 
@@ -297,18 +250,16 @@ class OpenAIEngine(Engine):
         self.calibration = max(self._ratios)
 
     # ----- generation --------------------------------------------------------------------
-    def _generate(self, prompt_ids: list[int],
-                  params: GenerationParams) -> Generator[str, None, Completion]:
-        """Unused: the server tokenizes; see :meth:`stream`."""
-        raise NotImplementedError("OpenAIEngine generates from messages (stream), not ids")
+    def stream(self, messages: Sequence[Message], params: GenerationParams, *,
+               prompt_ids: Sequence[int] | None = None,
+               cache_key: CacheKey | None = None) -> Generation:
+        """Send ``messages`` to the server and stream its reply (the server applies its own
+        template and keeps its own prefix cache: ``prompt_ids`` and ``cache_key`` are not
+        used)."""
+        return Generation(self._locked(list(messages), params))
 
-    def stream(self, messages: Sequence[Message], params: GenerationParams) -> Generation:
-        """Send ``messages`` to the server and stream its reply. Overrides the base class,
-        which would tokenize locally: here the server applies its own template."""
-        return Generation(self._locked_remote(list(messages), params))
-
-    def _locked_remote(self, messages: list[Message],
-                       params: GenerationParams) -> Generator[str, None, Completion]:
+    def _locked(self, messages: list[Message],
+                params: GenerationParams) -> Generator[str, None, Completion]:
         with self._lock:
             return (yield from self._remote(messages, params))
 
@@ -336,15 +287,12 @@ class OpenAIEngine(Engine):
                 params: GenerationParams) -> Generator[str, None, Completion]:
         prompt_tokens = self.count_tokens(messages)
         max_new = reply_room(prompt_tokens, self.context_length, params)
-        start = time.perf_counter()
+        timer = Timer()
         try:
             response = self.client.chat.completions.create(
                 **self.request(messages, params, max_new))
         except self._openai.APIError as exc:
             raise self._error(exc, prompt_tokens) from None
-        first: float | None = None
-        last = start
-        chunks = 0
         usage: Any = None
         server_finish: str | None = None
         reply = ReplyText(params.stop)
@@ -358,9 +306,7 @@ class OpenAIEngine(Engine):
                     content = choice.delta.content if choice.delta is not None else None
                     if not content:
                         continue
-                    last = time.perf_counter()
-                    first = first if first is not None else last
-                    chunks += 1
+                    timer.token()
                     text = reply.push(content.encode("utf-8"))
                     if text:
                         yield text
@@ -373,9 +319,9 @@ class OpenAIEngine(Engine):
         tail = reply.finish()
         if tail:
             yield tail
-        end = time.perf_counter()
         finish: FinishReason = ("length" if server_finish == "length" and not reply.stopped
                                 else "stop")
+        estimated = usage is None and not self.exact_counts
         if usage is not None:
             prompt_tokens = int(usage.prompt_tokens)
             if not self.exact_counts:
@@ -384,12 +330,9 @@ class OpenAIEngine(Engine):
             details = usage.prompt_tokens_details
             cached = int(details.cached_tokens or 0) if details is not None else 0
         else:
-            generated, cached = chunks, 0
-        first_t = first if first is not None else end
-        decode_s = last - first_t
-        rate = (generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0
-        return Completion(reply.text, Usage(prompt_tokens, cached, generated, first_t - start,
-                                            rate, end - start), finish)
+            generated, cached = timer.tokens, 0
+        return Completion(reply.text, timer.usage(prompt_tokens, cached, generated=generated,
+                                                  estimated=estimated), finish)
 
     def _error(self, exc: Exception, prompt_tokens: int) -> Exception:
         """A rolechat error for an ``openai`` exception (mapped on class / status / code)."""
@@ -425,9 +368,9 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         self.client.close()
-        vocab = getattr(self, "_vocab", None)
-        if vocab is not None:
-            vocab.close()
+        close = getattr(self._tokenizer, "close", None)
+        if close is not None:
+            close()
 
     def describe(self) -> dict[str, Any]:
         counting = (f"exact (tokenizer {self.tokenizer_path})" if self.exact_counts else

@@ -8,8 +8,9 @@ Contract:
   tokenizer)`` wraps objects the caller already loaded (the tutorial's ``model_instruct``).
 - The same accounting as every engine: streaming, stop at an end-of-turn token, prompt /
   reused / generated tokens, time to first token, tokens/s.
-- KV reuse: the engine keeps its cache and the token ids it holds; a new reply crops the cache
-  to the longest common prefix and evaluates only the rest (``prefill``).
+- KV reuse and snapshots as for every local engine (:mod:`rolechat.engines.local`): the live
+  cache is an :class:`HFKVCache` (the transformers cache object and the ids it holds), cropped to
+  the longest common prefix; snapshots copy each layer's keys and values to host memory.
 - Fast decode on CUDA (default there, ``fast_decode=False`` turns it off): a static KV cache
   sized to the context, and the one-token decode step compiled (``torch.compile``, fixed
   shapes) and captured in one CUDA graph that is replayed per token, as in pytorch-labs'
@@ -20,17 +21,22 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import random
-from collections.abc import Callable, Generator
-from contextlib import closing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..errors import InvalidInput, ModelLoadError, UnknownName
 from ..params import GenerationParams
-from ..template import ChatTemplate, read_template_option
-from .base import Completion, Engine, Timer, emit_reply, reply_room
+from ..template import read_template_option
+from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
+from .local import LocalEngine
+from .snapshots import DEFAULT_RAM_BYTES
+from .tokenizers import HFTokenizer, PromptEncoder, template_for
 
 if TYPE_CHECKING:
     import torch
@@ -93,25 +99,6 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self._ids)
             return str(now[len(before):])
         return ""
-
-
-def hf_template_and_bos(tokenizer: Any, source: str) -> tuple[ChatTemplate, int | None]:
-    """The chat template (``source``, the tokenizer's own when empty) with the tokenizer's
-    BOS/EOS text, and the BOS id to put first when the tokenizer adds one itself."""
-    template = ChatTemplate(source or getattr(tokenizer, "chat_template", "") or "",
-                            bos_token=tokenizer.bos_token or "",
-                            eos_token=tokenizer.eos_token or "")
-    plain = tokenizer("a", add_special_tokens=False).input_ids
-    with_special = tokenizer("a").input_ids
-    bos = tokenizer.bos_token_id
-    return template, (bos if bos is not None and with_special[:1] == [bos] != plain[:1]
-                      else None)
-
-
-def hf_tokenize(tokenizer: Any, text: str, special: bool) -> list[int]:
-    """Token ids of ``text``: control-token text becomes control tokens only if ``special``."""
-    return list(tokenizer(text, add_special_tokens=False,
-                          split_special_tokens=not special).input_ids)
 
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
@@ -186,13 +173,142 @@ def _use_gqa_attention(model: Any) -> None:
     model.set_attn_implementation(GQA_ATTENTION)
 
 
-class TransformersEngine(Engine):
+class HFKVCache(KVCache):
+    """A transformers cache object (dynamic, or static on the fast path) and the ids in it.
+
+    Snapshots copy each layer's keys and values (``[1, kv_heads, tokens, head_dim]``) to host
+    memory; restoring copies them back in place (a static cache keeps its addresses, so a
+    captured decode graph stays valid). Models with sliding-window layers are not snapshotted:
+    their cache does not hold every position."""
+
+    def __init__(self, model: Any, *, static: bool, max_len: int, name: str) -> None:
+        import torch
+        import transformers
+
+        self._torch = torch
+        self._model = model
+        self._static = static
+        self._max_len = max_len
+        self.cache: Any = None
+        #: The token ids the cache holds.
+        self.held: list[int] = []
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        heads = int(config.num_attention_heads)
+        self._layers = int(config.num_hidden_layers)
+        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self._dtype = model.dtype
+        config_hash = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
+        self._identity = {"model": {"path": name, "config_sha256": config_hash},
+                          "engine": "transformers", "context_length": max_len,
+                          "dtype": str(self._dtype).removeprefix("torch."),
+                          "layout": [self._layers, self._kv_heads, self._head_dim],
+                          "library": f"transformers {transformers.__version__}, "
+                                     f"torch {torch.__version__}"}
+
+    def ensure(self) -> Any:
+        """The cache object (made on first use)."""
+        if self.cache is None:
+            from transformers import DynamicCache, StaticCache
+
+            config = self._model.config
+            self.cache = (StaticCache(config=config, max_cache_len=self._max_len)
+                          if self._static else DynamicCache(config=config))
+        return self.cache
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.held, dtype=np.int32)
+
+    def keep(self, n: int) -> None:
+        held = len(self.held)
+        if n >= held:
+            return
+        if n <= 0:
+            self.reset()
+            return
+        try:
+            self.ensure().crop(n - held)  # a negative count removes that many tokens
+        except (RuntimeError, ValueError):  # e.g. a sliding-window layer past its window
+            self.reset()
+            return
+        del self.held[n:]
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.reset()  # in place: a captured decode graph stays valid
+        self.held = []
+
+    def _layer_tensors(self) -> list[tuple[Any, Any]] | None:
+        layers = getattr(self.cache, "layers", None)
+        if not layers or any(getattr(layer, "is_sliding", False) for layer in layers):
+            return None
+        return [(layer.keys, layer.values) for layer in layers]
+
+    def snapshot(self) -> KVSnapshot | None:
+        n = len(self.held)
+        tensors = self._layer_tensors() if self.cache is not None and n else None
+        if tensors is None:
+            return None
+        host = [(k[:, :, :n].to("cpu", copy=True), v[:, :, :n].to("cpu", copy=True))
+                for k, v in tensors]  # [1, kv_heads, n, head_dim] each
+        nbytes = sum(k.nbytes + v.nbytes for k, v in host) + 4 * n
+        return KVSnapshot(as_ids(self.held), tuple(host), nbytes)
+
+    def restore(self, snapshot: KVSnapshot, n: int) -> None:
+        host = snapshot.state
+        if len(host) != self._layers:
+            raise SnapshotError(f"{len(host)} layers in the snapshot, {self._layers} here")
+        count = min(n, len(snapshot.ids))
+        if self._static:
+            self.ensure().reset()
+        else:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self._model.config)
+        self.held = []
+        device = self._model.device
+        try:
+            for index, (k, v) in enumerate(host):
+                self.cache.layers[index].update(k[:, :, :count].to(device, self._dtype),
+                                                v[:, :, :count].to(device, self._dtype))
+        except (RuntimeError, IndexError, TypeError) as exc:
+            self.reset()
+            raise SnapshotError(f"the cache refused the state ({exc})") from None
+        self.held = [int(t) for t in snapshot.ids[:count]]
+
+    def dumps(self, snapshot: KVSnapshot) -> bytes:
+        torch = self._torch
+        parts = [t.contiguous().view(torch.uint8).numpy().tobytes()
+                 for pair in snapshot.state for t in pair]
+        return b"".join(parts)
+
+    def loads(self, data: bytes, ids: np.ndarray) -> KVSnapshot:
+        torch = self._torch
+        n = len(ids)
+        shape = (1, self._kv_heads, n, self._head_dim)
+        size = int(np.prod(shape)) * torch.empty((), dtype=self._dtype).element_size()
+        if len(data) != 2 * self._layers * size:
+            raise SnapshotError(f"{len(data)} state bytes, {2 * self._layers * size} expected")
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        tensors = [flat[i * size:(i + 1) * size].view(self._dtype).view(shape)
+                   for i in range(2 * self._layers)]
+        host = tuple((tensors[2 * i], tensors[2 * i + 1]) for i in range(self._layers))
+        return KVSnapshot(as_ids(ids), host, len(data) + 4 * n)
+
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+
+class TransformersEngine(LocalEngine):
     kind = "transformers"
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int | None = None,
                  max_context: int = DEFAULT_MAX_CONTEXT, chat_template: str | None = None,
-                 fast_decode: bool | None = None, name: str | None = None) -> None:
-        super().__init__()
+                 fast_decode: bool | None = None, name: str | None = None,
+                 kv_cache_ram: int = DEFAULT_RAM_BYTES) -> None:
+        super().__init__(kv_cache_ram=kv_cache_ram)
         torch = _import_torch()
         self.torch = torch
         self.hf_model = model.eval()
@@ -203,11 +319,13 @@ class TransformersEngine(Engine):
         self.trained_context_length = int(trained)
         self.context_length = int(context_length or min(self.trained_context_length,
                                                          max_context))
-        source = read_template_option(chat_template) or getattr(tokenizer, "chat_template", "")
+        hf = HFTokenizer(tokenizer)
+        source = read_template_option(chat_template) or hf.template_source
         if not source:
             raise ModelLoadError(self.model, "its tokenizer has no chat template",
                                  "Use an instruct/chat model, or pass --chat-template.")
-        self.template, self.bos_id = hf_template_and_bos(tokenizer, source)
+        self.template = template_for(hf, source)
+        self.encoder = PromptEncoder(hf, self.template)
         self._eog = self._end_of_turn_ids()
         self.fast_decode = (self.device.type == "cuda") if fast_decode is None else fast_decode
         if self.fast_decode and self.device.type != "cuda":
@@ -215,9 +333,10 @@ class TransformersEngine(Engine):
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either version.
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
-        self._cache: Any = None
-        self._cache_ids: list[int] = []
+        self.kv: HFKVCache = HFKVCache(model, static=self.fast_decode,
+                                       max_len=self.context_length, name=self.model)
         self._decode: Callable[[Tensor], Tensor] | None = None
+        self._detok = IncrementalDetokenizer(tokenizer)
         if self.fast_decode:
             _use_gqa_attention(model)
 
@@ -273,52 +392,31 @@ class TransformersEngine(Engine):
             ids.update(value if isinstance(value, list) else [] if value is None else [value])
         return ids
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        if not text:
-            return []
-        return hf_tokenize(self.tokenizer, text, special)
-
-    # ----- the KV cache ------------------------------------------------------------------
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache, StaticCache
-
-        if self.fast_decode:
-            return StaticCache(config=self.hf_model.config, max_cache_len=self.context_length)
-        return DynamicCache(config=self.hf_model.config)
-
-    def prefill(self, prompt_ids: list[int]) -> tuple[int, torch.Tensor]:
-        """Crop the cache to the longest common prefix with ``prompt_ids`` (leaving at least one
-        token to evaluate), evaluate the rest; return (reused tokens, last logits [V])."""
+    # ----- evaluation --------------------------------------------------------------------
+    def evaluate(self, prompt_ids: list[int], start: int) -> torch.Tensor:
+        """Evaluate ``prompt_ids[start:]`` after the cache's first ``start`` tokens (which
+        :meth:`prefill` chose); return the last position's logits [V]."""
         torch = self.torch
-        if self._cache is None:
-            self._cache = self._new_cache()
-        limit = min(len(self._cache_ids), len(prompt_ids) - 1)
-        keep = 0
-        while keep < limit and self._cache_ids[keep] == prompt_ids[keep]:
-            keep += 1
-        held = len(self._cache_ids)
-        if held > keep:
-            try:
-                self._cache.crop(keep - held)  # a negative count removes that many tokens
-            except (RuntimeError, ValueError):  # e.g. a sliding-window layer past its window
-                self._cache.reset()
-                keep = 0
-        self._cache_ids = list(prompt_ids)
-        rest = torch.tensor([prompt_ids[keep:]], device=self.device)  # [1, new tokens]
-        out = self.hf_model(input_ids=rest, use_cache=True, logits_to_keep=1,
-                            **{self._cache_arg: self._cache})
-        return keep, out.logits[0, -1]  # [V]
+        cache = self.kv.ensure()
+        rest = torch.tensor([prompt_ids[start:]], device=self.device)  # [1, new tokens]
+        with torch.no_grad():
+            out = self.hf_model(input_ids=rest, use_cache=True, logits_to_keep=1,
+                                **{self._cache_arg: cache})
+        self.kv.held = list(prompt_ids)
+        logits: Tensor = out.logits[0, -1]  # [V]
+        return logits
 
     def decode_one(self, token: torch.Tensor) -> torch.Tensor:
         """Evaluate one token (0-d tensor on the device); return the next logits [V]."""
-        self._cache_ids.append(int(token))
+        self.kv.held.append(int(token))
         step = token.view(1, 1)  # [1, 1]
-        if self.fast_decode:
-            if self._decode is None:
-                self._decode = self._capture_decode()
-            logits: torch.Tensor = self._decode(step)[0, -1]
-            return logits
-        return self._step(step)[0, -1]
+        with self.torch.no_grad():
+            if self.fast_decode:
+                if self._decode is None:
+                    self._decode = self._capture_decode()
+                logits: torch.Tensor = self._decode(step)[0, -1]
+                return logits
+            return self._step(step)[0, -1]
 
     def _capture_decode(self) -> Callable[[Tensor], Tensor]:
         """Compile the one-token step (fused kernels, fixed shapes) and capture it in one CUDA
@@ -334,7 +432,7 @@ class TransformersEngine(Engine):
             for _ in range(warmups):
                 step(token)
         torch.cuda.current_stream().wait_stream(side)
-        self._cache.crop(-warmups)  # forget the warm-up tokens (their slots are rewritten)
+        self.kv.ensure().crop(-warmups)  # forget the warm-up tokens (their slots are rewritten)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits: Tensor = step(token)  # recorded, not run: the cache is untouched
@@ -347,40 +445,22 @@ class TransformersEngine(Engine):
 
     def _step(self, step: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.hf_model(input_ids=step, use_cache=True, logits_to_keep=1,
-                                             **{self._cache_arg: self._cache}).logits
+                                             **{self._cache_arg: self.kv.ensure()}).logits
         return logits  # [1, 1, V]
 
-    def reset_cache(self) -> None:
-        """Forget the KV cache (the next reply evaluates its whole prompt). A static cache
-        is cleared in place, so a captured decode graph stays valid."""
-        if self._cache is not None:
-            self._cache.reset()
-        self._cache_ids = []
-
     # ----- generation --------------------------------------------------------------------
-    def _generate(self, prompt_ids: list[int],
-                  params: GenerationParams) -> Generator[str, None, Completion]:
-        max_new = reply_room(len(prompt_ids), self.context_length, params)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        timer = Timer()
-        with self.torch.no_grad():
-            try:
-                cached, logits = self.prefill(prompt_ids)
-                with closing(self._tokens(prompt_ids, logits, params)) as tokens:
-                    text, finish = yield from emit_reply(
-                        tokens, lambda t: detok.push(t).encode("utf-8"), self._eog, params,
-                        max_new, timer)
-            except GeneratorExit:  # the caller stopped at a chunk: the cache is consistent
-                raise
-            except BaseException:  # inside the model (Ctrl-C, out of memory): layers may
-                self.reset_cache()  # disagree, so the cache cannot be trusted any more
-                raise
-        return Completion(text, timer.usage(len(prompt_ids), cached), finish)
+    def _evaluate(self, ids: list[int], start: int) -> None:
+        self.evaluate(ids, start)
 
-    def _tokens(self, prompt_ids: list[int], logits: Tensor,
-                params: GenerationParams) -> Generator[int, None, None]:
+    def _piece(self, token: int) -> bytes:
+        return self._detok.push(token).encode("utf-8")
+
+    def _tokens(self, prompt_ids: list[int], start: int,
+                params: GenerationParams) -> Iterator[int]:
         """Sample a token, hand it out, and evaluate it only when the next one is wanted."""
         torch = self.torch
+        self._detok = IncrementalDetokenizer(self.tokenizer)
+        logits = self.evaluate(prompt_ids, start)
         generator = torch.Generator(device=self.device).manual_seed(
             params.seed if params.seed is not None else random.getrandbits(63))
         seen = torch.tensor(prompt_ids, device=self.device)

@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..chat import Chat, Reply
 from ..conversation import Conversation
 from ..engines import Engine
+from ..engines.snapshots import DiskTier
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..store import Store
@@ -118,16 +120,24 @@ def rolechat_body(plan: WindowPlan, reply: Reply | None = None) -> dict[str, Any
     body: dict[str, Any] = {"dropped_turns": plan.dropped, "kept_turns": plan.kept,
                             "prompt_tokens": plan.prompt_tokens, "budget": plan.budget}
     if reply is not None:
-        body.update(ttft_s=reply.usage.ttft_s, tokens_per_s=reply.usage.tokens_per_s)
+        usage = reply.usage
+        body.update(ttft_s=usage.ttft_s, tokens_per_s=usage.tokens_per_s,
+                    kv_source=usage.kv_source, restored_tokens=usage.restored_tokens)
+        if usage.estimated:
+            body["estimated"] = True
     return body
 
 
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
                max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = (),
-               store: Store | None = None) -> FastAPI:
+               store: Store | None = None, kv_disk: DiskTier | EllipsisType | None = ...
+               ) -> FastAPI:
+    """The app. ``kv_disk`` is where sessions keep their KV snapshots (default: beside the
+    store, with the default budget; None: memory only)."""
     app = FastAPI(title="rolechat", docs_url=None, redoc_url=None)
     worker = Worker()
     store = store if store is not None else Store.default()
+    disk = DiskTier(store.kv_root) if kv_disk is ... else kv_disk
     model_id = Path(engine.model).name or engine.model
     keys = [k.encode() for k in api_keys]
 
@@ -165,6 +175,16 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
     @app.exception_handler(RolechatError)
     async def library_error(request: Request, exc: RolechatError) -> JSONResponse:
         return error_response(exc)
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        """The model and what is kept warm: the live KV cache, snapshots in memory and on
+        disk (counts, bytes, budgets, hits, evictions)."""
+        kv = engine.kv_stats()
+        if kv is not None:
+            kv = {**kv, "disk": disk.stats() if disk is not None else None}
+        return {"object": "status", "model": model_id, "engine": engine.describe(),
+                "kv_cache": kv}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -238,7 +258,7 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    app.include_router(sessions_router(engine, store, worker, keyed=bool(keys)))
+    app.include_router(sessions_router(engine, store, worker, keyed=bool(keys), kv_disk=disk))
 
     static = Path(__file__).with_name("static")
     if (static / "index.html").is_file():  # the web chat page

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from ..chat import Chat
 from ..conversation import check_text
 from ..engines import Engine
+from ..engines.snapshots import CacheKey, DiskTier, conversation_snapshot
 from ..errors import RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import load_personas
@@ -110,7 +111,7 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 def sessions_router(engine: Engine, store: Store, worker: Worker, *,
-                    keyed: bool) -> APIRouter:
+                    keyed: bool, kv_disk: DiskTier | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
     chats: OrderedDict[int, Chat] = OrderedDict()
     chats_guard = threading.Lock()
@@ -135,7 +136,7 @@ def sessions_router(engine: Engine, store: Store, worker: Worker, *,
             if chat is not None:
                 chats.move_to_end(cid)
                 return chat
-        chat = open_chat(store, engine, cid=cid)
+        chat = open_chat(store, engine, cid=cid, kv_disk=kv_disk)
         with chats_guard:
             chats[cid] = chat
             while len(chats) > CHAT_CACHE_SIZE:
@@ -157,7 +158,8 @@ def sessions_router(engine: Engine, store: Store, worker: Worker, *,
     def create(body: NewConversation, request: Request) -> dict[str, Any]:
         params = _params(body.params, engine)
         chat = open_chat(store, engine, persona=body.persona, system=body.system,
-                         params=params, title=body.title, owner=owner_of(request, keyed))
+                         params=params, title=body.title, owner=owner_of(request, keyed),
+                         kv_disk=kv_disk)
         assert isinstance(chat.log, StoreLog)
         cid = chat.log.cid
         with chats_guard:
@@ -183,7 +185,9 @@ def sessions_router(engine: Engine, store: Store, worker: Worker, *,
         async with lock_of(cid):  # not under a reply that is being written
             await asyncio.to_thread(owned, cid, owner)
             forget(cid)
-            await asyncio.to_thread(store.delete, cid)
+            await asyncio.to_thread(store.delete, cid)  # its snapshot files too
+            key = CacheKey(conversation_snapshot(cid), kv_disk)
+            await asyncio.to_thread(engine.forget, key)
         locks.pop(cid, None)
         return {"id": cid, "deleted": True}
 

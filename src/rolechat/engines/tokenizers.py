@@ -1,0 +1,220 @@
+"""Tokenizers shared by the engines, and the one way a prompt becomes token ids.
+
+Contract:
+- A :class:`Tokenizer` turns text into ids: ``special=True`` lets control-token text become
+  control tokens, ``special=False`` keeps every character plain text; no BOS is added. It
+  knows the model's BOS/EOS text, the BOS id to put first when the model expects one the
+  template does not write (``bos_id``), and its own chat template (``template_source``).
+- :class:`GGUFVocab` is the vocabulary inside a GGUF file (through llama.cpp; the llama.cpp
+  engine shares its loaded model's, the remote engine loads one vocabulary-only);
+  :class:`HFTokenizer` is a transformers tokenizer (the transformers engine's, or a folder the
+  remote engine loads).
+- :class:`PromptEncoder` renders messages with a :class:`~rolechat.template.ChatTemplate` and
+  tokenizes them piece by piece: template text may hold control tokens, message content never
+  does. Pieces are memoized, so a new turn tokenizes only its new text.
+- Engine modules import this module, never each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..conversation import Message
+from ..errors import InvalidInput, ModelLoadError
+from ..template import ChatTemplate
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    bos_text: str
+    eos_text: str
+    template_source: str
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]: ...
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to file descriptor 2 (Python exceptions still rise)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no fd 2 at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class GGUFVocab:
+    """The tokenizer stored in a GGUF file, through a loaded llama-cpp-python ``Llama``."""
+
+    def __init__(self, llm: Llama) -> None:
+        self.llm = llm
+        vocab = llm._model
+        self._detokenize = vocab.detokenize
+        self.bos_id = llm.token_bos() if vocab.add_bos_token() else None
+        self.bos_text = self.text_of(llm.token_bos())
+        self.eos_text = self.text_of(llm.token_eos())
+        self.template_source: str = llm.metadata.get("tokenizer.chat_template", "")
+
+    @classmethod
+    def load(cls, path: Path) -> GGUFVocab:
+        """Only the vocabulary of the GGUF file at ``path`` (no weights)."""
+        try:
+            from llama_cpp import Llama
+
+            with quiet_native_stderr():
+                return cls(Llama(model_path=str(path), vocab_only=True, verbose=False))
+        except (ImportError, ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(str(path), f"cannot read its tokenizer ({exc})",
+                                 "Pass a .gguf file or a Hugging Face tokenizer folder.") from None
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        if not text:
+            return []
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (control tokens give nothing)."""
+        return bytes(self._detokenize([token]))
+
+    def text_of(self, token: int) -> str:
+        """The text of one token, control tokens included (for BOS/EOS)."""
+        if token < 0:
+            return ""
+        return bytes(self._detokenize([token], special=True)).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class HFTokenizer:
+    """A Hugging Face (transformers) tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.hf = tokenizer
+        self.bos_text = tokenizer.bos_token or ""
+        self.eos_text = tokenizer.eos_token or ""
+        self.template_source = getattr(tokenizer, "chat_template", "") or ""
+        plain = tokenizer("a", add_special_tokens=False).input_ids
+        with_special = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        # The tokenizer puts a BOS first by itself: the prompt needs it too.
+        self.bos_id: int | None = (bos if bos is not None
+                                   and with_special[:1] == [bos] != plain[:1] else None)
+
+    @classmethod
+    def load(cls, path: Path) -> HFTokenizer:
+        try:
+            from transformers import AutoTokenizer
+
+            return cls(AutoTokenizer.from_pretrained(str(path)))
+        except ImportError:
+            raise ModelLoadError(str(path), "transformers is not installed",
+                                 "pip install 'rolechat[transformers]', or pass a .gguf "
+                                 "tokenizer.") from None
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(str(path), f"cannot load its tokenizer ({exc})",
+                                 "Pass a Hugging Face tokenizer folder or a .gguf file.") from None
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        if not text:
+            return []
+        return list(self.hf(text, add_special_tokens=False,
+                            split_special_tokens=not special).input_ids)
+
+
+def load_tokenizer(path: Path) -> GGUFVocab | HFTokenizer:
+    """A tokenizer from a ``.gguf`` file or a Hugging Face tokenizer folder."""
+    if path.is_file():
+        return GGUFVocab.load(path)
+    if not path.is_dir():
+        raise ModelLoadError(str(path), "no such tokenizer file or folder",
+                             "Pass a .gguf file or a Hugging Face tokenizer folder.")
+    return HFTokenizer.load(path)
+
+
+def template_for(tokenizer: Tokenizer, override: str | None = None) -> ChatTemplate:
+    """The chat template: ``override`` (Jinja text) or the tokenizer's own, with its BOS/EOS."""
+    return ChatTemplate(override or tokenizer.template_source, bos_token=tokenizer.bos_text,
+                        eos_token=tokenizer.eos_text)
+
+
+#: Pieces kept in the memo (the texts of about a thousand recent messages and their headers).
+PIECE_MEMO = 4096
+#: Whole prompts kept in the memo (the window counts a few candidates per turn).
+PROMPT_MEMO = 8
+
+
+class PromptEncoder:
+    """Messages → prompt token ids, through the chat template, piece by piece."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self._pieces: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+        self._prompts: OrderedDict[tuple[Message | bool, ...], list[int]] = OrderedDict()
+
+    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids (a fresh list the caller may keep)."""
+        key: tuple[Message | bool, ...] = (*messages, add_generation_prompt)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = self._encode(messages, add_generation_prompt)
+            self._prompts[key] = ids
+            if len(self._prompts) > PROMPT_MEMO:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(key)
+        return list(ids)
+
+    def count_text(self, text: str) -> int:
+        """Tokens of one plain text (a message's own share, without its template)."""
+        return len(self._piece(text, False))
+
+    def _encode(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        tokenize = self.tokenizer.tokenize
+        segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)
+        if segments is None:
+            # The template rewrites content, so pieces cannot be traced: refuse content that
+            # would turn into control tokens, then tokenize the whole text.
+            for m in messages:
+                if tokenize(m.content, special=True) != tokenize(m.content, special=False):
+                    raise InvalidInput(f"A {m.role} message contains control-token text, and "
+                                       "this model's template cannot keep it as plain text.",
+                                       "Remove the special tokens from the message.")
+            text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+            ids = tokenize(text, special=True)
+        else:
+            ids = []
+            for text, is_content in segments:
+                ids += self._piece(text, not is_content)
+        bos = self.tokenizer.bos_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def _piece(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._pieces.get(key)
+        if ids is None:
+            ids = self._pieces[key] = self.tokenizer.tokenize(text, special=special)
+            if len(self._pieces) > PIECE_MEMO:
+                self._pieces.popitem(last=False)
+        else:
+            self._pieces.move_to_end(key)
+        return ids

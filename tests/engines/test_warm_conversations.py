@@ -1,0 +1,99 @@
+"""Every conversation stays warm, on the real embedded model: interleaved conversations restore
+their KV snapshots, and greedy replies stay identical, token for token, to replies evaluated
+from an empty cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rolechat import Chat, Conversation
+from rolechat.engines.llama_cpp import LlamaCppEngine
+from rolechat.engines.snapshots import CacheKey, DiskTier
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
+TOPICS = ("the sea", "mountains", "bread", "the moon")
+
+
+@pytest.fixture(scope="module")
+def warm() -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(context_length=2048, n_threads=1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def cold() -> Iterator[LlamaCppEngine]:
+    """The reference: no snapshots, and the cache emptied before every reply."""
+    engine = LlamaCppEngine(context_length=2048, n_threads=1, kv_cache_ram=0)
+    yield engine
+    engine.close()
+
+
+def cold_reply(cold: LlamaCppEngine, conversation: Conversation, text: str) -> str:
+    cold.reset_cache()
+    reply = Chat(cold, conversation=conversation.copy(), params=GREEDY).send(text)
+    assert reply.usage.cached_tokens == 0
+    return reply.text
+
+
+def test_interleaved_conversations_restore_and_match_cold_replies(
+        warm: LlamaCppEngine, cold: LlamaCppEngine) -> None:
+    warm.reset_cache()
+    chats = []
+    for index, topic in enumerate(TOPICS):
+        chat = Chat(warm, system=f"You are assistant number {index}. You like {topic}.",
+                    params=GREEDY)
+        chat.cache_key = CacheKey(f"conversation-{index}")
+        chats.append(chat)
+    for round_ in range(10):
+        for index, chat in enumerate(chats):
+            text = f"Round {round_}: say one short thing about {TOPICS[index]}."
+            before = chat.conversation.copy()
+            reply = chat.send(text)
+            assert reply.text == cold_reply(cold, before, text), (round_, index)
+            usage = reply.usage
+            if round_ == 0:
+                continue
+            # Switching back restored this conversation's snapshot: everything up to the end
+            # of the last reply is reused, only the new message is evaluated.
+            held = warm.count_tokens(before.prompt_messages(), add_generation_prompt=False)
+            assert usage.kv_source == "memory", (round_, index, usage)
+            assert usage.restored_tokens == usage.cached_tokens >= held - 2
+            assert usage.prompt_tokens - usage.cached_tokens < 40
+    stats = warm.kv_stats()["memory"]
+    assert stats["hits"] >= 36 and stats["entries"] == 4
+    assert stats["bytes"] <= stats["max_bytes"]
+
+
+def test_a_new_engine_restores_from_disk_and_matches_a_cold_reply(
+        tmp_path: Path, warm: LlamaCppEngine, cold: LlamaCppEngine) -> None:
+    warm.reset_cache()
+    chat = Chat(warm, system="You are a librarian.", params=GREEDY)
+    chat.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+    chat.send("Recommend a book about whales.")
+    warm.flush()
+    # A new engine, as in a new process: its memory is empty, the file is on disk.
+    fresh = LlamaCppEngine(context_length=2048, n_threads=1)
+    try:
+        resumed = Chat(fresh, conversation=chat.conversation.copy(), params=GREEDY)
+        resumed.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+        reply = resumed.send("Why that one?")
+        assert reply.usage.kv_source == "disk"
+        held = fresh.count_tokens(chat.conversation.prompt_messages(),
+                                  add_generation_prompt=False)
+        assert reply.usage.restored_tokens >= held - 2
+        assert reply.text == cold_reply(cold, chat.conversation, "Why that one?")
+    finally:
+        fresh.close()
+
+
+def test_a_seeded_reply_is_the_same_whatever_the_cache_held(warm: LlamaCppEngine) -> None:
+    params = {"temperature": 1.0, "seed": 1234, "max_new_tokens": 24}
+    warm.reset_cache()
+    first = Chat(warm, params=params).send("Tell me a short story.").text
+    again = Chat(warm, params=params).send("Tell me a short story.")  # now fully cached
+    assert again.usage.cached_tokens > 0
+    assert again.text == first

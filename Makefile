@@ -13,10 +13,34 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# llama-cpp-python has no wheel for this platform: pip builds it (a few minutes, once; pip
-# caches the built wheel for every later install).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --progress-bar off -e .
+# llama-cpp-python has no wheel for this platform: it is built from source (about 5 minutes
+# on 2 cores), once per CPU and set of build flags, and the wheel is kept in WHEELHOUSE. The
+# build targets this CPU (llama.cpp's default), without the multimodal library, and on x86
+# without AMX: its tile instructions fault where the kernel or a sandbox has not enabled them,
+# and llama.cpp would use them on any CPU that advertises AMX. pip's own cache is not used for
+# it, since pip would hand a wheel built for one CPU to another.
+LLAMA_CPP   := llama-cpp-python==0.3.36
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+CPU_KEY := $(shell (uname -m; grep -m1 -E '^(flags|Features)' /proc/cpuinfo; \
+	echo '$(LLAMA_CPP) $(LLAMA_CMAKE) $(LLAMA_CFLAGS)'; \
+	$(PYTHON) -c 'import sys; print(sys.version_info[:2])') 2>/dev/null | sha256sum | cut -c1-16)
+WHEELHOUSE ?= $(HOME)/.cache/rolechat/wheels/$(CPU_KEY)
+
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	mkdir -p $(WHEELHOUSE)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+	    $(BIN)/pip wheel --progress-bar off --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python -w $(WHEELHOUSE) '$(LLAMA_CPP)'
+	@touch $@
+
+PIP_LLAMA := --find-links $(WHEELHOUSE) --only-binary llama-cpp-python
+
+$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+	$(BIN)/pip install --progress-bar off --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
+	$(BIN)/pip install --progress-bar off $(PIP_LLAMA) -e .
 	@touch $@
 
 # The tests also cover the transformers engine. TORCH names the PyTorch build to install first
@@ -27,7 +51,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/pip install --progress-bar off '$(TORCH)'
-	$(BIN)/pip install --progress-bar off -e '.[dev,transformers]'
+	$(BIN)/pip install --progress-bar off $(PIP_LLAMA) -e '.[dev,transformers]'
 	@touch $@
 
 install: $(VENV)/.installed

@@ -21,11 +21,10 @@ import pytest
 
 import rolechat.store as store_module
 from fakes import FakeEngine
-from rolechat.chat import Chat
 from rolechat.conversation import Conversation
 from rolechat.errors import InvalidInput, StoreError
-from rolechat.params import GenerationParams
-from rolechat.store import MIGRATIONS, Store, StoreLog, open_chat
+from rolechat.saved import SavedChat
+from rolechat.store import MIGRATIONS, Store
 
 
 @pytest.fixture
@@ -194,96 +193,6 @@ def test_drop_last_turn(store: Store) -> None:
     store.drop_last_turn(cid)
     store.drop_last_turn(cid)  # nothing left: no error
     assert store.messages(cid) == []
-
-
-# ----- Chat + StoreLog ---------------------------------------------------------------------------
-
-def test_a_completed_send_writes_both_messages(store: Store) -> None:
-    engine = FakeEngine()
-    engine.replies += ["Hello there!", "Fine."]
-    chat = Chat(engine, log=StoreLog(store, cid := store.create()))
-    reply = chat.send("Hi")
-    chat.send("How are you?")
-    assert store.conversation(cid).to_tuples() == [("Hi", "Hello there!"),
-                                                    ("How are you?", "Fine.")]
-    messages = store.messages(cid)
-    assert [m.status for m in messages] == ["complete"] * 4
-    assert messages[1].tokens == reply.usage.generated_tokens == len("Hello there!")
-    assert messages[1].usage is not None
-    assert messages[1].usage["finish_reason"] == "stop"
-    assert messages[1].usage["generated_tokens"] == len("Hello there!")
-    assert "window" in messages[1].usage
-
-
-def test_an_engine_failure_marks_the_turn_interrupted(store: Store) -> None:
-    engine = FakeEngine()
-    engine.replies += ["first reply", "this one breaks"]
-    cid = store.create()
-    chat = Chat(engine, log=StoreLog(store, cid))
-    chat.send("one")
-    before = chat.conversation.copy()
-    engine.fail_after = 2
-    with pytest.raises(RuntimeError, match="mid-reply"):
-        chat.send("two")
-    assert chat.conversation == before
-    assert [(m.content, m.status) for m in store.messages(cid)] == [
-        ("one", "complete"), ("first reply", "complete"), ("two", "interrupted")]
-    assert store.conversation(cid).to_tuples() == [("one", "first reply")]
-
-
-def test_closing_a_stream_early_marks_it_interrupted(store: Store) -> None:
-    engine = FakeEngine()
-    engine.replies.append("a long reply that is cut off")
-    cid = store.create()
-    chat = Chat(engine, log=StoreLog(store, cid))
-    stream = chat.stream("tell me")
-    assert store.messages(cid)[0].status == "pending"  # written before generating
-    next(stream)
-    stream.close()
-    stream.close()  # twice is harmless
-    assert [(m.content, m.status) for m in store.messages(cid)] == [("tell me", "interrupted")]
-    assert chat.conversation.turns == []
-    assert store.conversation(cid).turns == []
-
-
-def test_open_chat_creates_and_resumes(store: Store) -> None:
-    params = GenerationParams(temperature=0.3, max_new_tokens=20)
-    chat = open_chat(store, FakeEngine(), persona="expert", system="Be brief.", params=params)
-    assert isinstance(chat.log, StoreLog)
-    cid = chat.log.cid
-    chat.send("one")
-    chat.send("two")
-    info = store.info(cid)
-    assert (info.persona, info.system, info.model) == ("expert", "Be brief.", "fake")
-    assert info.params == {"temperature": 0.3, "max_new_tokens": 20}
-
-    engine = FakeEngine()
-    resumed = open_chat(store, engine, cid=cid)
-    assert resumed.persona.name == "expert"
-    assert resumed.system == "Be brief."
-    assert (resumed.params.temperature, resumed.params.max_new_tokens) == (0.3, 20)
-    assert resumed.conversation.to_tuples() == [("one", "echo"), ("two", "echo")]
-    resumed.send("three")
-    prompt = bytes(t for t in engine.prompts[-1] if t < 256).decode()
-    assert "one" in prompt and "two" in prompt and "Be brief." in prompt
-    assert store.conversation(cid).to_tuples()[-1] == ("three", "echo")
-    assert len(store.recent()) == 1  # resumed, not copied
-
-    # Arguments given override the stored values, and are stored for next time.
-    again = open_chat(store, FakeEngine(), cid=cid, persona="concise", system="New system.",
-                      params=GenerationParams(temperature=0.7))
-    assert again.persona.name == "concise"
-    assert again.system == "New system."
-    assert (again.params.temperature, again.params.max_new_tokens) == (0.7, 20)
-    info = store.info(cid)
-    assert (info.persona, info.system) == ("concise", "New system.")
-    assert info.params == {"temperature": 0.7, "max_new_tokens": 20}
-
-
-def test_open_chat_with_an_unknown_id(store: Store) -> None:
-    with pytest.raises(StoreError) as caught:
-        open_chat(store, FakeEngine(), cid=42)
-    assert caught.value.missing and caught.value.exit_code == 2
 
 
 # ----- listing, editing, deleting ------------------------------------------------------------
@@ -491,14 +400,16 @@ KILLED_SCRIPT = textwrap.dedent("""
     import sys, time
     from rolechat import load_engine
     from rolechat.params import GenerationParams
-    from rolechat.store import Store, open_chat
+    from rolechat.saved import SavedChat
+    from rolechat.store import Store
 
     store = Store(sys.argv[1])
     engine = load_engine(n_threads=1)
-    chat = open_chat(store, engine, params=GenerationParams(temperature=0, max_new_tokens=16))
+    chat = SavedChat.new(engine, store=store,
+                         params=GenerationParams(temperature=0, max_new_tokens=16))
     chat.send("Hello! What is your name?")
     chat.send("What is two plus two?")
-    print("CID", chat.log.cid, flush=True)
+    print("CID", chat.cid, flush=True)
     print("TWO-TURNS-DONE", flush=True)
     for chunk in chat.stream("Write a long story about a dragon.", max_new_tokens=400):
         sys.stdout.write(chunk)
@@ -562,8 +473,8 @@ def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
     # The conversation continues cleanly, without the half-done turn.
     engine = FakeEngine()
     engine.replies.append("Welcome back.")
-    chat = open_chat(store, engine, cid=cid)
-    assert chat.conversation == conversation
+    chat = SavedChat.resume(engine, store, cid)
+    assert chat.chat.conversation == conversation
     chat.send("Are you still there?")
     prompt = bytes(t for t in engine.prompts[-1] if t < 256).decode()
     assert "two plus two" in prompt and "dragon" not in prompt
@@ -573,14 +484,3 @@ def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
     assert again.turns[-1].assistant == "Welcome back."
     assert [m.status for m in store.messages(cid)][-3:] == ["pending", "complete", "complete"]
     store.close()
-
-
-def test_user_messages_record_their_token_count(tmp_path: Path) -> None:
-    from fakes import FakeEngine
-
-    store = Store(tmp_path / "db")
-    chat = open_chat(store, FakeEngine())
-    chat.send("héllo")  # the fake engine counts one token per UTF-8 byte
-    user, reply = store.messages(chat.log.cid)
-    assert (user.role, user.tokens) == ("user", 6)
-    assert reply.tokens == reply.usage["generated_tokens"]

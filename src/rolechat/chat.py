@@ -40,8 +40,8 @@ class Reply:
 
 
 class TurnLog(Protocol):
-    """Something that records turns as they happen (the store's
-    :class:`~rolechat.store.StoreLog`): ``started`` before generating, then exactly one of
+    """Something that records turns as they happen (a
+    :class:`~rolechat.saved.SavedChat`): ``started`` before generating, then exactly one of
     ``completed`` or ``failed``."""
 
     def started(self, text: str, plan: WindowPlan) -> Any: ...
@@ -164,6 +164,20 @@ class Chat:
     def _record(self, text: str, reply: Reply) -> None:
         self.conversation.append_turn(text, reply.text)
         self.first_turn = reply.plan.first_turn
+        self.last_reply = reply
+
+    def pop_turn(self) -> Turn | None:
+        """Remove and return the last completed turn (None if there is none); the window
+        keeps its place."""
+        turn = self.conversation.pop_turn()
+        if turn is not None:
+            self.first_turn = min(self.first_turn, len(self.conversation.turns))
+            self.last_reply = None
+        return turn
+
+    def push_turn(self, turn: Turn, reply: Reply | None = None) -> None:
+        """Append a completed turn (one that :meth:`pop_turn` removed), with its reply."""
+        self.conversation.append_turn(turn.user, turn.assistant)
         self.last_reply = reply
 
     def reset(self) -> None:

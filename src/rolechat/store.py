@@ -10,8 +10,12 @@ Contract:
   message marked ``complete`` in one transaction *when the reply completes*; an interrupted
   reply marks its user message ``interrupted``. Only complete turns are ever loaded back into a
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
+- A conversation's KV snapshot files live beside the database (``kv/``, see
+  :mod:`rolechat.engines.snapshots`); deleting the conversation deletes them.
 - Errors (unknown id, unreadable or locked database, corrupt import) raise
   :class:`~rolechat.errors.StoreError` / :class:`~rolechat.errors.InvalidInput` with what to do.
+- Pure persistence: a conversation and its live chat are kept together by
+  :class:`~rolechat.saved.SavedChat`.
 """
 
 from __future__ import annotations
@@ -19,29 +23,18 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import pairwise
 from pathlib import Path
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .conversation import Conversation
-from .engines.snapshots import (
-    CacheKey,
-    DiskTier,
-    conversation_snapshot,
-    delete_conversation_files,
-)
+from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
-from .params import GenerationParams
-
-if TYPE_CHECKING:
-    from .chat import Chat, Reply
-    from .engines import Engine
-    from .window import WindowPlan
 
 #: Schema migrations; migration i brings ``user_version`` from i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -341,74 +334,6 @@ class Store:
             fields = {k: data[k] for k in ("title", "persona", "model", "params")
                       if isinstance(data.get(k), (str, dict))}
         return self.import_conversation(conversation, **fields)
-
-
-class StoreLog:
-    """Records a :class:`~rolechat.chat.Chat`'s turns in the store as they happen."""
-
-    def __init__(self, store: Store, cid: int,
-                 count_tokens: Callable[[str], int] | None = None) -> None:
-        self.store, self.cid = store, cid
-        self.count_tokens = count_tokens
-
-    def started(self, text: str, plan: WindowPlan) -> int:
-        tokens = self.count_tokens(text) if self.count_tokens is not None else None
-        return self.store.begin_turn(self.cid, text, tokens)
-
-    def completed(self, handle: int, text: str, reply: Reply) -> None:
-        usage = {**reply.usage.to_dict(), "finish_reason": reply.finish_reason,
-                 "window": reply.plan.to_dict()}
-        self.store.complete_turn(self.cid, handle, reply.text, reply.usage.generated_tokens,
-                                 usage)
-
-    def failed(self, handle: int) -> None:
-        self.store.interrupt_turn(handle)
-
-
-def open_chat(store: Store, engine: Engine, *, cid: int | None = None,
-              persona: str | None = None, system: str | None = None,
-              params: GenerationParams | None = None, title: str = "",
-              owner: str | None = None, kv_disk: DiskTier | None = None) -> Chat:
-    """A Chat whose turns are saved: a new conversation, or conversation ``cid`` resumed with
-    its persona, system prompt and parameters (arguments given here override them).
-    ``title`` and ``owner`` apply to a new conversation only. The engine keeps the
-    conversation's KV state warm under its id, and in ``kv_disk`` (snapshot files beside the
-    store) when given."""
-    from .chat import Chat
-
-    params = params or GenerationParams()
-    if cid is None:
-        chat = Chat(engine, persona=persona, system=system, params=params)
-        new_conversation(store, chat, title=title, owner=owner, kv_disk=kv_disk)
-    else:
-        info = store.info(cid)
-        stored = GenerationParams.from_mapping(info.params)
-        chat = Chat(engine, persona=persona or info.persona,
-                    params=stored.merged(**params.explicit()),
-                    conversation=store.conversation(cid))
-        if system is not None:
-            chat.system = system
-        store.update(cid, persona=chat.persona.name, system=chat.system,
-                     params=chat.params.explicit())
-        chat.log = StoreLog(store, cid, token_counter(engine))
-        chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
-    return chat
-
-
-def new_conversation(store: Store, chat: Chat, *, title: str = "",
-                     owner: str | None = None, kv_disk: DiskTier | None = None) -> int:
-    """A new stored conversation with ``chat``'s persona, system prompt, model and
-    parameters; ``chat``'s turns are then recorded there."""
-    cid = store.create(persona=chat.persona.name, system=chat.system, model=chat.engine.model,
-                       params=chat.params.explicit(), title=title, owner=owner)
-    chat.log = StoreLog(store, cid, token_counter(chat.engine))
-    chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
-    return cid
-
-
-def token_counter(engine: Engine) -> Callable[[str], int] | None:
-    """How the store counts a message's tokens: exactly, or not at all (never an estimate)."""
-    return engine.count_text if engine.exact_counts else None
 
 
 def _title(text: str) -> str:

@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from fakes import FakeEngine
-from rolechat import Chat
 from rolechat.cli.repl import COMMANDS, Repl, looks_like_markdown, parse_value
 from rolechat.conversation import Conversation
 from rolechat.params import GenerationParams
-from rolechat.store import Store, StoreLog
-from rolechat.store import open_chat as store_open_chat
+from rolechat.saved import SavedChat
+from rolechat.store import Store
 
 SYSTEM = "You are a professional AI assistant. Answer as concisely as possible."
 
 
 def make_repl(engine: FakeEngine | None = None) -> tuple[Repl, io.StringIO]:
     out = io.StringIO()
-    chat = Chat(engine or FakeEngine(), params={"max_new_tokens": 32})
-    return Repl(chat, out=out), out
+    saved = SavedChat.new(engine or FakeEngine(), params={"max_new_tokens": 32})
+    return Repl(saved, out=out), out
 
 
 def test_commands_table():
@@ -114,7 +113,7 @@ class InterruptedEngine(FakeEngine):
 
     def _tokens(self, prompt_ids, start, params):
         self.kv.held = list(prompt_ids)
-        yield from "Once upon a time".encode()
+        yield from b"Once upon a time"
         raise KeyboardInterrupt
 
 
@@ -131,13 +130,15 @@ def test_ctrl_c_during_a_reply_discards_it():
 
 def test_ctrl_c_marks_the_stored_message_interrupted(tmp_path):
     store = Store(tmp_path / "db")
-    chat = store_open_chat(store, InterruptedEngine(), params=GenerationParams(max_new_tokens=32))
-    repl = Repl(chat, out=io.StringIO())
+    saved = SavedChat.new(InterruptedEngine(), store=store,
+                          params=GenerationParams(max_new_tokens=32))
+    repl = Repl(saved, out=io.StringIO())
     repl.handle("Tell me a story")
-    cid = chat.log.cid
+    cid = saved.cid
+    assert cid is not None
     assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
     assert store.conversation(cid).turns == []
-    assert chat.conversation.messages == []
+    assert saved.chat.conversation.messages == []
 
 
 # ----- commands, with and without a store ------------------------------------------------
@@ -145,15 +146,15 @@ def test_ctrl_c_marks_the_stored_message_interrupted(tmp_path):
 def stored_repl(tmp_path: Path, engine: FakeEngine | None = None,
                 **params: Any) -> tuple[Repl, io.StringIO, Store]:
     store = Store(tmp_path / "db")
-    chat = store_open_chat(store, engine or FakeEngine(),
-                           params=GenerationParams(max_new_tokens=32, **params))
+    saved = SavedChat.new(engine or FakeEngine(), store=store,
+                          params=GenerationParams(max_new_tokens=32, **params), lazy=False)
     out = io.StringIO()
-    return Repl(chat, out=out), out, store
+    return Repl(saved, out=out), out, store
 
 
 def cid_of(repl: Repl) -> int:
-    assert isinstance(repl.chat.log, StoreLog)
-    return repl.chat.log.cid
+    assert repl.saved.cid is not None
+    return repl.saved.cid
 
 
 def fresh(out: io.StringIO) -> str:
@@ -441,7 +442,7 @@ def test_markdown_reply_is_rendered_again_on_a_terminal():
     engine = FakeEngine()
     engine.replies += ["**Bold** answer", "plain answer"]
     out = TtyOut()
-    repl = Repl(Chat(engine, params={"max_new_tokens": 32}), out=out)
+    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 32}), out=out)
     repl.handle("q1")
     text = strip_ansi(fresh(out))
     assert text.startswith("**Bold** answer\n")
@@ -466,17 +467,15 @@ def test_parse_value():
 
 
 def test_retry_that_fails_keeps_the_previous_reply(tmp_path):
-    from rolechat.store import Store
-    from rolechat.store import open_chat as store_open_chat
-
     engine = FakeEngine()
     engine.replies.append("first answer")
     store = Store(tmp_path / "db")
-    chat = store_open_chat(store, engine)
-    repl = Repl(chat, out=io.StringIO())
+    saved = SavedChat.new(engine, store=store)
+    repl = Repl(saved, out=io.StringIO())
     repl.handle("question")
     engine.fail_after = 1
     engine.replies.append("never finished")
     assert repl.dispatch("/retry") is True
-    assert chat.conversation.to_tuples() == [("question", "first answer")]
-    assert store.conversation(chat.log.cid).to_tuples() == [("question", "first answer")]
+    assert saved.chat.conversation.to_tuples() == [("question", "first answer")]
+    assert saved.cid is not None
+    assert store.conversation(saved.cid).to_tuples() == [("question", "first answer")]

@@ -42,17 +42,18 @@ def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, no_log: bool,
     else:
         raise InvalidInput("No question given.", 'Pass it: rolechat ask "Why is the sky blue?"')
     check_text(question, "question")  # before loading a model
-    chat = open_chat(options, log=not no_log)
+    saved = open_chat(options, log=not no_log, save_overrides=False)
+    chat = saved.chat
     if as_json:
-        reply = chat.send(question)
+        reply = saved.send(question)
         click.echo(json.dumps({
             "response": reply.text, "finish_reason": reply.finish_reason,
             "usage": reply.usage.to_dict(), "window": reply.plan.to_dict(),
             "persona": chat.persona.name, "model": chat.engine.model,
-            "conversation_id": getattr(chat.log, "cid", None),
+            "conversation_id": saved.cid,
         }, ensure_ascii=False, indent=2))
         return
-    with chat.stream(question) as chunks:
+    with saved.stream(question) as chunks:
         for chunk in chunks:
             click.echo(chunk, nl=False)
     click.echo()

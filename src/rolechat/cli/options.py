@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from ..chat import Chat
 from ..engines import ENGINES, Engine, engine_for, load_engine
 from ..engines.snapshots import (
     DEFAULT_DISK_BYTES,
@@ -28,8 +27,8 @@ from ..engines.transformers import HUBS
 from ..errors import InvalidInput
 from ..params import GenerationParams
 from ..persona import get_persona
+from ..saved import SavedChat
 from ..store import Store
-from ..store import open_chat as store_open_chat
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -202,9 +201,12 @@ def store_options(func: F) -> F:
                         help="Continue the most recent conversation.")(func)
 
 
-def open_chat(options: dict[str, Any], *, log: bool = True) -> Chat:
-    """A Chat from the persona, system, generation, model and store flags. With ``log`` its
-    turns are saved in the store (a new conversation, or the one ``-c``/``--cid`` names)."""
+def open_chat(options: dict[str, Any], *, log: bool = True,
+              save_overrides: bool = True) -> SavedChat:
+    """A chat from the persona, system, generation, model and store flags: a new conversation,
+    or the one ``-c``/``--cid`` names. With ``log`` its turns are saved in the store (a new
+    conversation's row is created with its first turn); persona, system and generation flags
+    given with ``-c`` are saved with the conversation only if ``save_overrides``."""
     params = params_from(options)
     persona_name = options.pop("persona", None)
     if persona_name is not None:
@@ -219,12 +221,16 @@ def open_chat(options: dict[str, Any], *, log: bool = True) -> Chat:
                                "Start one with `rolechat chat`.")
     if store is not None and cid is not None:
         store.info(cid)  # an unknown id fails before the model loads
-    disk = kv_disk(store, options.pop("kv_cache_disk", None))
+    disk = kv_disk(store if log else None, options.pop("kv_cache_disk", None))
     engine = open_engine(options)
-    if store is None:
-        return Chat(engine, persona=persona_name, system=system, params=params)
-    return store_open_chat(store, engine, cid=cid, persona=persona_name, system=system,
-                           params=params, kv_disk=disk)
+    if store is not None and cid is not None:
+        saved = SavedChat.resume(engine, store, cid, persona=persona_name, system=system,
+                                 params=params, kv_disk=disk, save=log and save_overrides)
+        if not log:
+            saved.store = None  # the history came from the store; this exchange stays out
+        return saved
+    return SavedChat.new(engine, store=store if log else None, persona=persona_name,
+                         system=system, params=params, kv_disk=disk)
 
 
 def kv_disk(store: Store | None, max_bytes: int | None) -> DiskTier | None:

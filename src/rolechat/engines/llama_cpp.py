@@ -113,7 +113,7 @@ class LlamaKVCache(KVCache):
 
     def reset(self) -> None:
         self._llm.reset()  # type: ignore[no-untyped-call]
-        self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
+        self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # forget the cells (no memset of the buffer)
 
     def snapshot(self) -> KVSnapshot | None:
         llm = self._llm

@@ -38,6 +38,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,22 +67,37 @@ log = logging.getLogger("rolechat.kv")
 
 #: A snapshot is restored only when it saves at least this many more tokens than the live cache.
 MIN_RESTORE_GAIN = 8
+#: Snapshot files are written once no reply has run for this long (seconds).
+IDLE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a reply's tokens ended."""
+
+    text: str
+    finish: FinishReason
+    #: The last sampled token (never evaluated), or None if there was none.
+    last: int | None
+    #: True when it was an end-of-turn token.
+    end_of_turn: bool
 
 
 def emit_reply(tokens: Iterator[int], piece: Callable[[int], bytes], end_of_turn: set[int],
                params: GenerationParams, max_new: int,
-               timer: Timer) -> Generator[str, None, tuple[str, FinishReason]]:
+               timer: Timer) -> Generator[str, None, Ending]:
     """The one token loop of every local engine: count each sampled token, stop at an
     end-of-turn token, a stop string or ``max_new`` tokens, and yield safe text. Returns the
-    reply text and why it ended. A token the loop stops at is not asked for more, so an engine
+    reply text and how it ended. A token the loop stops at is not asked for more, so an engine
     never evaluates the last sampled token."""
     reply = ReplyText(params.stop)
     finish: FinishReason = "stop"  # also when the tokens run out by themselves
-    for token in tokens:
+    last: int | None = None
+    for last in tokens:
         timer.token()
-        if token in end_of_turn:
+        if last in end_of_turn:
             break
-        chunk = reply.push(piece(token))
+        chunk = reply.push(piece(last))
         if chunk:
             yield chunk
         if reply.stopped:
@@ -92,7 +108,7 @@ def emit_reply(tokens: Iterator[int], piece: Callable[[int], bytes], end_of_turn
     tail = reply.finish()
     if tail:
         yield tail
-    return reply.text, finish
+    return Ending(reply.text, finish, last, last is not None and last in end_of_turn)
 
 
 def is_exact(params: GenerationParams) -> bool:
@@ -111,6 +127,16 @@ class Candidate:
     load: Callable[[], KVSnapshot]
     #: Throw it away, with a warning saying why.
     drop: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A finished reply whose KV state has not been snapshotted yet."""
+
+    version: int
+    exact: bool
+    #: Tokens to evaluate ahead for the next turn (see :meth:`LocalEngine._next_turn`).
+    ahead: list[int]
 
 
 @dataclass(frozen=True)
@@ -139,9 +165,16 @@ class LocalEngine(Engine):
         self._canonical = 0
         #: Changes whenever the live cache does; a checkpoint is only valid for its version.
         self._version = 0
-        #: (version, exact) of a finished reply whose state is not snapshotted yet.
-        self._pending: tuple[int, bool] | None = None
+        #: A finished reply whose state is not snapshotted yet.
+        self._pending: Pending | None = None
         self._anonymous = itertools.count(1)
+        self._turn_header: list[int] | None = None
+        #: Snapshot files waiting to be written, newest per key, and the thread that writes
+        #: them once the engine has been idle for a moment (file writes take CPU time that
+        #: a reply starting right now should not share).
+        self._unwritten: dict[CacheKey, tuple[KVSnapshot, dict[str, Any]]] = {}
+        self._writer = Background("rolechat-kv-writer")
+        self._last_reply = time.monotonic()
 
     # ----- what a subclass provides ------------------------------------------------------
     @abstractmethod
@@ -189,7 +222,10 @@ class LocalEngine(Engine):
     def _locked(self, prompt_ids: list[int], params: GenerationParams,
                 key: CacheKey | None) -> Generator[str, None, Completion]:
         with self._lock:
-            return (yield from self._run(prompt_ids, params, key))
+            try:
+                return (yield from self._run(prompt_ids, params, key))
+            finally:
+                self._last_reply = time.monotonic()
 
     def _run(self, prompt_ids: list[int], params: GenerationParams,
              key: CacheKey | None) -> Generator[str, None, Completion]:
@@ -198,20 +234,52 @@ class LocalEngine(Engine):
         timer = Timer()
         try:
             reuse = self._prefill(prompt_ids, key, exact)
-            text, finish = yield from emit_reply(
+            ending = yield from emit_reply(
                 self._tokens(prompt_ids, reuse.cached, params), self._piece, self._eog, params,
                 max_new, timer)
         except GeneratorExit:  # the caller stopped at a chunk: the cache is consistent
-            self._pending = (self._version, False)
+            self._pending = Pending(self._version, False, [])
             raise
         except BaseException:  # inside the model (Ctrl-C, out of memory): layers may
             self._drop_live()  # disagree, so the cache cannot be trusted any more
             raise
-        self._pending = (self._version, exact)
+        self._pending = Pending(self._version, exact, self._next_turn(ending))
         self._background.submit(partial(self._checkpoint_later, self._version))
         usage = timer.usage(len(prompt_ids), reuse.cached, restored_tokens=reuse.restored,
                             kv_source=reuse.source)
-        return Completion(text, usage, finish)
+        return Completion(ending.text, usage, ending.finish)
+
+    def _next_turn(self, ending: Ending) -> list[int]:
+        """Tokens the next prompt will almost surely continue the cache with: the template's
+        text between a reply and the next user message (``<|im_end|>\n<|im_start|>user\n``),
+        after the last sampled token where the template does not write that one itself. The
+        checkpoint evaluates them ahead; a prompt that differs just does not reuse them."""
+        header = self.turn_header()
+        if not header or ending.last is None:
+            return []
+        if ending.end_of_turn:  # the template writes its own end-of-turn text
+            return header
+        if ending.finish == "length":  # the reply's last token, then the template's text
+            return [ending.last, *header]
+        return []  # cut at a stop string: the cache holds tokens the prompt will not
+
+    def turn_header(self) -> list[int]:
+        """The ids of the template text between an assistant message and the next user
+        message (empty if the template cannot be traced)."""
+        if self._turn_header is None:
+            self._turn_header = []
+            try:
+                messages = [Message("user", "a"), Message("assistant", "b"),
+                            Message("user", "c")]
+                segments = self.template.segments(messages, add_generation_prompt=False)
+            except Exception:  # a template that refuses these messages: no pre-evaluation
+                segments = None
+            if segments is not None:
+                pieces = [text for text, is_content in segments]
+                contents = [i for i, (_, is_content) in enumerate(segments) if is_content]
+                if len(contents) == 3 and contents[2] == contents[1] + 2:
+                    self._turn_header = self.tokenize(pieces[contents[1] + 1], special=True)
+        return self._turn_header
 
     # ----- the KV cache ------------------------------------------------------------------
     def prefill(self, prompt_ids: Sequence[int], cache_key: CacheKey | None = None, *,
@@ -229,8 +297,8 @@ class LocalEngine(Engine):
             # The background checkpoint has not run yet. Take it now if this reply would
             # overwrite the state, or if both replies are exact (its re-evaluation of the last
             # reply is what this one needs); else this reply supersedes it.
-            if not (key == self._owner and extends) or (exact and self._pending[1]):
-                self._checkpoint()
+            if not (key == self._owner and extends) or (exact and self._pending.exact):
+                self._checkpoint(ahead=False)
             self._pending = None
         limit = len(prompt_ids) - (2 if exact else 1)
         live = common_prefix(self.kv.ids, prompt_ids, limit)
@@ -305,27 +373,36 @@ class LocalEngine(Engine):
     def _checkpoint_later(self, version: int) -> None:
         """The background task after a reply: snapshot its state unless a newer reply came."""
         with self._lock:
-            if self._pending is not None and self._pending[0] == version == self._version:
-                self._checkpoint()
+            if self._pending is not None and self._pending.version == version == self._version:
+                self._checkpoint(ahead=True)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, ahead: bool) -> None:
         """Snapshot the live cache into the memory tier (and its key's disk tier). After an
         exact reply, its tokens are first evaluated again as a prompt, so the snapshot and the
-        live cache are canonical. Lock held."""
-        assert self._pending is not None
-        exact = self._pending[1]
+        live cache are canonical; with ``ahead``, the next turn's template text is evaluated
+        too. Lock held."""
+        pending = self._pending
+        assert pending is not None
         self._pending = None
         ids = [int(t) for t in self.kv.ids]
-        if exact and self._canonical < len(ids):
-            start = self._canonical if len(ids) - self._canonical > 1 else self._canonical - 1
+        start = len(ids)
+        if pending.exact and self._canonical < len(ids):
+            start = self._canonical
+        extra = pending.ahead if ahead and len(ids) + len(pending.ahead) < self.context_length \
+            else []
+        if start < len(ids) or extra:
+            if len(ids) + len(extra) - start < 2:
+                start -= 1  # a prompt batch of at least two tokens
             if start >= 0:
+                canonical = self._canonical >= start
                 self.kv.keep(start)
                 try:
-                    self._evaluate(ids, start)
+                    self._evaluate(ids + extra, start)
                 except BaseException:
                     self._drop_live()  # half evaluated: the cache cannot be trusted
                     raise
-                self._canonical = len(ids)
+                if canonical:
+                    self._canonical = len(ids) + len(extra)
         snapshot = self.kv.snapshot()
         if snapshot is None:
             return
@@ -335,13 +412,26 @@ class LocalEngine(Engine):
         if self.memory.max_bytes:
             self.memory.put(key, snapshot)
         if key.disk is not None and key.disk.max_bytes:
-            disk, identity, kv = key.disk, self.kv.identity(), self.kv
-            self._background.submit(lambda: disk.write(identity, key.name, snapshot.ids,
-                                                       kv.dumps(snapshot), snapshot.canonical))
+            self._unwritten[key] = (snapshot, self.kv.identity())
+            self._writer.submit(partial(self._write_when_idle, key))
+
+    def _write_when_idle(self, key: CacheKey) -> None:
+        """Write ``key``'s newest snapshot file once no reply has started for a moment (or at
+        once when flushing)."""
+        while not self._writer.hurry and (self._lock.locked() or
+                                          time.monotonic() - self._last_reply < IDLE_S):
+            time.sleep(0.02)
+        entry = self._unwritten.pop(key, None)
+        if entry is None or key.disk is None:
+            return  # a newer task wrote it already
+        snapshot, identity = entry
+        key.disk.write(identity, key.name, snapshot.ids, self.kv.dumps(snapshot),
+                       snapshot.canonical)
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait for pending snapshot work (copies and file writes); False on timeout."""
-        return self._background.flush(timeout)
+        """Finish pending snapshot work now (copies and file writes); False on timeout."""
+        done = self._background.flush(timeout)  # checkpoints first: they queue file writes
+        return self._writer.flush(timeout, hurry=True) and done
 
     def reset_cache(self) -> None:
         """Forget the live cache and every snapshot in memory: the next reply evaluates its

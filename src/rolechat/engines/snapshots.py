@@ -412,6 +412,8 @@ class Background:
 
     def __init__(self, name: str = "rolechat-kv") -> None:
         self._name = name
+        #: Set while flushing: tasks that wait for a quiet moment should not wait.
+        self.hurry = False
         self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -435,14 +437,24 @@ class Background:
             finally:
                 self._tasks.task_done()
 
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every submitted task has run; False if ``timeout`` passed first."""
+    @property
+    def busy(self) -> bool:
+        return self._tasks.unfinished_tasks > 0
+
+    def flush(self, timeout: float = 60.0, *, hurry: bool = False) -> bool:
+        """Wait until every submitted task has run; False if ``timeout`` passed first. With
+        ``hurry``, tasks that wait for a quiet moment run at once."""
         deadline = time.monotonic() + timeout
-        while self._tasks.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        self.hurry = self.hurry or hurry
+        try:
+            while self._tasks.unfinished_tasks:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.005)
+            return True
+        finally:
+            if hurry:
+                self.hurry = False
 
 
 _LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
@@ -451,8 +463,14 @@ _LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
 @atexit.register
 def _flush_at_exit() -> None:
     """Finish writing snapshots before the process ends (bounded)."""
-    for background in list(_LIVE):
-        background.flush(timeout=30.0)
+    deadline = time.monotonic() + 30.0
+    try:
+        # One task may submit another (a checkpoint queues its file write): until all are idle.
+        while any(b.busy for b in list(_LIVE)) and time.monotonic() < deadline:
+            for background in list(_LIVE):
+                background.flush(timeout=max(0.0, deadline - time.monotonic()), hurry=True)
+    except KeyboardInterrupt:  # a second Ctrl-C: leave now; no file is ever half written
+        pass
 
 
 def iter_files(root: Path) -> Iterator[Path]:

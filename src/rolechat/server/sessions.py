@@ -4,48 +4,47 @@ Contract:
 - ``GET /v1/personas``: built-in and user personas.
 - ``POST /v1/conversations`` (201), ``GET /v1/conversations`` (newest first, the caller's own),
   ``GET /v1/conversations/{id}`` (with every message, interrupted ones included),
-  ``DELETE /v1/conversations/{id}``.
+  ``DELETE /v1/conversations/{id}`` (its KV snapshot files too).
 - ``POST /v1/conversations/{id}/messages``: one turn, JSON or SSE (``{"delta"}`` events, then
-  ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``). The
-  window always applies and is sticky per conversation: one :class:`~rolechat.chat.Chat` per
-  conversation stays in memory (a small LRU). Two requests to one conversation never
-  interleave (an :class:`asyncio.Lock` per conversation, held from planning until the reply is
-  recorded); generation goes through the server's one :class:`~rolechat.server.worker.Worker`.
-  A client that leaves mid-stream stops its generation and its message is stored
-  ``interrupted``.
+  ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
+  ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
+  not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
 - ``POST /v1/conversations/{id}/prompt``: a dry run (the exact prompt text and the window's
   plan); nothing is generated or stored.
-- With API keys, a conversation belongs to the key that created it (the store keeps the
-  key's SHA-256); another key's conversation is invisible (404 ``conversation_not_found``).
+- Each conversation is a :class:`~rolechat.saved.SavedChat` kept in a small LRU, so its window
+  stays sticky and its KV state warm. Two requests to one conversation never interleave: its
+  :class:`asyncio.Lock` is held from planning until the worker is done with the reply (it is
+  released by the job's end, whether or not the response ever streams). A client that leaves
+  mid-stream stops its generation and its message is stored ``interrupted``.
+- With API keys, a conversation belongs to the key that created it (the store keeps the key's
+  SHA-256); another key's conversation is invisible (404 ``conversation_not_found``).
+- Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import threading
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..chat import Chat
+from ..chat import Reply, ReplyStream
 from ..conversation import check_text
-from ..engines import Engine
-from ..engines.snapshots import CacheKey, DiskTier, conversation_snapshot
+from ..engines.snapshots import CacheKey, conversation_snapshot
 from ..errors import RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import load_personas
-from ..store import ConversationInfo, Store, StoreLog, open_chat
+from ..saved import SavedChat
+from ..store import ConversationInfo
 from ..window import check_room
-from .worker import Worker
+from .state import ServerState, state_of
+from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
+from .worker import Job, joined, reply_events
 
-#: Conversations whose Chat (and so whose sticky window) stays in memory.
-CHAT_CACHE_SIZE = 64
+router = APIRouter(prefix="/v1")
 
 
 class NewConversation(BaseModel):
@@ -59,6 +58,12 @@ class NewConversation(BaseModel):
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     content: str
+    stream: bool = False
+    params: dict[str, Any] | None = None
+
+
+class Retry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     stream: bool = False
     params: dict[str, Any] | None = None
 
@@ -77,16 +82,37 @@ class ConversationNotFound(UnknownName):
                                "List yours with GET /v1/conversations.")
 
 
-def owner_of(request: Request, keyed: bool) -> str | None:
-    """The caller's owner id: the SHA-256 of its bearer key (the middleware checked the key)."""
-    if not keyed:
-        return None
-    header = request.headers.get("authorization", "")
-    key = header[7:] if header[:7].lower() == "bearer " else ""
-    return hashlib.sha256(key.encode()).hexdigest()
+# ----- helpers ---------------------------------------------------------------------------------
+
+def owner_of(request: Request) -> str | None:
+    """The caller's owner id (None when the server has no keys; the middleware checked it)."""
+    return owner_id(bearer_key(request)) if state_of(request).keyed else None
 
 
-def conversation_body(store: Store, info: ConversationInfo, *,
+def owned(state: ServerState, cid: int, owner: str | None) -> ConversationInfo:
+    try:
+        return state.store.info(cid, owner=owner)
+    except RolechatError as exc:
+        if getattr(exc, "missing", False):
+            raise ConversationNotFound(cid) from None
+        raise
+
+
+def saved_chat(state: ServerState, cid: int, owner: str | None) -> SavedChat:
+    """The conversation's SavedChat (kept between requests: its window stays sticky)."""
+    owned(state, cid, owner)
+    return state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid,
+                                                         kv_disk=state.kv_disk))
+
+
+def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, Any]:
+    params = GenerationParams.from_mapping(data)
+    if "max_new_tokens" in params.explicit():
+        check_room(params, state.engine.context_length)
+    return params.explicit()
+
+
+def conversation_body(state: ServerState, info: ConversationInfo, *,
                       messages: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {"id": info.id, "title": info.title, "persona": info.persona,
                             "system": info.system, "params": info.params,
@@ -95,190 +121,154 @@ def conversation_body(store: Store, info: ConversationInfo, *,
     if messages:
         body["messages"] = [{"role": m.role, "content": m.content, "status": m.status,
                              "tokens": m.tokens, "usage": m.usage}
-                            for m in store.messages(info.id)]
+                            for m in state.store.messages(info.id)]
     return body
 
 
-def _params(data: dict[str, Any] | None, engine: Engine) -> GenerationParams:
-    params = GenerationParams.from_mapping(data)
-    if "max_new_tokens" in params.explicit():
-        check_room(params, engine.context_length)
-    return params
+# ----- routes ----------------------------------------------------------------------------------
+
+@router.get("/personas")
+def personas() -> dict[str, Any]:
+    found, _broken = load_personas()
+    return {"object": "list",
+            "data": [{"name": p.name, "description": p.description, "system": p.system,
+                      "params": p.params.explicit()} for p in found.values()]}
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+@router.post("/conversations", status_code=201)
+def create(body: NewConversation, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    params = GenerationParams.from_mapping(overrides_of(state, body.params))
+    saved = SavedChat.new(state.engine, store=state.store, persona=body.persona,
+                          system=body.system, params=params, title=body.title,
+                          owner=owner_of(request), kv_disk=state.kv_disk, lazy=False)
+    assert saved.cid is not None
+    state.chats.put(saved.cid, saved)
+    return conversation_body(state, state.store.info(saved.cid))
 
 
-def sessions_router(engine: Engine, store: Store, worker: Worker, *,
-                    keyed: bool, kv_disk: DiskTier | None = None) -> APIRouter:
-    router = APIRouter(prefix="/v1")
-    chats: OrderedDict[int, Chat] = OrderedDict()
-    chats_guard = threading.Lock()
-    locks: dict[int, asyncio.Lock] = {}
-
-    def lock_of(cid: int) -> asyncio.Lock:
-        return locks.setdefault(cid, asyncio.Lock())
-
-    def owned(cid: int, owner: str | None) -> ConversationInfo:
-        try:
-            return store.info(cid, owner=owner)
-        except RolechatError as exc:
-            if getattr(exc, "missing", False):
-                raise ConversationNotFound(cid) from None
-            raise
-
-    def chat_of(cid: int, owner: str | None) -> Chat:
-        """The conversation's Chat (kept between requests so its window stays sticky)."""
-        owned(cid, owner)
-        with chats_guard:
-            chat = chats.get(cid)
-            if chat is not None:
-                chats.move_to_end(cid)
-                return chat
-        chat = open_chat(store, engine, cid=cid, kv_disk=kv_disk)
-        with chats_guard:
-            chats[cid] = chat
-            while len(chats) > CHAT_CACHE_SIZE:
-                chats.popitem(last=False)
-        return chat
-
-    def forget(cid: int) -> None:
-        with chats_guard:
-            chats.pop(cid, None)
-
-    @router.get("/personas")
-    def personas() -> dict[str, Any]:
-        found, _broken = load_personas()
-        return {"object": "list",
-                "data": [{"name": p.name, "description": p.description, "system": p.system,
-                          "params": p.params.explicit()} for p in found.values()]}
-
-    @router.post("/conversations", status_code=201)
-    def create(body: NewConversation, request: Request) -> dict[str, Any]:
-        params = _params(body.params, engine)
-        chat = open_chat(store, engine, persona=body.persona, system=body.system,
-                         params=params, title=body.title, owner=owner_of(request, keyed),
-                         kv_disk=kv_disk)
-        assert isinstance(chat.log, StoreLog)
-        cid = chat.log.cid
-        with chats_guard:
-            chats[cid] = chat
-            while len(chats) > CHAT_CACHE_SIZE:
-                chats.popitem(last=False)
-        return conversation_body(store, store.info(cid))
-
-    @router.get("/conversations")
-    def listing(request: Request) -> dict[str, Any]:
-        infos = store.recent(1000, owner=owner_of(request, keyed))
-        return {"object": "list",
-                "data": [conversation_body(store, info, messages=False) for info in infos]}
-
-    @router.get("/conversations/{cid}")
-    def get(cid: int, request: Request) -> dict[str, Any]:
-        return conversation_body(store, owned(cid, owner_of(request, keyed)))
-
-    @router.delete("/conversations/{cid}")
-    async def delete(cid: int, request: Request) -> dict[str, Any]:
-        owner = owner_of(request, keyed)
-        await asyncio.to_thread(owned, cid, owner)
-        async with lock_of(cid):  # not under a reply that is being written
-            await asyncio.to_thread(owned, cid, owner)
-            forget(cid)
-            await asyncio.to_thread(store.delete, cid)  # its snapshot files too
-            key = CacheKey(conversation_snapshot(cid), kv_disk)
-            await asyncio.to_thread(engine.forget, key)
-        locks.pop(cid, None)
-        return {"id": cid, "deleted": True}
-
-    @router.post("/conversations/{cid}/prompt")
-    async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, Any]:
-        owner = owner_of(request, keyed)
-        text = check_text(body.content, "content")
-        await asyncio.to_thread(owned, cid, owner)
-        async with lock_of(cid):
-            chat = await asyncio.to_thread(chat_of, cid, owner)
-            plan = await asyncio.to_thread(chat.plan, text)
-            rendered = await asyncio.to_thread(engine.render, plan.messages)
-        return {"prompt": rendered,
-                "plan": {"dropped_turns": plan.dropped, "kept_turns": plan.kept,
-                         "prompt_tokens": plan.prompt_tokens, "budget": plan.budget,
-                         "context_length": plan.context_length,
-                         "max_new_tokens": plan.max_new_tokens}}
-
-    @router.post("/conversations/{cid}/messages", response_model=None)
-    async def message(cid: int, body: NewMessage, request: Request) -> Any:
-        from .app import rolechat_body, usage_body
-
-        owner = owner_of(request, keyed)
-        text = check_text(body.content, "content")
-        overrides = _params(body.params, engine).explicit()
-        await asyncio.to_thread(owned, cid, owner)
-        lock = lock_of(cid)
-
-        if not body.stream:
-            async with lock:
-                chat = await asyncio.to_thread(chat_of, cid, owner)
-                await asyncio.to_thread(chat.plan, text, **overrides)  # validate first
-                job, chunks = await worker.submit(lambda: chat.stream(text, **overrides))
-                parts = [chunk async for chunk in chunks]
-                reply = job.reply
-            if reply is None:
-                return JSONResponse({"error": {"message": "The reply was interrupted.",
-                                               "type": "server_error", "param": None,
-                                               "code": None}}, status_code=500)
-            return {"message": {"role": "assistant", "content": "".join(parts)},
-                    "finish_reason": reply.finish_reason, "usage": usage_body(reply),
-                    "rolechat": rolechat_body(reply.plan, reply)}
-
-        # Errors found before anything is generated get their HTTP status.
-        async with lock:
-            chat = await asyncio.to_thread(chat_of, cid, owner)
-            await asyncio.to_thread(chat.plan, text, **overrides)
-
-        async def sse() -> AsyncIterator[str]:
-            # The lock is taken here, not in the handler: a response that never starts
-            # streaming must not leave the conversation locked.
-            async with lock:
-                try:
-                    current = await asyncio.to_thread(chat_of, cid, owner)
-                    job, chunks = await worker.submit(lambda: current.stream(text, **overrides))
-                except RolechatError as exc:
-                    yield _error(exc)
-                    return
-                parts: list[str] = []
-                try:
-                    async for chunk in chunks:
-                        if await request.is_disconnected():
-                            return
-                        parts.append(chunk)
-                        yield _sse({"delta": chunk})
-                except RolechatError as exc:
-                    yield _error(exc)
-                    return
-                except Exception as exc:
-                    yield _sse({"error": {"message": str(exc), "type": "server_error",
-                                          "param": None, "code": None}})
-                    return
-                finally:
-                    close = getattr(chunks, "aclose", None)
-                    if close is not None:
-                        await close()  # a client that left stops its generation now
-                reply = job.reply
-            if reply is None:
-                return
-            yield _sse({"done": True, "message": {"role": "assistant", "content": "".join(parts)},
-                        "finish_reason": reply.finish_reason, "usage": usage_body(reply),
-                        "rolechat": rolechat_body(reply.plan, reply)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    return router
+@router.get("/conversations")
+def listing(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    infos = state.store.recent(1000, owner=owner_of(request))
+    return {"object": "list",
+            "data": [conversation_body(state, info, messages=False) for info in infos]}
 
 
-def _error(exc: RolechatError) -> str:
-    from .app import error_response
+@router.get("/conversations/{cid}")
+def get(cid: int, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return conversation_body(state, owned(state, cid, owner_of(request)))
 
-    return f"data: {bytes(error_response(exc).body).decode()}\n\n"
+
+@router.delete("/conversations/{cid}")
+async def delete(cid: int, request: Request) -> dict[str, Any]:
+    state, owner = state_of(request), owner_of(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with state.lock_of(cid):  # not under a reply that is being written
+        await asyncio.to_thread(owned, state, cid, owner)
+        state.chats.pop(cid)
+        await asyncio.to_thread(state.store.delete, cid)  # its snapshot files too
+        key = CacheKey(conversation_snapshot(cid), state.kv_disk)
+        await asyncio.to_thread(state.engine.forget, key)
+    state.locks.pop(cid, None)
+    return {"id": cid, "deleted": True}
+
+
+@router.post("/conversations/{cid}/prompt")
+async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, Any]:
+    state, owner = state_of(request), owner_of(request)
+    text = check_text(body.content, "content")
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with state.lock_of(cid):
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        plan = await asyncio.to_thread(saved.plan, text)
+        rendered = await asyncio.to_thread(state.engine.render, plan.messages)
+    return {"prompt": rendered, "plan": plan_body(plan)}
+
+
+@router.post("/conversations/{cid}/undo")
+async def undo(cid: int, request: Request) -> dict[str, Any]:
+    state, owner = state_of(request), owner_of(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with state.lock_of(cid):
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        turn = await asyncio.to_thread(saved.undo)
+        info = await asyncio.to_thread(owned, state, cid, owner)
+    removed = None if turn is None else {"user": turn.user, "assistant": turn.assistant}
+    return {"removed": removed, "conversation": conversation_body(state, info)}
+
+
+@router.post("/conversations/{cid}/messages", response_model=None)
+async def message(cid: int, body: NewMessage, request: Request) -> Any:
+    state = state_of(request)
+    text = check_text(body.content, "content")
+    overrides = overrides_of(state, body.params)
+    return await reply(request, cid, body.stream, lambda saved: saved.stream(text, **overrides))
+
+
+@router.post("/conversations/{cid}/retry", response_model=None)
+async def retry(cid: int, body: Retry, request: Request) -> Any:
+    overrides = overrides_of(state_of(request), body.params)
+    return await reply(request, cid, body.stream, lambda saved: saved.retry(**overrides))
+
+
+async def reply(request: Request, cid: int, stream: bool,
+                start: Callable[[SavedChat], ReplyStream]) -> Any:
+    """Start a reply under the conversation's lock (errors found before generating get their
+    HTTP status), hand it to the worker, and answer with JSON or SSE."""
+    state, owner = state_of(request), owner_of(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    lock = state.lock_of(cid)
+    await lock.acquire()
+    try:
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        replying = await asyncio.to_thread(start, saved)
+        job, chunks = await state.worker.submit(lambda: replying)
+    except BaseException:
+        lock.release()
+        raise
+    asyncio.get_running_loop().create_task(release_when_finished(lock, job))
+    events = reply_events(job, chunks)
+    if not stream:
+        text, done = await joined(events)
+        if done is None:
+            raise RolechatError("The reply was interrupted.", "Try again.")
+        return done_body(text, done)
+    return StreamingResponse(session_stream(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
+    await job.finished.wait()
+    lock.release()
+
+
+def done_body(text: str, reply: Reply) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text},
+            "finish_reason": reply.finish_reason, "usage": usage_body(reply),
+            "rolechat": rolechat_body(reply.plan, reply)}
+
+
+async def session_stream(events: AsyncGenerator[str | Reply, None]) -> AsyncIterator[str]:
+    parts: list[str] = []
+    reply: Reply | None = None
+    try:
+        async for item in events:
+            if isinstance(item, Reply):
+                reply = item
+            else:
+                parts.append(item)
+                yield sse({"delta": item})
+    except RolechatError as exc:
+        yield sse_error(exc)
+        return
+    except Exception as exc:
+        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                             "code": None}})
+        return
+    finally:
+        await events.aclose()  # a client that left stops its generation now
+    if reply is not None:
+        yield sse({"done": True, **done_body("".join(parts), reply)})
+        yield DONE

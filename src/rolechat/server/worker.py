@@ -2,7 +2,8 @@
 
 Contract: :meth:`Worker.submit` queues a job (a function that returns a
 :class:`~rolechat.chat.ReplyStream`) and returns an async iterator of its text chunks; the
-reply is available on the job when the iterator ends. One daemon thread runs the jobs in
+reply is available on the job when the iterator ends, and ``job.finished`` is set once the
+worker is done with it (completed, failed or cancelled). One daemon thread runs the jobs in
 order, so no async handler ever iterates a blocking generator. Cancelling a job (the client
 went away) closes its stream at the next token, which frees the engine within a token's time
 and leaves the conversation as it was.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,16 @@ class Job:
     loop: asyncio.AbstractEventLoop
     chunks: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Set (on the event loop) once the worker is done with the job, however it ended.
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     reply: Reply | None = None
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
+
+    def finish(self) -> None:
+        self.put(_DONE)
+        self.loop.call_soon_threadsafe(self.finished.set)
 
 
 class Worker:
@@ -44,7 +51,7 @@ class Worker:
         while True:
             job = self._jobs.get()
             if job.cancelled.is_set():
-                job.put(_DONE)
+                job.finish()
                 continue
             try:
                 with job.start() as stream:
@@ -55,7 +62,7 @@ class Worker:
                     job.reply = stream.reply
             except BaseException as exc:  # handed to the request that asked
                 job.put(exc)
-            job.put(_DONE)
+            job.finish()
 
     async def submit(self, start: Callable[[], ReplyStream]) -> tuple[Job, AsyncIterator[str]]:
         job = Job(start, asyncio.get_running_loop())
@@ -74,3 +81,30 @@ class Worker:
                 job.cancelled.set()  # a client that left stops its generation
 
         return job, chunks()
+
+
+async def reply_events(job: Job,
+                       chunks: AsyncIterator[str]) -> AsyncGenerator[str | Reply, None]:
+    """A job's text chunks, then its :class:`Reply` (none if it did not complete). Closing
+    this iterator early (the client left) stops the generation at the next token."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+    if job.reply is not None:
+        yield job.reply
+
+
+async def joined(events: AsyncIterator[str | Reply]) -> tuple[str, Reply | None]:
+    """The whole text and the reply: what a non-streaming response sends."""
+    parts: list[str] = []
+    reply: Reply | None = None
+    async for item in events:
+        if isinstance(item, Reply):
+            reply = item
+        else:
+            parts.append(item)
+    return "".join(parts), reply

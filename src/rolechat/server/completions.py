@@ -1,0 +1,186 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models`` and
+``GET /v1/status``.
+
+Contract:
+- ``/v1/chat/completions`` takes the OpenAI request (:class:`ChatRequest`); it uses exactly the
+  request's messages and parameters — no persona file applies unless the request names one
+  (``"rolechat": {"persona": "expert"}``). Streaming sends OpenAI chunks (with
+  ``stream_options.include_usage``); the non-streaming response is a join over the same
+  events. A prompt that does not fit gets ``context_length_exceeded``, unless the request opts
+  in to the window (``"rolechat": {"window": true}``): then whole turns are dropped, oldest
+  first, and the response says which.
+- ``/v1/models`` lists the one model served; ``/v1/status`` shows the engine and what it keeps
+  warm (live KV cache, snapshots in memory and on disk).
+- Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..chat import Chat, Reply, ReplyStream
+from ..conversation import Conversation
+from ..errors import ContextOverflow, InvalidInput, RolechatError, UnknownName
+from ..params import GenerationParams
+from ..persona import Persona, get_persona
+from ..window import Window
+from .state import ServerState, state_of
+from .wire import DONE, rolechat_body, sse, sse_error, usage_body
+from .worker import joined, reply_events
+
+router = APIRouter(prefix="/v1")
+
+#: A stateless request's role when it names no persona: nothing but its own messages.
+NO_PERSONA = Persona("none", "", "Only what the request says.")
+
+
+class RolechatOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Drop the oldest whole turns when the conversation does not fit (instead of an error).
+    window: bool = False
+    #: A persona whose parameters (and system prompt, if the messages have none) apply.
+    persona: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions body (the fields rolechat honours; others are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[Any]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    repetition_penalty: float | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    rolechat: RolechatOptions = Field(default_factory=RolechatOptions)
+
+    def params(self) -> GenerationParams:
+        return GenerationParams.from_mapping({
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "seed": self.seed, "stop": self.stop, "repetition_penalty": self.repetition_penalty})
+
+
+def model_id(engine_model: str) -> str:
+    return Path(engine_model).name or engine_model
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
+                                        "owned_by": "rolechat",
+                                        "context_length": state.engine.context_length}]}
+
+
+@router.get("/status")
+async def status(request: Request) -> dict[str, Any]:
+    """The model and what is kept warm: the live KV cache, snapshots in memory and on disk
+    (counts, bytes, budgets, hits, evictions)."""
+    state = state_of(request)
+    kv = await asyncio.to_thread(state.engine.kv_stats)
+    if kv is not None:
+        disk = state.kv_disk
+        kv = {**kv, "disk": await asyncio.to_thread(disk.stats) if disk is not None else None}
+    return {"object": "status", "model": state.model_id, "engine": state.engine.describe(),
+            "kv_cache": kv}
+
+
+def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
+    """Validate, plan and start the reply (blocking work: tokenization), before anything is
+    generated: every error here gets its HTTP status."""
+    engine = state.engine
+    if body.model not in (None, state.model_id, engine.model):
+        raise UnknownName("model", body.model, [state.model_id])
+    conversation = Conversation.from_openai(body.messages)
+    text = conversation.pending
+    if text is None:
+        raise InvalidInput("The last message must be a user message.",
+                           "End messages with {\"role\": \"user\", ...}.", field="messages")
+    conversation.messages.pop()
+    persona = NO_PERSONA if body.rolechat.persona is None else get_persona(body.rolechat.persona)
+    if conversation.system is None and persona.system:
+        conversation.system = persona.system
+    # The server is stateless: drop no more than needed (no low-water mark).
+    chat = Chat(engine, persona=persona, params=body.params(), conversation=conversation,
+                window=Window(low_water=1.0))
+    plan = chat.plan(text)
+    if plan.dropped and not body.rolechat.window:
+        full = engine.count_tokens(conversation.prompt_messages(text))
+        raise ContextOverflow(prompt_tokens=full, available_tokens=plan.budget,
+                              context_length=engine.context_length,
+                              max_new_tokens=chat.params.max_new_tokens)
+    return chat.stream(text), chat
+
+
+@router.post("/chat/completions", response_model=None)
+async def completions(body: ChatRequest, request: Request) -> Any:
+    state = state_of(request)
+    stream, _ = await asyncio.to_thread(start, state, body)
+    job, chunks = await state.worker.submit(lambda: stream)
+    events = reply_events(job, chunks)
+    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": ident, "created": created, "model": state.model_id}
+    if not body.stream:
+        text, reply = await joined(events)
+        if reply is None:
+            raise RolechatError("The reply was interrupted.", "Try again.")
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": None,
+                             "message": {"role": "assistant", "content": text,
+                                         "refusal": None}}],
+                "usage": usage_body(reply), "rolechat": rolechat_body(reply.plan, reply)}
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(openai_stream(head, events, usage),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def openai_stream(head: dict[str, Any], events: AsyncGenerator[str | Reply, None],
+                        include_usage: bool) -> AsyncIterator[str]:
+    """The events of one reply as OpenAI ``chat.completion.chunk`` frames."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return sse({**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+    yield chunk({"role": "assistant", "content": ""})
+    reply: Reply | None = None
+    try:
+        async for item in events:
+            if isinstance(item, Reply):
+                reply = item
+            else:
+                yield chunk({"content": item})
+    except RolechatError as exc:
+        yield sse_error(exc)
+        return
+    finally:
+        await events.aclose()  # a client that left stops its generation now
+    if reply is None:
+        return
+    yield chunk({}, reply.finish_reason, rolechat=rolechat_body(reply.plan, reply))
+    if include_usage:
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                   "usage": usage_body(reply)})
+    yield DONE

@@ -56,11 +56,18 @@ class ReplyStream(Iterator[str]):
 
     def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams) -> None:
         self._chat, self._text, self._plan = chat, text, plan
-        self._generation: Generation = chat.engine.stream(
-            plan.messages, params, prompt_ids=plan.prompt_ids, cache_key=chat.cache_key)
         self.reply: Reply | None = None
+        # The log first: a saved chat creates its conversation now, and with it the cache key.
         self._handle = chat.log.started(text, plan) if chat.log is not None else None
         self._open = True
+        try:
+            self._generation: Generation = chat.engine.stream(
+                plan.messages, params, prompt_ids=plan.prompt_ids, cache_key=chat.cache_key)
+        except BaseException:
+            self._open = False
+            if chat.log is not None:
+                chat.log.failed(self._handle)
+            raise
 
     def __next__(self) -> str:
         try:
@@ -82,7 +89,9 @@ class ReplyStream(Iterator[str]):
 
     def close(self) -> None:
         """Stop now; the conversation is left as it was before this reply."""
-        self._generation.close()
+        generation = getattr(self, "_generation", None)
+        if generation is not None:
+            generation.close()
         if self._open:
             self._open = False
             if self._chat.log is not None:

@@ -25,10 +25,19 @@ ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 
 
 def check_text(value: Any, what: str, *, allow_blank: bool = False) -> str:
-    """Return ``value`` if it is a usable message text, else raise InvalidInput."""
+    """Return ``value`` if it is a usable message text, else raise InvalidInput. This is the
+    one text check: every way text comes in (library, CLI, HTTP) goes through it."""
     if not isinstance(value, str):
         raise InvalidInput(f"The {what} must be a string, got {type(value).__name__}.",
                            "Pass text (str).", field=what)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise InvalidInput(f"The {what} is not valid text: it holds a lone surrogate "
+                           f"(U+{ord(bad):04X}) at character {exc.start}, which UTF-8 cannot "
+                           "encode (often the trace of bytes that were not UTF-8).",
+                           "Send UTF-8 text.", field=what) from None
     if not allow_blank and not value.strip():
         raise InvalidInput(f"The {what} is empty.", "Type some text to send.", field=what)
     return value

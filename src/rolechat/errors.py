@@ -33,15 +33,17 @@ class InvalidInput(RolechatError, ValueError):
 
 
 class InvalidParams(RolechatError, ValueError):
-    """A generation parameter is unknown or out of range."""
+    """A generation parameter (or another option: ``what`` says which kind) is unknown or out
+    of range."""
 
     exit_code = 2
 
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
+    def __init__(self, problems: list[tuple[str, str]], *,
+                 what: str = "generation parameters") -> None:
         #: ``[(field, what is wrong), ...]``
         self.problems = problems
         text = "; ".join(f"{field}: {why}" for field, why in problems)
-        super().__init__(f"Invalid generation parameters: {text}.", "Fix the value and try again.")
+        super().__init__(f"Invalid {what}: {text}.", "Fix the value and try again.")
 
 
 class ContextOverflow(RolechatError):

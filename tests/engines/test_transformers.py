@@ -23,6 +23,7 @@ from rolechat import (
     Conversation,
     GenerationParams,
     InvalidInput,
+    InvalidParams,
     Message,
     ModelLoadError,
     UnknownName,
@@ -161,12 +162,14 @@ def test_stops_at_the_end_of_turn(smol: TransformersEngine) -> None:
     assert "Paris" in reply.text
     assert "<|im_end|>" not in reply.text and "<|im_start|>" not in reply.text
     assert reply.usage.ttft_s > 0 and reply.usage.tokens_per_s > 0
-    # The engine's cache holds the prompt and every generated token but the end-of-turn one:
-    # the streamed text is exactly what the tokenizer decodes from those tokens.
+    # The engine's cache holds the prompt and every generated token but the end-of-turn one,
+    # then the next turn's template text (evaluated ahead by the checkpoint): the streamed text
+    # is exactly what the tokenizer decodes from the generated tokens.
     smol.flush()
-    generated = smol.kv.held[reply.usage.prompt_tokens:]
-    assert len(generated) == reply.usage.generated_tokens - 1
+    start, count = reply.usage.prompt_tokens, reply.usage.generated_tokens - 1
+    generated = smol.kv.held[start:start + count]
     assert smol.tokenizer.decode(generated, skip_special_tokens=True) == reply.text
+    assert smol.kv.held[start + count:] == smol.turn_header()  # <|im_end|>\n<|im_start|>user\n
 
 
 def test_streaming_chinese_gives_whole_characters(smol: TransformersEngine) -> None:
@@ -297,8 +300,15 @@ def test_modelscope_hub_needs_its_extra() -> None:
 
 
 def test_unknown_dtype(tiny_folder: Path) -> None:
-    with pytest.raises(UnknownName, match="Valid dtypes: auto, bfloat16, float16, float32"):
+    with pytest.raises(InvalidParams, match=r"transformers engine options: dtype: .*'auto', "
+                                            r"'bfloat16', 'float16' or 'float32'"):
         load_engine(tiny_folder, dtype="float8")
+
+
+def test_an_option_of_another_engine_is_refused(tiny_folder: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"n_gpu_layers only applies to the llama\.cpp "
+                                           r"engine, not transformers"):
+        load_engine(tiny_folder, n_gpu_layers=3)
 
 
 def test_fast_decode_needs_cuda(tiny: TransformersEngine) -> None:

@@ -190,3 +190,35 @@ def test_api_key_prompt(tmp_path: Path, browser: Any) -> None:
         page.wait_for_selector("body[data-ready='1']")
         assert page.is_hidden("#key-box")
         context.close()
+
+
+def test_undo_and_retry_buttons(server: str, page: Any) -> None:
+    cid = api(server, "POST", "/conversations",
+              json={"params": {"temperature": 0.9, "max_new_tokens": 12}})["id"]
+    for text in ("First question?", "Second question?"):
+        api(server, "POST", f"/conversations/{cid}/messages", json={"content": text})
+    load(page, f"{server}/#c={cid}")
+    page.wait_for_selector(".msg.assistant")
+    assert page.locator(".msg.assistant").count() == 2
+    assert page.is_enabled("#undo") and page.is_enabled("#retry")
+
+    # Retry: the last reply is generated again, in place, with its usage line.
+    before = api(server, "GET", f"/conversations/{cid}")["messages"][-1]["content"]
+    page.click("#retry")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .usage').length === 2 "
+                           "&& !document.querySelector('.msg.streaming')")
+    stored = api(server, "GET", f"/conversations/{cid}")
+    assert stored["turns"] == 2
+    assert page.locator(".msg.assistant").count() == 2
+    last = page.locator(".msg.assistant .content").last.text_content()
+    assert last == stored["messages"][-1]["content"]
+    assert isinstance(before, str)
+
+    # Undo: the last turn goes, on the page and in the store.
+    page.click("#undo")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 1")
+    assert api(server, "GET", f"/conversations/{cid}")["turns"] == 1
+    assert page.text_content(".msg.user .content") == "First question?"
+    page.click("#undo")
+    page.wait_for_function("document.querySelectorAll('.msg').length === 0")
+    assert page.is_disabled("#undo") and page.is_disabled("#retry")

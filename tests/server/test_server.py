@@ -192,3 +192,27 @@ def test_a_body_that_is_not_json_says_so(server: str) -> None:
                                    "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 400
     assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_stateless_requests_use_no_persona_file_unless_named(tmp_path) -> None:
+    home = tmp_path / "home"
+    (home / "personas").mkdir(parents=True)
+    (home / "personas" / "concise.toml").write_text(
+        'system = "Answer in one word."\n[params]\nmax_new_tokens = 2\n', encoding="utf-8")
+    with rolechat_serve(home) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Tell me about the sea."}]
+        plain = client.chat.completions.create(model=model_of(client), messages=messages,
+                                               temperature=0)
+        assert plain.usage is not None and plain.usage.completion_tokens > 2
+        named = client.chat.completions.create(model=model_of(client), messages=messages,
+                                               temperature=0,
+                                               extra_body={"rolechat": {"persona": "concise"}})
+        assert named.usage is not None and named.usage.completion_tokens == 2
+        # The persona's system prompt was used: the same prompt as sending it as a message.
+        explicit = client.chat.completions.create(
+            model=model_of(client), temperature=0, max_tokens=2,
+            messages=[{"role": "system", "content": "Answer in one word."}, *messages])
+        assert explicit.usage is not None
+        assert named.usage.prompt_tokens == explicit.usage.prompt_tokens
+        assert named.choices[0].message.content == explicit.choices[0].message.content

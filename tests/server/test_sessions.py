@@ -146,6 +146,52 @@ def test_streaming_message(c1: httpx.Client) -> None:
     assert stored[1]["content"] == done["message"]["content"]
 
 
+def test_undo_and_retry(c1: httpx.Client, c2: httpx.Client) -> None:
+    cid = new(c1, params={"temperature": 0.9, "max_new_tokens": 12})["id"]
+    send(c1, cid, "First question?")
+    second = send(c1, cid, "Second question?")
+    stored = c1.get(f"/conversations/{cid}").json()["messages"]
+
+    # Retry: the last reply again, stored in place of the old one.
+    again = c1.post(f"/conversations/{cid}/retry", json={})
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["message"]["content"] and body["rolechat"]["kept_turns"] == [0]
+    got = c1.get(f"/conversations/{cid}").json()
+    assert got["turns"] == 2
+    assert [m["content"] for m in got["messages"][:3]] == [m["content"] for m in stored[:3]]
+    assert got["messages"][-1]["content"] == body["message"]["content"]
+    assert got["messages"][-1]["status"] == "complete" and second  # replaced, not appended
+
+    # Retry, streamed, cut off by the client: the previous reply stays.
+    with c1.stream("POST", f"/conversations/{cid}/retry",
+                   json={"stream": True, "params": {"max_new_tokens": 200}}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {\"delta\""):
+                break  # leave mid-stream
+    deadline = time.monotonic() + 30
+    while True:  # the server notices the client left, and puts the old turn back
+        kept = c1.get(f"/conversations/{cid}").json()
+        contents = [m["content"] for m in kept["messages"] if m["status"] == "complete"]
+        if kept["turns"] == 2 and contents[-1] == body["message"]["content"]:
+            break
+        assert time.monotonic() < deadline, kept
+        time.sleep(0.2)
+
+    # Undo: the last turn goes.
+    undone = c1.post(f"/conversations/{cid}/undo", json={}).json()
+    assert undone["removed"]["user"] == "Second question?"
+    assert undone["conversation"]["turns"] == 1
+    assert c1.post(f"/conversations/{cid}/undo", json={}).json()["conversation"]["turns"] == 0
+    assert c1.post(f"/conversations/{cid}/undo", json={}).json()["removed"] is None
+    nothing = c1.post(f"/conversations/{cid}/retry", json={})
+    assert nothing.status_code == 400 and "no turn to retry" in nothing.json()["error"]["message"]
+    # Another key sees none of it.
+    assert c2.post(f"/conversations/{cid}/undo", json={}).status_code == 404
+    assert c2.post(f"/conversations/{cid}/retry", json={}).status_code == 404
+
+
 def test_window_drops_whole_turns_and_loses_nothing(c1: httpx.Client) -> None:
     cid = new(c1, system="Be brief.", params={"temperature": 0, "max_new_tokens": 48})["id"]
     dropped_seen: list[int] = []

@@ -14,6 +14,7 @@ from . import cli
 from .options import (
     err_console,
     generation_options,
+    kv_disk_option,
     model_options,
     open_chat,
     persona_options,
@@ -28,6 +29,7 @@ from .options import (
 @store_options
 @generation_options
 @model_options
+@kv_disk_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: response, usage, finish_reason, window.")
 @click.option("--usage", "show_usage", is_flag=True, help="Print token usage and speed to stderr.")

@@ -10,6 +10,7 @@ from ..paths import home_dir
 from . import cli
 from .options import (
     generation_options,
+    kv_disk_option,
     model_options,
     open_chat,
     persona_options,
@@ -23,6 +24,7 @@ from .repl import run
 @store_options
 @generation_options
 @model_options
+@kv_disk_option
 def chat(**options: Any) -> None:
     """Chat interactively; every turn is saved. Type /help for the slash commands, Ctrl-D to
     leave; `rolechat chat -c` picks up where you left off."""

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from ..engines import ENGINES, Engine, engine_for, load_engine
+from ..engines import Engine, load_engine
+from ..engines.options import ENGINES, OPTIONS, check_options, engine_for, takers
 from ..engines.snapshots import (
     DEFAULT_DISK_BYTES,
-    DEFAULT_RAM_BYTES,
     DiskTier,
     format_size,
     parse_size,
@@ -73,49 +73,76 @@ def params_from(options: dict[str, Any]) -> GenerationParams:
     return GenerationParams(**given)
 
 
+#: Engine options whose flag is not ``--`` + the option's name.
+FLAG_NAMES = {"n_threads": "--threads"}
+
+
+def engine_fields() -> dict[str, Any]:
+    """Every engine option (pydantic field info), in a stable order: shared ones first."""
+    fields: dict[str, Any] = {}
+    for schema in OPTIONS.values():
+        for name, info in schema.model_fields.items():
+            fields.setdefault(name, info)
+    return fields
+
+
+def flag_of(option: str, api_key_flag: str = "--api-key") -> str:
+    if option == "api_key":
+        return api_key_flag
+    return FLAG_NAMES.get(option) or "--" + option.replace("_", "-")
+
+
+def _engine_flag(name: str, info: Any, api_key_flag: str) -> Callable[[F], F]:
+    flag = flag_of(name, api_key_flag)
+    engines = takers(name)
+    prefix = "" if len(engines) == len(OPTIONS) else " and ".join(engines) + ": "
+    default = info.default
+    shown = format_size(default) if name == "kv_cache_ram" else default
+    description = info.description or ""
+    help_text = prefix + (description[:1].lower() + description[1:] if prefix else description)
+    if default is not None and not info.is_required() and name not in (
+            "context_length", "n_threads"):
+        help_text += f" [default: {shown}]"
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if name == "kv_cache_ram":
+        kind: Any = SIZE
+    elif typing.get_origin(annotation) is typing.Literal:
+        kind = click.Choice(typing.get_args(annotation))
+    else:
+        kind = args[0]
+    if kind is bool:
+        negative = "--no-" + flag[2:]
+        return click.option(f"{flag}/{negative}", name, default=None, help=help_text)
+    return click.option(flag, name, type=kind, default=None, help=help_text)
+
+
 def model_options(func: F, *, api_key_flag: str = "--api-key") -> F:
-    """The engine flags. ``rolechat serve`` names the remote engine's key ``--remote-api-key``:
-    there ``--api-key`` is the key clients must present."""
+    """The engine flags, one per engine option (:mod:`rolechat.engines.options`). ``rolechat
+    serve`` names the remote engine's key ``--remote-api-key``: there ``--api-key`` is the key
+    clients must present."""
     decorators = [
         click.option("--model", "-m", "model", type=str, default=None,
                      help="A .gguf file, a Hugging Face / ModelScope model folder, or with "
                           "--hub a model id (default: the embedded SmolLM2-135M-Instruct)."),
         click.option("--engine", type=click.Choice(ENGINES), default=None,
-                     help="Engine (default: llama.cpp for .gguf, transformers for a folder)."),
+                     help="Engine (default: llama.cpp for .gguf, transformers for a folder, "
+                          "openai with --base-url)."),
         click.option("--hub", type=click.Choice(HUBS), default=None,
                      help="Download --model by id from this hub (transformers engine)."),
-        click.option("--device", default=None,
-                     help="transformers: cpu, cuda, cuda:N or auto [default: auto]."),
-        click.option("--dtype", default=None,
-                     help="transformers: auto, bfloat16, float16 or float32 [default: auto]."),
-        click.option("--fast-decode/--no-fast-decode", default=None,
-                     help="transformers: static KV cache + CUDA graphs [default: on with "
-                          "CUDA]."),
-        click.option("--context-length", type=click.IntRange(min=16), default=None,
-                     help="Context length in tokens (default: the model's trained context, "
-                          "capped at 32768)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads (default: all physical cores)."),
-        click.option("--chat-template", default=None,
-                     help="Override the model's chat template (Jinja text or a file)."),
-        click.option("--base-url", default=None,
-                     help="openai: the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
-                          "(implies --engine openai; --model is the served model name)."),
-        click.option(api_key_flag, "api_key", default=None,
-                     help="openai: the server's API key [default: $OPENAI_API_KEY, or none]."),
-        click.option("--tokenizer", default=None,
-                     help="openai: a .gguf file or tokenizer folder, for exact token counts "
-                          "(default: a safe estimate)."),
-        click.option("--kv-cache-ram", type=SIZE, default=None,
-                     help="Keep conversations' KV state warm in this much RAM, e.g. 512MB "
-                          f"or 0 for none [default: {format_size(DEFAULT_RAM_BYTES)}]."),
-        click.option("--kv-cache-disk", type=SIZE, default=None,
-                     help="Keep saved conversations' KV state in files beside the store, up "
-                          f"to this size (0: none) [default: {format_size(DEFAULT_DISK_BYTES)}]."),
+        *(_engine_flag(name, info, api_key_flag) for name, info in engine_fields().items()),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+def kv_disk_option(func: F) -> F:
+    """``--kv-cache-disk``: the budget of the KV snapshot files beside the store."""
+    return click.option(
+        "--kv-cache-disk", type=SIZE, default=None,
+        help="Keep saved conversations' KV state in files beside the store, up to this size "
+             f"(0: none) [default: {format_size(DEFAULT_DISK_BYTES)}].")(func)
 
 
 #: click's ParamType (generic in newer click versions, plain in older ones).
@@ -146,51 +173,25 @@ def persona_options(func: F) -> F:
                         help="Persona name (see `rolechat personas`; default: concise).")(func)
 
 
-def open_engine(options: dict[str, Any]) -> Engine:
-    """Load the engine named by the model flags (popped from ``options``)."""
+def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> Engine:
+    """Load the engine named by the model flags (popped from ``options``). Which flags apply
+    to which engine comes from the engines' option schemas."""
     model, engine, hub = (options.pop(k, None) for k in ("model", "engine", "hub"))
-    engine_options = {k: v for k in ("context_length", "chat_template", "device", "dtype",
-                                     "fast_decode", "base_url", "api_key", "tokenizer")
-                      if (v := options.pop(k, None)) is not None}
-    threads = options.pop("threads", None)
-    if threads is not None:
-        engine_options["n_threads"] = threads
-    ram = options.pop("kv_cache_ram", None)
-    if ram is not None:
-        engine_options["kv_cache_ram"] = ram
-    remote = {"base_url", "api_key", "tokenizer"}
-    name = engine or ("openai" if "base_url" in engine_options else engine_for(model, hub))
-    if name == "openai":
-        misplaced = sorted({"device", "dtype", "fast_decode", "n_threads", "kv_cache_ram"}
-                           & set(engine_options))
-        if misplaced:
-            flags = ", ".join("--" + ("threads" if m == "n_threads" else m.replace("_", "-"))
-                              for m in misplaced)
-            raise InvalidInput(f"{flags} cannot be used with the openai engine (the server "
-                               "decides).", "Drop them.")
-        if hub is not None:
-            raise InvalidInput("--hub cannot be used with the openai engine.", "Drop it.")
-        if "base_url" not in engine_options:
-            raise InvalidInput("--engine openai needs --base-url.",
-                               "For example: --base-url http://127.0.0.1:8000/v1")
-    elif remote & set(engine_options):
-        misplaced = sorted(remote & set(engine_options))
-        flags = ", ".join("--" + m.replace("_", "-") for m in misplaced)
-        verb = "applies" if len(misplaced) == 1 else "apply"
-        raise InvalidInput(f"{flags} only {verb} to the openai engine.",
-                           "Add --engine openai, or drop them.")
-    if name == "llama.cpp":
-        misplaced = sorted({"device", "dtype", "fast_decode"} & set(engine_options))
-        if misplaced:
-            flags = ", ".join("--" + m.replace("_", "-") for m in misplaced)
-            verb = "applies" if len(misplaced) == 1 else "apply"
-            raise InvalidInput(f"{flags} only {verb} to the transformers engine.",
-                               "Add --engine transformers, or drop them.")
+    given = {name: value for name in engine_fields()
+             if (value := options.pop(name, None)) is not None}
+    name = engine or engine_for(model, hub, given.get("base_url"))
+    if hub is not None and name != "transformers":
+        raise InvalidInput(f"--hub only applies to the transformers engine, not {name}.",
+                           "Drop --hub, or use --engine transformers.")
+    if name == "openai" and "base_url" not in given:
+        raise InvalidInput("--engine openai needs --base-url.",
+                           "For example: --base-url http://127.0.0.1:8000/v1")
+    check_options(name, given, flag=lambda option: flag_of(option, api_key_flag))
     if not err_console.is_terminal:
-        return load_engine(model, engine=name, hub=hub, **engine_options)
-    label = model or engine_options.get("base_url") or "the embedded model"
+        return load_engine(model, engine=name, hub=hub, **given)
+    label = model or given.get("base_url") or "the embedded model"
     with err_console.status(f"Loading {label}…", spinner="dots"):
-        return load_engine(model, engine=name, hub=hub, **engine_options)
+        return load_engine(model, engine=name, hub=hub, **given)
 
 
 def store_options(func: F) -> F:

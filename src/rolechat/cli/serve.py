@@ -10,11 +10,12 @@ import click
 
 from ..errors import ModelLoadError
 from . import cli
-from .options import err_console, kv_disk, model_options, open_engine
+from .options import err_console, kv_disk, kv_disk_option, model_options, open_engine
 
 
 @cli.command()
 @partial(model_options, api_key_flag="--remote-api-key")
+@kv_disk_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (127.0.0.1 keeps it on this machine).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -39,7 +40,7 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
 
     store = Store.default()
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
-    engine = open_engine(options)
+    engine = open_engine(options, api_key_flag="--remote-api-key")
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
                      cors_origins=cors_origins, store=store, kv_disk=disk)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"

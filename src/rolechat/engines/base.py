@@ -170,6 +170,10 @@ class Engine(ABC):
         assert generation.completion is not None
         return generation.completion
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Finish work kept for later (snapshot files); False if ``timeout`` passed first."""
+        return True
+
     def forget(self, key: CacheKey) -> None:  # noqa: B027 - optional hook
         """Drop whatever is kept warm for ``key`` (its conversation was deleted)."""
 

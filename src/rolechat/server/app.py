@@ -13,13 +13,16 @@ Contract:
 - With API keys, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
   time). Bodies over ``max_body_bytes`` are refused (413). CORS is off unless origins are given.
 - Sessions keep their KV snapshots in ``kv_disk`` (default: beside the store, with the default
-  budget; None: memory only).
+  budget; None: memory only); on shutdown the engine finishes writing its snapshot files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
@@ -43,7 +46,8 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
                max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = (),
                store: Store | None = None, kv_disk: DiskTier | EllipsisType | None = ...
                ) -> FastAPI:
-    app = FastAPI(title="rolechat", docs_url=None, redoc_url=None)
+    app = FastAPI(title="rolechat", docs_url=None, redoc_url=None,
+                  lifespan=partial(lifespan, engine))
     store = store if store is not None else Store.default()
     app.state.rolechat = ServerState(
         engine=engine, store=store, worker=Worker(),
@@ -82,6 +86,14 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
 
         app.mount("/", StaticFiles(directory=static, html=True), name="page")
     return app
+
+
+@asynccontextmanager
+async def lifespan(engine: Engine, app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown, finish writing KV snapshot files (the server may be stopped right after a
+    reply, and uvicorn ends the process with the signal it caught, skipping exit handlers)."""
+    yield
+    await asyncio.to_thread(engine.flush, 30.0)
 
 
 async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,7 +11,7 @@
     form: $("composer"), error: $("error"), title: $("title"),
     promptToggle: $("prompt-toggle"), promptPanel: $("prompt-panel"),
     promptText: $("prompt-text"), plan: $("plan"), keyBox: $("key-box"),
-    apiKey: $("api-key"), apiKeySave: $("api-key-save"),
+    apiKey: $("api-key"), apiKeySave: $("api-key-save"), undo: $("undo"), retry: $("retry"),
     temperature: $("temperature"), maxTokens: $("max-tokens"),
   };
   const state = { cid: null, streaming: false, abort: null, personas: [], keyWaiters: [] };
@@ -109,6 +109,7 @@
     const cached = (u.prompt_tokens_details && u.prompt_tokens_details.cached_tokens)
       ?? u.cached_tokens;
     if (cached != null) parts.push("cached " + cached);
+    if (u.restored_tokens) parts.push("restored from " + u.kv_source);
     const dropped = Array.isArray(u.dropped_turns) ? u.dropped_turns.length : u.dropped_turns;
     if (dropped) parts.push("dropped " + dropped + (dropped === 1 ? " turn" : " turns"));
     if (u.finish_reason && u.finish_reason !== "stop") parts.push("finish: " + u.finish_reason);
@@ -143,6 +144,7 @@
   function renderConversation(conv) {
     els.messages.replaceChildren();
     els.title.textContent = conv ? (conv.title || "Untitled conversation") : "New conversation";
+    els.undo.disabled = els.retry.disabled = !(conv && conv.turns > 0);
     if (!conv) {
       els.messages.appendChild(el("p", "empty", "Say something to start a new conversation."));
       return;
@@ -253,6 +255,7 @@
     els.send.disabled = on;
     els.stop.hidden = !on;
     els.newBtn.disabled = on;
+    els.undo.disabled = els.retry.disabled = on || state.cid === null;
     document.body.classList.toggle("streaming", on);
   }
 
@@ -280,32 +283,19 @@
     }
   }
 
-  async function send() {
-    const text = els.input.value;
-    if (state.streaming || !text.trim()) return;
-    showError("");
-    setStreaming(true);
-    let userNode = null;
-    let replyNode = null;
+  // Streams one reply from `path` into a new assistant message; resolves when it is done.
+  async function streamReply(path, body) {
+    const replyNode = addMessage("assistant", "");
+    replyNode.classList.add("streaming");
+    const content = replyNode.querySelector(".content");
+    state.abort = new AbortController();
     try {
-      if (state.cid === null) {
-        await createConversation();
-        els.messages.replaceChildren();
-      }
-      els.messages.querySelectorAll(".empty").forEach((n) => n.remove());
-      userNode = addMessage("user", text);
-      els.input.value = "";
-      replyNode = addMessage("assistant", "");
-      replyNode.classList.add("streaming");
-      const content = replyNode.querySelector(".content");
-      state.abort = new AbortController();
-      const response = await request(
-        "/conversations/" + encodeURIComponent(state.cid) + "/messages",
-        { method: "POST", body: { content: text, stream: true }, signal: state.abort.signal });
+      const response = await request(path, { method: "POST", body: body,
+                                              signal: state.abort.signal });
       if (!response.ok) {
-        let body = null;
-        try { body = await response.json(); } catch (_) { /* not JSON */ }
-        throw new Error(errorMessage(body, response.status));
+        let errorBody = null;
+        try { errorBody = await response.json(); } catch (_) { /* not JSON */ }
+        throw new Error(errorMessage(errorBody, response.status));
       }
       let finished = false;
       await readSSE(response, (event) => {
@@ -326,10 +316,36 @@
       replyNode.classList.remove("streaming");
       if (!finished) throw new Error("The reply ended early.");
     } catch (err) {
-      if (replyNode) replyNode.classList.remove("streaming");
+      replyNode.classList.remove("streaming");
+      err.replyNode = replyNode;
+      throw err;
+    } finally {
+      state.abort = null;
+    }
+  }
+
+  async function send() {
+    const text = els.input.value;
+    if (state.streaming || !text.trim()) return;
+    showError("");
+    setStreaming(true);
+    let userNode = null;
+    try {
+      if (state.cid === null) {
+        await createConversation();
+        els.messages.replaceChildren();
+      }
+      els.messages.querySelectorAll(".empty").forEach((n) => n.remove());
+      userNode = addMessage("user", text);
+      els.input.value = "";
+      await streamReply("/conversations/" + encodeURIComponent(state.cid) + "/messages",
+                        { content: text, stream: true });
+    } catch (err) {
+      const replyNode = err.replyNode;
       if (err.name === "AbortError") {
-        if (userNode) { userNode.classList.add("interrupted"); userNode.dataset.status = "interrupted"; }
-        if (replyNode) { replyNode.classList.add("interrupted"); replyNode.dataset.status = "interrupted"; }
+        for (const node of [userNode, replyNode]) {
+          if (node) { node.classList.add("interrupted"); node.dataset.status = "interrupted"; }
+        }
         showError("Stopped.");
       } else {
         if (userNode) userNode.classList.add("failed");
@@ -337,15 +353,62 @@
         showError(err.message);
       }
     } finally {
-      state.abort = null;
       setStreaming(false);
       els.input.focus();
     }
+    await afterChange();
+  }
+
+  // Undo: the last turn goes, here and in the store.
+  async function undo() {
+    if (state.streaming || state.cid === null) return;
+    showError("");
+    try {
+      const body = await api("/conversations/" + encodeURIComponent(state.cid) + "/undo",
+                             { method: "POST", body: {} });
+      renderConversation(body.conversation);
+      if (!body.removed) showError("Nothing to undo.");
+    } catch (err) {
+      showError(err.message);
+    }
+    await afterChange();
+  }
+
+  // Retry: the last reply is generated again; if that fails, the old one stays.
+  async function retry() {
+    if (state.streaming || state.cid === null) return;
+    const replies = els.messages.querySelectorAll(".msg.assistant");
+    if (!replies.length) { showError("Nothing to retry."); return; }
+    showError("");
+    setStreaming(true);
+    const old = replies[replies.length - 1];
+    old.hidden = true;
+    let failed = null;
+    try {
+      await streamReply("/conversations/" + encodeURIComponent(state.cid) + "/retry",
+                        { stream: true });
+      old.remove();
+    } catch (err) {
+      failed = err;
+    } finally {
+      setStreaming(false);
+    }
+    if (failed) {
+      // The server kept the previous reply: show the conversation as it is stored.
+      await open(state.cid);
+      showError(failed.name === "AbortError" ? "Stopped: the previous reply is kept."
+        : failed.message + " The previous reply is kept.");
+    }
+    await afterChange();
+  }
+
+  async function afterChange() {
     try {
       await refreshList();
       if (state.cid !== null) {
         const conv = await api("/conversations/" + encodeURIComponent(state.cid));
         els.title.textContent = conv.title || "Untitled conversation";
+        els.undo.disabled = els.retry.disabled = !(conv.turns > 0);
       }
     } catch (err) {
       showError(err.message);
@@ -415,6 +478,8 @@
     });
     els.stop.addEventListener("click", () => { if (state.abort) state.abort.abort(); });
     els.newBtn.addEventListener("click", startNew);
+    els.undo.addEventListener("click", undo);
+    els.retry.addEventListener("click", retry);
     els.promptToggle.addEventListener("click", togglePrompt);
     els.apiKeySave.addEventListener("click", saveKey);
     els.apiKey.addEventListener("keydown", (ev) => {

@@ -466,7 +466,8 @@ def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
     assert [(m.role, m.status) for m in messages] == [
         ("user", "complete"), ("assistant", "complete"),
         ("user", "complete"), ("assistant", "complete"),
-        ("user", "pending")]  # the process died before it could mark it
+        ("user", "interrupted")]  # the process died; opening the store marked it
+    assert store.recovered == 1
     assert messages[-1].content == "Write a long story about a dragon."
     assert store.info(cid).turns == 2
 
@@ -482,5 +483,50 @@ def test_sigkill_in_the_middle_of_a_reply(rolechat_home: Path) -> None:
     assert len(again.turns) == 3
     assert again.turns[-1].user == "Are you still there?"
     assert again.turns[-1].assistant == "Welcome back."
-    assert [m.status for m in store.messages(cid)][-3:] == ["pending", "complete", "complete"]
+    assert [m.status for m in store.messages(cid)][-3:] == ["interrupted", "complete",
+                                                             "complete"]
     store.close()
+
+
+# ----- recovery and concurrent reads -------------------------------------------------------------
+
+def test_a_dead_writers_pending_turn_is_interrupted_a_live_ones_is_not(db_path: Path) -> None:
+    store = Store(db_path)
+    cid = store.create()
+    mine = store.begin_turn(cid, "this process, still generating")
+    dead = store.begin_turn(cid, "a process that was killed")
+    live = store.begin_turn(cid, "another process, still generating")
+    with store._transaction() as db:
+        db.execute("UPDATE messages SET writer = ? WHERE id = ?", ("999999999:12.00", dead))
+        db.execute("UPDATE messages SET writer = ? WHERE id = ?",
+                   (store_module.process_id(os.getppid()), live))
+    reopened = Store(db_path)
+    assert reopened.recovered == 1
+    statuses = {m.id: m.status for m in reopened.messages(cid)}
+    assert statuses == {mine: "pending", dead: "interrupted", live: "pending"}
+
+
+def test_reads_never_see_another_threads_open_transaction(store: Store) -> None:
+    cid = store.create()
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def writer() -> None:
+        with pytest.raises(RuntimeError), store._transaction() as db:
+            db.execute("INSERT INTO messages (conversation_id, seq, role, content, status, "
+                       "created_at) VALUES (?, 0, 'user', 'half-written', 'pending', 'now')",
+                       (cid,))
+            inside.set()
+            release.wait(10)
+            raise RuntimeError("rolled back")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(10)
+    reader = threading.Thread(target=lambda: seen.append(store.messages(cid)))
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive() and seen == []  # the read waits for the transaction to end
+    release.set()
+    thread.join(10)
+    reader.join(10)
+    assert seen == [[]]  # the half-written message was never visible

@@ -49,6 +49,12 @@ class GenerationParams(BaseModel):
                        description="Sample only among the k most likely tokens; 0 disables.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0,
                                       description="Penalty for repeating tokens; 1 disables.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                     description="Lower a token's score by this much for every "
+                                                 "time the reply used it; 0 disables.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                    description="Lower a token's score by this much once the "
+                                                "reply has used it; 0 disables.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="Random seed; the same seed gives the same text.")
     stop: tuple[str, ...] = Field((), max_length=16,

@@ -6,9 +6,13 @@ Contract:
   and brought up to date by :data:`MIGRATIONS`, in order, each in one transaction.
 - Conversations hold id, title, persona, system prompt, model, parameters and times; messages
   hold their order, role, content, status, token count and the reply's usage and timings.
-- A user message is written (``pending``) *before* generation; the reply is written and the user
-  message marked ``complete`` in one transaction *when the reply completes*; an interrupted
-  reply marks its user message ``interrupted``. Only complete turns are ever loaded back into a
+- A user message is written (``pending``, with the writing process's id and start time)
+  *before* generation; the reply is written and the user message marked ``complete`` in one
+  transaction *when the reply completes*; an interrupted reply marks its user message
+  ``interrupted``. Opening the store marks ``interrupted`` the pending messages of processes
+  that no longer run (killed mid-reply); another live process's pending turn is left alone.
+- Reads take the same lock as writes, so a thread never reads inside another thread's open
+  transaction on the shared connection. Only complete turns are ever loaded back into a
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
 - A conversation's KV snapshot files live beside the database (``kv/``, see
   :mod:`rolechat.engines.snapshots`); deleting the conversation deletes them.
@@ -21,6 +25,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -32,7 +37,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-from .conversation import Conversation
+from .conversation import Conversation, check_text
 from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
 
@@ -69,7 +74,34 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE conversations ADD COLUMN owner TEXT;
     CREATE INDEX conversations_by_owner ON conversations (owner, updated_at);
     """,
+    # 3: a pending message names the process generating its reply ("pid:start time"), so a
+    #    store opened later can tell a live process's turn from a dead one's.
+    """
+    ALTER TABLE messages ADD COLUMN writer TEXT;
+    CREATE INDEX messages_pending ON messages (status) WHERE status = 'pending';
+    """,
 )
+
+
+def process_id(pid: int | None = None) -> str:
+    """A process's identity that survives pid reuse: ``"pid:start time"``."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{psutil.Process(pid).create_time():.2f}"
+
+
+def process_alive(writer: str | None) -> bool:
+    """Whether the process a pending message names still runs."""
+    if not writer:
+        return False
+    try:
+        pid = int(writer.split(":", 1)[0])
+        return process_id(pid) == writer
+    except (ValueError, OSError, LookupError):
+        return False
+    except Exception:  # psutil.NoSuchProcess / AccessDenied
+        return False
 
 
 def _now() -> str:
@@ -121,6 +153,8 @@ class Store:
             if self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 self._db.execute("PRAGMA journal_mode = DELETE")
             self._migrate()
+            self._writer = process_id()
+            self.recovered = self._recover()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(str(self.path), str(exc)) from None
 
@@ -136,7 +170,16 @@ class Store:
     # ----- schema ------------------------------------------------------------------------
     @property
     def version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._read("PRAGMA user_version")[0][0])
+
+    def _read(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
+        """A read, under the same lock as writes: never inside another thread's transaction
+        on the shared connection."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(str(self.path), str(exc)) from None
 
     def _migrate(self) -> None:
         current = self.version
@@ -151,6 +194,21 @@ class Store:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+
+    def _recover(self) -> int:
+        """Mark ``interrupted`` the pending messages whose process has died (killed in the
+        middle of a reply); a live process's pending turn is left alone. How many."""
+        dead = [row["id"] for row in self._read(
+            "SELECT id, writer FROM messages WHERE status = 'pending'")
+            if not process_alive(row["writer"])]
+        if dead:
+            try:
+                with self._transaction() as db:
+                    db.executemany("UPDATE messages SET status = 'interrupted' WHERE id = ? "
+                                   "AND status = 'pending'", [(i,) for i in dead])
+            except StoreError:  # a read-only or busy database: they stay out of prompts anyway
+                return 0
+        return len(dead)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -170,6 +228,7 @@ class Store:
     def create(self, *, persona: str | None = None, system: str | None = None,
                model: str | None = None, params: dict[str, Any] | None = None,
                title: str = "", owner: str | None = None) -> int:
+        check_text(title, "title", allow_blank=True)
         now = _now()
         with self._transaction() as db:
             cursor = db.execute(
@@ -184,10 +243,13 @@ class Store:
         where, args = "c.id = ?", list[Any]([cid])
         if owner is not ...:
             where, args = "c.id = ? AND c.owner IS ?", [cid, owner]
-        row = self._db.execute(
+        if not 0 <= cid < 2**63:  # SQLite's integer range: no such conversation
+            raise StoreError(str(self.path), f"there is no conversation {cid}",
+                             "See `rolechat conversations list`.", missing=True)
+        rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            f"m.role = 'assistant') AS turns FROM conversations c WHERE {where}",
-            args).fetchone()
+            f"m.role = 'assistant') AS turns FROM conversations c WHERE {where}", args)
+        row = rows[0] if rows else None
         if row is None:
             raise StoreError(str(self.path), f"there is no conversation {cid}",
                              "See `rolechat conversations list`.", missing=True)
@@ -199,16 +261,16 @@ class Store:
         where, args = "", list[Any]([limit])
         if owner is not ...:
             where, args = "WHERE c.owner IS ? ", [owner, limit]
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
             f"m.role = 'assistant') AS turns FROM conversations c {where}"
-            "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args).fetchall()
+            "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args)
         return [_info(row) for row in rows]
 
     def latest(self) -> int | None:
-        row = self._db.execute("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC "
-                               "LIMIT 1").fetchone()
-        return int(row[0]) if row else None
+        rows = self._read("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC "
+                          "LIMIT 1")
+        return int(rows[0][0]) if rows else None
 
     def update(self, cid: int, **fields: Any) -> None:
         """Change title, persona, system, model or params."""
@@ -218,6 +280,9 @@ class Store:
             raise InvalidInput(f"Unknown conversation fields {sorted(unknown)}.",
                                f"Use {sorted(allowed)}.")
         self.info(cid)
+        for name in ("title", "system"):
+            if fields.get(name) is not None:
+                check_text(fields[name], name, allow_blank=True)
         if "params" in fields:
             fields["params"] = json.dumps(fields["params"] or {})
         sets = ", ".join(f"{name} = ?" for name in fields)
@@ -240,8 +305,7 @@ class Store:
     # ----- messages ----------------------------------------------------------------------
     def messages(self, cid: int) -> list[StoredMessage]:
         self.info(cid)
-        rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq",
-                                (cid,)).fetchall()
+        rows = self._read("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))
         return [StoredMessage(r["id"], r["seq"], r["role"], r["content"], r["status"],
                               r["tokens"], json.loads(r["usage"]) if r["usage"] else None)
                 for r in rows]
@@ -268,8 +332,8 @@ class Store:
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, seq, role, content, status, tokens,"
-                " created_at) VALUES (?, ?, 'user', ?, 'pending', ?, ?)",
-                (cid, self._next_seq(db, cid), text, tokens, now))
+                " created_at, writer) VALUES (?, ?, 'user', ?, 'pending', ?, ?, ?)",
+                (cid, self._next_seq(db, cid), text, tokens, now, self._writer))
             db.execute("UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' "
                        "THEN ? ELSE title END WHERE id = ?", (now, _title(text), cid))
         return int(cursor.lastrowid or 0)

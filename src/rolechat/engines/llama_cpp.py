@@ -224,7 +224,8 @@ class LlamaCppEngine(LocalEngine):
         self._llm.set_seed(params.seed if params.seed is not None else RANDOM_SEED)
         tokens = self._llm.generate(
             prompt_ids[start:], reset=False, temp=params.temperature, top_k=params.top_k,
-            top_p=params.top_p, min_p=0.0, typical_p=1.0, repeat_penalty=params.repetition_penalty)
+            top_p=params.top_p, min_p=0.0, typical_p=1.0, repeat_penalty=params.repetition_penalty,
+            frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty)
         with closing(tokens):
             yield from tokens
 

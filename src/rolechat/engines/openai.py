@@ -274,6 +274,9 @@ class OpenAIEngine(Engine):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(params, name):
+                body[name] = getattr(params, name)
         extra: dict[str, Any] = {}
         for name in ("top_k", "repetition_penalty"):
             value = getattr(params, name)

@@ -102,10 +102,16 @@ class IncrementalDetokenizer:
 
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
-           seen: torch.Tensor | None) -> torch.Tensor:
-    """One token id (a 0-d tensor, still on the device) from the last position's logits [V]."""
+           seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id (a 0-d tensor, still on the device) from the last position's logits [V].
+    ``seen``: the ids the repetition penalty looks at (prompt and reply); ``counts`` [V]: how
+    often the reply used each token, for the frequency and presence penalties (OpenAI's
+    definition, as llama.cpp applies them to the reply's tokens)."""
     import torch
 
+    if counts is not None and (params.frequency_penalty or params.presence_penalty):
+        logits = (logits.float() - params.frequency_penalty * counts
+                  - params.presence_penalty * (counts > 0).float())
     if seen is not None and params.repetition_penalty != 1.0:
         scores = logits[seen]
         penalty = params.repetition_penalty
@@ -464,11 +470,15 @@ class TransformersEngine(LocalEngine):
         generator = torch.Generator(device=self.device).manual_seed(
             params.seed if params.seed is not None else random.getrandbits(63))
         seen = torch.tensor(prompt_ids, device=self.device)
+        penalized = bool(params.frequency_penalty or params.presence_penalty)
+        counts = torch.zeros(logits.shape[-1], device=self.device) if penalized else None
         while True:
-            token = sample(logits, params, generator, seen)
+            token = sample(logits, params, generator, seen, counts)
             yield int(token)  # waits for the device: the text must stream now
             if params.repetition_penalty != 1.0:
                 seen = torch.cat([seen, token.view(1)])
+            if counts is not None:
+                counts[token] += 1
             logits = self.decode_one(token)
 
     def describe(self) -> dict[str, Any]:

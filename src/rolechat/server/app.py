@@ -11,7 +11,10 @@ Contract:
 - Generation runs on one worker thread (:mod:`rolechat.server.worker`); a client that
   disconnects stops its generation at the next token.
 - With API keys, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
-  time). Bodies over ``max_body_bytes`` are refused (413). CORS is off unless origins are given.
+  time); bodies over ``max_body_bytes`` are refused (413) whatever their transfer encoding
+  (:mod:`rolechat.server.guard`). CORS is off unless origins are given.
+- Under ``/v1``, every error — 400, 401, 404, 405, 413, 500 — is OpenAI's
+  ``{"error": {...}}``; the page's files are served at every other path.
 - Sessions keep their KV snapshots in ``kv_disk`` (default: beside the store, with the default
   budget; None: memory only); on shutdown the engine finishes writing its snapshot files.
 """
@@ -19,7 +22,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -28,8 +31,11 @@ from types import EllipsisType
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from ..engines import Engine
 from ..engines.snapshots import DiskTier
@@ -37,9 +43,12 @@ from ..errors import RolechatError
 from ..store import Store
 from . import completions, sessions
 from .completions import model_id
+from .guard import Guard
 from .state import ServerState
-from .wire import bearer_key, error_body, error_response
+from .wire import ErrorJSON, error_body, error_response
 from .worker import Worker
+
+log = logging.getLogger("rolechat.server")
 
 
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
@@ -53,39 +62,35 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
         engine=engine, store=store, worker=Worker(),
         kv_disk=DiskTier(store.kv_root) if kv_disk is ... else kv_disk,
         keyed=bool(api_keys), model_id=model_id(engine.model))
-    keys = [k.encode() for k in api_keys]
-
+    app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/v1") and keys:
-            given = bearer_key(request).encode()
-            if not any(hmac.compare_digest(given, key) for key in keys):
-                return JSONResponse(error_body("Missing or wrong API key.",
-                                               type_="authentication_error",
-                                               code="invalid_api_key"), status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return JSONResponse(error_body(f"The request body is over {max_body_bytes} bytes.",
-                                           code="request_too_large"), status_code=413)
-        return await call_next(request)
-
     app.add_exception_handler(RequestValidationError, invalid_body)  # type: ignore[arg-type]
     app.add_exception_handler(RolechatError, library_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, server_error)
     app.include_router(completions.router)
     app.include_router(sessions.router)
 
     static = Path(__file__).with_name("static")
-    if (static / "index.html").is_file():  # the web chat page
+    if (static / "index.html").is_file():  # the web chat page, at every path but /v1
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/", StaticFiles(directory=static, html=True), name="page")
+        app.router.routes.append(PageMount("/", StaticFiles(directory=static, html=True),
+                                           name="page"))
     return app
+
+
+class PageMount(Mount):
+    """The page's files: every path but ``/v1``, whose misses are the API's own 404 and 405."""
+
+    def matches(self, scope: Any) -> tuple[Match, Any]:
+        if str(scope.get("path", "")).startswith("/v1"):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 @asynccontextmanager
@@ -97,14 +102,55 @@ async def lifespan(engine: Engine, app: FastAPI) -> AsyncIterator[None]:
 
 
 async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-    if "json" not in request.headers.get("content-type", ""):
+    """A request that does not fit the schema: the first problem, said plainly, naming the
+    field as the client sent it."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    where_in, field = (loc[0], ".".join(loc[1:])) if loc else ("body", "")
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "not valid JSON")
+        message = f"The body is not valid JSON: {reason}."
+        field = ""
+    elif where_in == "body" and "json" not in request.headers.get("content-type", ""):
         message = ("The body must be JSON, sent with the header Content-Type: "
                    "application/json.")
-    return JSONResponse(error_body(message, param=where or None, code="invalid_value"), 400)
+    else:
+        what = {"path": "in the URL", "query": "in the query string"}.get(where_in, "")
+        name = f"{field} {what}".strip() or "body"
+        got = first.get("input", None)
+        shown = f" (got {got!r:.80})" if where_in != "body" or field else ""
+        message = f"{name}: {first.get('msg', 'invalid value')}{shown}."
+    return ErrorJSON(error_body(message, param=field or None, code="invalid_value"), 400)
 
 
 async def library_error(request: Request, exc: RolechatError) -> JSONResponse:
     return error_response(exc)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """404, 405, 413 and the like: OpenAI's error shape under ``/v1``."""
+    if not request.url.path.startswith("/v1"):
+        return await http_exception_handler(request, exc)
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        message, code = (f"There is no {method} {path}.",
+                         "unknown_url")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message, code = f"{method} is not allowed on {path} (use {allowed}).", "method_not_allowed"
+    elif exc.status_code == 413:
+        message, code = str(exc.detail), "request_too_large"
+    elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
+        message, code = "The body is not valid UTF-8 JSON.", "invalid_value"
+    else:
+        message, code = str(exc.detail), None
+    return ErrorJSON(error_body(message, code=code), status_code=exc.status_code,
+                     headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: a 500 in OpenAI's shape (the traceback goes to the log)."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ErrorJSON(error_body(f"Internal error: {type(exc).__name__}.", type_="server_error"),
+                     status_code=500)

@@ -2,9 +2,14 @@
 ``GET /v1/status``.
 
 Contract:
-- ``/v1/chat/completions`` takes the OpenAI request (:class:`ChatRequest`); it uses exactly the
-  request's messages and parameters — no persona file applies unless the request names one
-  (``"rolechat": {"persona": "expert"}``). Streaming sends OpenAI chunks (with
+- ``/v1/chat/completions`` takes the OpenAI request (:class:`ChatRequest`, OpenAI's types and
+  ranges); it uses exactly the request's messages and parameters — no persona file applies
+  unless the request names one (``"rolechat": {"persona": "expert"}``). Fields rolechat does
+  not act on are accepted when neutral (penalties are real; ``logprobs`` false, ``tools``
+  empty, ``response_format`` text, ``metadata``, ``store``, ``service_tier``, ``user`` are
+  ignored) and refused with a 400 naming the field otherwise. Messages are read by
+  :func:`~rolechat.server.wire.openai_messages`. Errors name the parameters as the client did
+  (``max_tokens``). Streaming sends OpenAI chunks (with
   ``stream_options.include_usage``); the non-streaming response is a join over the same
   events. A prompt that does not fit gets ``context_length_exceeded``, unless the request opts
   in to the window (``"rolechat": {"window": true}``): then whole turns are dropped, oldest
@@ -21,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -29,13 +34,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import Chat, Reply, ReplyStream
 from ..conversation import Conversation
-from ..errors import ContextOverflow, InvalidInput, RolechatError, UnknownName
+from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import Persona, get_persona
 from ..window import Window
 from .state import ServerState, state_of
-from .wire import DONE, rolechat_body, sse, sse_error, usage_body
-from .worker import joined, reply_events
+from .wire import (
+    DONE,
+    openai_messages,
+    openai_names,
+    rolechat_body,
+    sse,
+    sse_error,
+    usage_body,
+)
+from .worker import joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
@@ -44,7 +57,7 @@ NO_PERSONA = Persona("none", "", "Only what the request says.")
 
 
 class RolechatOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     #: Drop the oldest whole turns when the conversation does not fit (instead of an error).
     window: bool = False
     #: A persona whose parameters (and system prompt, if the messages have none) apply.
@@ -52,34 +65,83 @@ class RolechatOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    """The OpenAI chat-completions body (the fields rolechat honours; others are refused)."""
+    """The OpenAI chat-completions body, with OpenAI's types and ranges (strict: ``"0.5"`` is
+    not a number). Fields rolechat does not act on are accepted when their value asks for
+    nothing (see :meth:`check_neutral`) and refused with a clear error otherwise."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     messages: list[Any]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = None
-    n: Literal[1] = 1
+    n: int = 1
     user: str | None = None
+    # Accepted when they ask for nothing rolechat would have to do:
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
     rolechat: RolechatOptions = Field(default_factory=RolechatOptions)
 
+    def check_neutral(self) -> None:
+        """Refuse, naming the field, what asks for something rolechat does not do."""
+        refused: list[tuple[str, str]] = []
+        if self.n != 1:
+            refused.append(("n", "only one choice per request (n = 1)"))
+        if self.logprobs or self.top_logprobs:
+            refused.append(("logprobs", "log probabilities are not returned"))
+        if self.logit_bias:
+            refused.append(("logit_bias", "logit biases are not supported"))
+        if self.tools:
+            refused.append(("tools", "tool calls are not supported"))
+        if self.tool_choice not in (None, "none", "auto"):
+            refused.append(("tool_choice", "tool calls are not supported"))
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            refused.append(("response_format", "only plain text replies ({\"type\": "
+                                               "\"text\"})"))
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            refused.append(("modalities", "only text"))
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4:
+            refused.append(("stop", f"at most 4 stop sequences (got {len(stops)})"))
+        if refused:
+            field, why = refused[0]
+            raise InvalidInput(f"{field}: {why}; rolechat cannot do that.",
+                               f"Leave {field} out (or at its default).", field=field)
+
     def params(self) -> GenerationParams:
-        return GenerationParams.from_mapping({
-            "max_new_tokens": self.max_completion_tokens or self.max_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-            "seed": self.seed, "stop": self.stop, "repetition_penalty": self.repetition_penalty})
+        try:
+            return GenerationParams.from_mapping({
+                "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "seed": self.seed, "stop": self.stop,
+                "repetition_penalty": self.repetition_penalty,
+                "frequency_penalty": self.frequency_penalty,
+                "presence_penalty": self.presence_penalty})
+        except InvalidParams as exc:
+            raise openai_names(exc) from None
 
 
 def model_id(engine_model: str) -> str:
@@ -104,7 +166,7 @@ async def status(request: Request) -> dict[str, Any]:
         disk = state.kv_disk
         kv = {**kv, "disk": await asyncio.to_thread(disk.stats) if disk is not None else None}
     return {"object": "status", "model": state.model_id, "engine": state.engine.describe(),
-            "kv_cache": kv}
+            "worker": state.worker.stats(), "kv_cache": kv}
 
 
 def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
@@ -113,7 +175,8 @@ def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
     engine = state.engine
     if body.model not in (None, state.model_id, engine.model):
         raise UnknownName("model", body.model, [state.model_id])
-    conversation = Conversation.from_openai(body.messages)
+    body.check_neutral()
+    conversation = Conversation.from_openai(openai_messages(body.messages))
     text = conversation.pending
     if text is None:
         raise InvalidInput("The last message must be a user message.",
@@ -125,7 +188,10 @@ def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
     # The server is stateless: drop no more than needed (no low-water mark).
     chat = Chat(engine, persona=persona, params=body.params(), conversation=conversation,
                 window=Window(low_water=1.0))
-    plan = chat.plan(text)
+    try:
+        plan = chat.plan(text)
+    except InvalidParams as exc:
+        raise openai_names(exc) from None
     if plan.dropped and not body.rolechat.window:
         full = engine.count_tokens(conversation.prompt_messages(text))
         raise ContextOverflow(prompt_tokens=full, available_tokens=plan.budget,
@@ -143,7 +209,7 @@ async def completions(body: ChatRequest, request: Request) -> Any:
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": ident, "created": created, "model": state.model_id}
     if not body.stream:
-        text, reply = await joined(events)
+        text, reply = await joined_unless_gone(request, job, events)
         if reply is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
         return {**head, "object": "chat.completion",

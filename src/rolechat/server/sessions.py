@@ -42,7 +42,7 @@ from ..store import ConversationInfo
 from ..window import check_room
 from .state import ServerState, state_of
 from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
-from .worker import Job, joined, reply_events
+from .worker import Job, joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
@@ -231,7 +231,7 @@ async def reply(request: Request, cid: int, stream: bool,
     asyncio.get_running_loop().create_task(release_when_finished(lock, job))
     events = reply_events(job, chunks)
     if not stream:
-        text, done = await joined(events)
+        text, done = await joined_unless_gone(request, job, events)
         if done is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
         return done_body(text, done)

@@ -10,6 +10,9 @@ Contract:
 - :func:`sse`: one Server-Sent Events ``data:`` frame; :data:`DONE` ends a stream.
 - :func:`bearer_key`: the key of an ``Authorization: Bearer KEY`` header; :func:`owner_id`: the
   SHA-256 an owner is stored under.
+- :func:`openai_messages` is how OpenAI messages are read (``developer`` is ``system``, system
+  messages anywhere join the system prompt, consecutive same-role messages are joined);
+  :func:`openai_names` puts the client's parameter names back into an error.
 """
 
 from __future__ import annotations
@@ -51,9 +54,51 @@ def error_status(exc: RolechatError) -> tuple[int, dict[str, Any]]:
     return 500, error_body(str(exc), type_="server_error")
 
 
+class ErrorJSON(JSONResponse):
+    """JSON in ASCII, so an error that quotes any text (even text that is not valid UTF-8)
+    always renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(exc: RolechatError) -> JSONResponse:
     status, body = error_status(exc)
-    return JSONResponse(body, status_code=status)
+    return ErrorJSON(body, status_code=status)
+
+
+def openai_names(exc: InvalidParams) -> InvalidParams:
+    """The same error with the parameter names an OpenAI client sent."""
+    renamed = [(OPENAI_NAMES.get(field, field), why.replace("max_new_tokens", "max_tokens"))
+               for field, why in exc.problems]
+    return InvalidParams(renamed)
+
+
+def openai_messages(messages: Any) -> Any:
+    """OpenAI messages the way rolechat reads them (a documented policy): ``developer`` is
+    ``system``; every system message, wherever it is, joins the one system prompt (in order,
+    blank line between); consecutive messages of the same role are joined the same way. Other
+    shapes are left for :class:`~rolechat.conversation.Conversation` to refuse with a clear
+    error."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return messages
+    system: list[Any] = []
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        item = {**message, "role": role}
+        if role == "system":
+            system.append(item)
+        elif merged and merged[-1].get("role") == role and role in ("user", "assistant") and \
+                isinstance(merged[-1].get("content"), str) and isinstance(item.get("content"),
+                                                                          str):
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" +
+                          item["content"]}
+        else:
+            merged.append(item)
+    if len(system) > 1 and all(isinstance(m.get("content"), str) for m in system):
+        system = [{"role": "system", "content": "\n\n".join(m["content"] for m in system)}]
+    return system + merged
 
 
 def usage_body(reply: Reply) -> dict[str, Any]:

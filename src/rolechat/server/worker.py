@@ -44,25 +44,42 @@ class Job:
 class Worker:
     def __init__(self) -> None:
         self._jobs: queue.Queue[Job] = queue.Queue()
+        #: True while a job runs; how many jobs ran, and how many were stopped because their
+        #: client left (what ``GET /v1/status`` shows).
+        self.busy = False
+        self.done = 0
+        self.cancelled = 0
         self._thread = threading.Thread(target=self._run, name="rolechat-worker", daemon=True)
         self._thread.start()
+
+    def stats(self) -> dict[str, Any]:
+        return {"busy": self.busy, "queued": self._jobs.qsize(), "done": self.done,
+                "cancelled": self.cancelled}
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
-            if job.cancelled.is_set():
-                job.finish()
-                continue
+            self.busy = True
             try:
-                with job.start() as stream:
-                    for chunk in stream:
-                        if job.cancelled.is_set():
-                            break  # closing the stream stops the engine; nothing is recorded
-                        job.put(chunk)
-                    job.reply = stream.reply
-            except BaseException as exc:  # handed to the request that asked
-                job.put(exc)
-            job.finish()
+                self._work(job)
+            finally:
+                self.done += 1
+                self.cancelled += job.cancelled.is_set() and job.reply is None
+                self.busy = False
+                job.finish()
+
+    def _work(self, job: Job) -> None:
+        try:
+            with job.start() as stream:
+                if job.cancelled.is_set():  # the client left before its turn came
+                    return  # closing the stream records nothing (a turn is interrupted)
+                for chunk in stream:
+                    if job.cancelled.is_set():
+                        break  # closing the stream stops the engine; nothing is recorded
+                    job.put(chunk)
+                job.reply = stream.reply
+        except BaseException as exc:  # handed to the request that asked
+            job.put(exc)
 
     async def submit(self, start: Callable[[], ReplyStream]) -> tuple[Job, AsyncIterator[str]]:
         job = Job(start, asyncio.get_running_loop())
@@ -91,11 +108,33 @@ async def reply_events(job: Job,
         async for chunk in chunks:
             yield chunk
     finally:
+        # At once, without awaiting: inside a cancelled task every await is cancelled too.
+        if not job.finished.is_set():
+            job.cancelled.set()
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
     if job.reply is not None:
         yield job.reply
+
+
+async def joined_unless_gone(request: Any, job: Job,
+                             events: AsyncGenerator[str | Reply, None]) -> tuple[str,
+                                                                                 Reply | None]:
+    """:func:`joined`, for a client that waits for the whole reply: if it leaves (closes the
+    connection, times out), the generation stops within a fraction of a second."""
+    async def watch() -> None:
+        while not job.finished.is_set():
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await joined(events)
+    finally:
+        watcher.cancel()
 
 
 async def joined(events: AsyncIterator[str | Reply]) -> tuple[str, Reply | None]:

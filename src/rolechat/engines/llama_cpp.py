@@ -5,7 +5,8 @@ Contract:
   package (found through package metadata, without importing that package);
   ``LlamaCppEngine(path)`` loads any ``.gguf`` file.
 - The context length defaults to the model's trained context, capped by ``max_context``
-  (never llama-cpp-python's 512 default); threads default to all physical cores.
+  (never llama-cpp-python's 512 default); threads default to all physical cores, and their
+  OpenMP spin-wait is kept short (:data:`OPENMP_SPIN_COUNT`) so that they survive contention.
 - The chat template is the one inside the GGUF (``tokenizer.chat_template``) unless
   ``chat_template`` overrides it.
 - The live KV cache is a :class:`LlamaKVCache`: the ``Llama`` object's token ids and llama.cpp's
@@ -49,6 +50,21 @@ DEFAULT_MAX_CONTEXT = 32768
 RANDOM_SEED = 0xFFFFFFFF
 #: Bytes of the model file hashed into its identity (the GGUF header and metadata).
 IDENTITY_HEAD_BYTES = 1 << 20
+#: How long llama.cpp's OpenMP worker threads spin before they sleep (GNU OpenMP's default is
+#: 300,000 spins). Spinning threads that compete with other busy processes for the cores
+#: collapse decode speed; measured on 2 cores (benchmarks/contention.py), 1,000 spins keep the
+#: idle speed and triple the speed under contention. A value the user set is kept.
+OPENMP_SPIN_COUNT = "1000"
+
+
+def tune_openmp() -> None:
+    """Set the OpenMP spin count before llama.cpp's library (and OpenMP) loads; it has no
+    effect once llama_cpp was imported."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
+tune_openmp()
 
 
 def embedded_model_path() -> Path:
@@ -178,6 +194,7 @@ class LlamaCppEngine(LocalEngine):
             raise ModelLoadError(str(model_path), f"n_threads must be >= 1 (got {n_threads})",
                                  "Leave it out to use all physical cores.")
         threads = n_threads or physical_cores()
+        tune_openmp()
         try:
             from llama_cpp import Llama
         except ImportError as exc:  # pragma: no cover - a broken install

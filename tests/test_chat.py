@@ -5,7 +5,15 @@ import itertools
 import pytest
 
 from fakes import FakeEngine
-from rolechat import Chat, Conversation, InvalidInput, chat_turn, inference
+from rolechat import (
+    Chat,
+    Conversation,
+    InvalidInput,
+    InvalidParams,
+    Window,
+    chat_turn,
+    inference,
+)
 from rolechat.persona import TUTORIAL_SYSTEM
 
 
@@ -162,3 +170,37 @@ def test_inference_bad_model(model: object, tokenizer: object, match: str) -> No
 def test_inference_bad_history() -> None:
     with pytest.raises(InvalidInput, match=r"history\[0\]"):
         inference(FakeEngine(), None, [("only user",)], "q")  # type: ignore[list-item]
+
+
+# ----- library inputs get typed errors ------------------------------------------------------------
+
+def test_bad_constructor_arguments_are_typed_errors() -> None:
+    engine = FakeEngine()
+    with pytest.raises(InvalidParams, match="params: must be a mapping"):
+        Chat(engine, params=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="persona must be a persona's name"):
+        Chat(engine, persona=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="engine must be a rolechat engine"):
+        Chat("engine")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="user message is not valid text"):
+        Chat(engine).send("a\ud800b")
+
+
+def test_inference_takes_no_history_and_any_iterable() -> None:
+    engine = FakeEngine()
+    engine.replies += ["one", "two"]
+    first = chat_turn(engine, None, None, "x")
+    assert first["history"] == [("x", "one")]
+    turns = ((u, a) for u, a in first["history"])  # a generator: read once, all kept
+    second = chat_turn(engine, None, turns, "y")
+    assert second["history"] == [("x", "one"), ("y", "two")]
+
+
+def test_inference_sets_threads_where_an_engine_has_them() -> None:
+    with pytest.raises(InvalidInput, match="threads"):
+        inference(FakeEngine(), None, [], "x", threads=0)
+
+
+def test_window_settings_errors_say_so() -> None:
+    with pytest.raises(InvalidParams, match="Invalid window settings: low_water"):
+        Window(low_water=0)

@@ -341,14 +341,17 @@ def test_import_conversation(store: Store) -> None:
 def test_a_locked_database(store: Store, db_path: Path) -> None:
     cid = store.create()
     one_turn(store, cid, "q", "a")
-    store._db.execute("PRAGMA busy_timeout = 200")
+    store.lock_timeout = 0.6
+    waits: list[str] = []
+    store.on_wait = waits.append
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN EXCLUSIVE")
         started = time.monotonic()
         with pytest.raises(StoreError, match="locked") as caught:
             store.begin_turn(cid, "blocked")
-        assert time.monotonic() - started < 5
+        assert 0.5 < time.monotonic() - started < 5  # it waited, boundedly
+        assert len(waits) == 1 and "another process holds it locked" in waits[0]
         assert caught.value.exit_code == 6 and not caught.value.missing
         assert "no other program holds it locked" in str(caught.value)
         assert not store._db.in_transaction
@@ -530,3 +533,39 @@ def test_reads_never_see_another_threads_open_transaction(store: Store) -> None:
     thread.join(10)
     reader.join(10)
     assert seen == [[]]  # the half-written message was never visible
+
+
+def test_a_reply_the_locked_store_refuses_is_kept_and_saved_later(db_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture
+                                                                  ) -> None:
+    """The database is locked by another process while a reply is generated: the reply is
+    kept in a recovery file (one warning), and the next store opened there saves it."""
+    store = Store(db_path)
+    store.lock_timeout = 0.5
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+
+    class LockingEngine(FakeEngine):
+        def _tokens(self, prompt_ids, start, params):  # type: ignore[no-untyped-def]
+            other.execute("BEGIN EXCLUSIVE")  # another process takes the lock mid-reply
+            yield from super()._tokens(prompt_ids, start, params)
+
+    engine = LockingEngine()
+    engine.replies.append("the precious reply")
+    saved = SavedChat.new(engine, store=store)
+    with caplog.at_level("WARNING", "rolechat.store"):
+        reply = saved.send("a question")
+    assert reply.text == "the precious reply"
+    assert "kept in" in caplog.text and len(caplog.records) == 1
+    (kept,) = store.recovery_dir.glob("turn-*.json")
+    other.execute("ROLLBACK")
+    other.close()
+    assert saved.cid is not None
+    assert [(m.role, m.status) for m in store.messages(saved.cid)] == [("user", "pending")]
+
+    reopened = Store(db_path)  # the next start
+    assert reopened.restored == 1 and not kept.exists()
+    assert reopened.conversation(saved.cid).to_tuples() == [("a question",
+                                                             "the precious reply")]
+    user, answer = reopened.messages(saved.cid)
+    assert (user.status, answer.status) == ("complete", "complete")
+    assert answer.usage is not None and answer.usage["generated_tokens"] == len(reply.text)

@@ -15,7 +15,7 @@ Contract:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from .conversation import Conversation, Turn, check_text
 from .engines import load_engine
 from .engines.base import Engine, FinishReason, Generation, Usage
 from .engines.snapshots import CacheKey
-from .errors import InvalidInput
+from .errors import InvalidInput, InvalidParams
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
 from .window import Window, WindowPlan
@@ -113,8 +113,18 @@ class Chat:
                  params: GenerationParams | Mapping[str, Any] | None = None,
                  window: Window | None = None, conversation: Conversation | None = None,
                  log: TurnLog | None = None) -> None:
+        if engine is not None and not isinstance(engine, Engine):
+            raise InvalidInput(f"engine must be a rolechat engine, got {type(engine).__name__}.",
+                               "Create one with rolechat.load_engine().", field="engine")
         self.engine = engine if engine is not None else load_engine()
+        if persona is not None and not isinstance(persona, (str, Persona)):
+            raise InvalidInput(f"persona must be a persona's name or a Persona, got "
+                               f"{type(persona).__name__}.", "Pass e.g. persona=\"expert\".",
+                               field="persona")
         self.persona = get_persona(persona)
+        if params is not None and not isinstance(params, (GenerationParams, Mapping)):
+            raise InvalidParams([("params", f"must be a mapping of parameter names to values "
+                                            f"or GenerationParams, got {type(params).__name__}")])
         if not isinstance(params, GenerationParams):
             params = GenerationParams.from_mapping(params)
         #: Persona defaults, overridden by what the caller set explicitly.
@@ -222,15 +232,23 @@ def _as_engine(model: Any, tokenizer: Any) -> Engine:
                        "Create one with rolechat.load_engine() (or load_engine('model.gguf')).")
 
 
-def inference(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]],
+def inference(model: Any, tokenizer: Any, history: Sequence[tuple[str, str]] | None,
               user_utterance: str, max_new_tokens: int = 512, temperature: float = 0.9,
-              *, system: str = TUTORIAL_SYSTEM, **gen_kwargs: Any) -> dict[str, Any]:
+              *, system: str = TUTORIAL_SYSTEM, threads: int | None = None,
+              **gen_kwargs: Any) -> dict[str, Any]:
     """Generate the reply to ``user_utterance`` after ``history``, as the tutorial does.
 
     Returns ``{"response": str, "generated_tokens_count": int, "history": [...]}`` where the
-    history has this turn appended. ``gen_kwargs`` are further :class:`GenerationParams`.
+    history has this turn appended. ``gen_kwargs`` are further :class:`GenerationParams`;
+    ``threads`` sets the engine's CPU threads from now on.
     """
     engine = _as_engine(model, tokenizer)
+    if threads is not None:
+        engine.set_threads(threads)
+    # One pass over the history: a generator is read once, and all of it comes back.
+    history = [] if history is None else history
+    if not isinstance(history, (str, bytes, Mapping)) and isinstance(history, Iterable):
+        history = list(history)
     conversation = Conversation.from_tuples(history, system=system)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
                               **gen_kwargs)

@@ -33,13 +33,17 @@ def check_text(value: Any, what: str, *, allow_blank: bool = False) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = value[exc.start]
-        raise InvalidInput(f"The {what} is not valid text: it holds a lone surrogate "
-                           f"(U+{ord(bad):04X}) at character {exc.start}, which UTF-8 cannot "
-                           "encode (often the trace of bytes that were not UTF-8).",
-                           "Send UTF-8 text.", field=what) from None
+        code = ord(value[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as Python keeps it
+            found = f"the byte {code - 0xDC00:#04x}, which is not UTF-8,"
+        else:
+            found = f"a lone surrogate (U+{code:04X}), which UTF-8 cannot encode,"
+        raise InvalidInput(f"The {what} is not valid text: it holds {found} at character "
+                           f"{exc.start}.", "Send UTF-8 text.", field=what) from None
     if not allow_blank and not value.strip():
-        raise InvalidInput(f"The {what} is empty.", "Type some text to send.", field=what)
+        hint = ("Write a system prompt, or leave it out." if "system" in what
+                else "Type some text to send.")
+        raise InvalidInput(f"The {what} is empty.", hint, field=what)
     return value
 
 

@@ -36,7 +36,8 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
 class GenerationParams(BaseModel):
     """How one reply is generated. Immutable; use :meth:`merged` to derive a variant."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
     max_new_tokens: int = Field(512, gt=0, le=1_048_576,
                                 description="Most tokens the reply may have.")

@@ -16,12 +16,16 @@ Contract:
   ``set_persona``, ``set_params`` change the chat and the stored row together. ``reset`` starts
   a new conversation with the same role and parameters (the old one stays saved). Each change
   is written to the store first, so a store error leaves both as they were.
+- A finished reply the store will not take (locked by another process past its wait) is kept
+  in a recovery file beside the store, with a warning; the next time a store opens there, it is
+  saved. No reply is lost.
 - A stored conversation names its KV state to the engine (``conversation-<id>``, with the disk
   tier ``kv_disk`` beside the store), so it resumes warm.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +34,13 @@ from .chat import Chat, Reply, ReplyStream
 from .conversation import Turn
 from .engines.base import Engine
 from .engines.snapshots import CacheKey, DiskTier, conversation_snapshot
-from .errors import InvalidInput
+from .errors import InvalidInput, StoreError
 from .params import GenerationParams
 from .persona import get_persona
 from .store import Store, StoredMessage
 from .window import WindowPlan
+
+log = logging.getLogger("rolechat.store")
 
 
 def usage_record(reply: Reply) -> dict[str, Any]:
@@ -192,9 +198,19 @@ class SavedChat:
 
     def completed(self, handle: int | None, text: str, reply: Reply) -> None:
         self._retrying = None
-        if self.store is not None and handle is not None and self._cid is not None:
-            self.store.complete_turn(self._cid, handle, reply.text,
-                                     reply.usage.generated_tokens, usage_record(reply))
+        if self.store is None or handle is None or self._cid is None:
+            return
+        tokens, usage = reply.usage.generated_tokens, usage_record(reply)
+        try:
+            self.store.complete_turn(self._cid, handle, reply.text, tokens, usage)
+        except StoreError as exc:
+            if exc.missing:
+                raise
+            # The reply exists; the database would not take it (locked too long): keep it in
+            # a file that the next start saves, rather than lose it.
+            kept = self.store.keep_for_later(self._cid, handle, text, reply.text, tokens, usage)
+            log.warning("the conversation store was busy, so this turn was kept in %s; it is "
+                        "saved the next time rolechat opens the store (%s)", kept, exc.reason)
 
     def failed(self, handle: int | None) -> None:
         if self.store is not None and handle is not None:

@@ -28,7 +28,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +41,8 @@ from typing import Any
 from .conversation import Conversation, check_text
 from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
+from .params import GenerationParams
+from .persona import get_persona
 
 #: Schema migrations; migration i brings ``user_version`` from i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -104,6 +107,11 @@ def process_alive(writer: str | None) -> bool:
         return False
 
 
+#: How long SQLite waits for a lock in one try, and how long a write tries in all (seconds).
+BUSY_STEP_S = 0.25
+LOCK_TIMEOUT_S = 30.0
+
+
 def _now() -> str:
     # Microseconds: ``recent``/``latest`` order by this, and two writes often share a second.
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -143,17 +151,24 @@ class Store:
         # One connection shared by threads (the server's worker and handlers): one transaction
         # at a time.
         self._lock = threading.RLock()
+        #: How long a write waits for another process's lock before it gives up (seconds).
+        self.lock_timeout = LOCK_TIMEOUT_S
+        #: Called once when a write starts waiting for another process's lock (the CLI shows
+        #: a line, so that a wait is never silent).
+        self.on_wait: Callable[[str], None] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_STEP_S * 1000)}")
             if self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 self._db.execute("PRAGMA journal_mode = DELETE")
             self._migrate()
             self._writer = process_id()
+            #: Turns saved from recovery files, and dead processes' turns marked interrupted.
+            self.restored = self._restore_kept_turns()
             self.recovered = self._recover()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(str(self.path), str(exc)) from None
@@ -210,11 +225,31 @@ class Store:
                 return 0
         return len(dead)
 
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting (with one notice) while another process holds the lock, up
+        to ``lock_timeout``."""
+        deadline = time.monotonic() + self.lock_timeout
+        told = False
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                if not told and self.on_wait is not None:
+                    told = True
+                    self.on_wait(f"waiting for the conversation store {self.path} (another "
+                                 f"process holds it locked; up to {self.lock_timeout:.0f} s)…")
+                time.sleep(BUSY_STEP_S / 2)
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._begin()
                 try:
                     yield self._db
                 except BaseException:
@@ -223,6 +258,54 @@ class Store:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(str(self.path), str(exc)) from None
+
+    # ----- turns that could not be written -------------------------------------------------
+    @property
+    def recovery_dir(self) -> Path:
+        """Where turns wait that could not be written (``recovery/`` beside the database)."""
+        return self.path.parent / "recovery"
+
+    def keep_for_later(self, cid: int, user_id: int | None, user: str, reply: str,
+                       tokens: int, usage: dict[str, Any]) -> Path:
+        """Write a finished turn the database refused (locked) to a recovery file, which the
+        next :class:`Store` opened on this database saves; returns the file."""
+        folder = self.recovery_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"turn-{time.time_ns()}-{os.getpid()}.json"
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(json.dumps({
+            "conversation_id": cid, "user_id": user_id, "user": user, "reply": reply,
+            "tokens": tokens, "usage": usage}, ensure_ascii=False), encoding="utf-8")
+        os.replace(temporary, target)
+        return target
+
+    def _restore_kept_turns(self) -> int:
+        """Save the turns :meth:`keep_for_later` kept: complete the pending message they
+        answer, or append them; files are removed once saved. How many."""
+        if not self.recovery_dir.is_dir():
+            return 0
+        saved = 0
+        for path in sorted(self.recovery_dir.glob("turn-*.json")):
+            try:
+                kept = json.loads(path.read_text(encoding="utf-8"))
+                cid = int(kept["conversation_id"])
+                rows = self._read("SELECT status FROM messages WHERE id = ? AND "
+                                  "conversation_id = ?", (kept.get("user_id"), cid))
+                if rows and rows[0]["status"] in ("pending", "interrupted"):
+                    user_id = int(kept["user_id"])
+                else:
+                    user_id = self.begin_turn(cid, kept["user"])
+                self.complete_turn(cid, user_id, kept["reply"], int(kept["tokens"]),
+                                   kept["usage"])
+            except StoreError as exc:
+                if exc.missing:  # the conversation is gone: nothing to save it to
+                    path.unlink(missing_ok=True)
+                continue  # still locked or read-only: the next open tries again
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            path.unlink(missing_ok=True)
+            saved += 1
+        return saved
 
     # ----- conversations -----------------------------------------------------------------
     def create(self, *, persona: str | None = None, system: str | None = None,
@@ -397,6 +480,11 @@ class Store:
         if isinstance(data, dict):
             fields = {k: data[k] for k in ("title", "persona", "model", "params")
                       if isinstance(data.get(k), (str, dict))}
+        # What the file carries must resume later, so it is checked as the CLI would.
+        if "params" in fields:
+            fields["params"] = GenerationParams.from_mapping(fields["params"]).explicit()
+        if "persona" in fields:
+            get_persona(fields["persona"])
         return self.import_conversation(conversation, **fields)
 
 

@@ -63,10 +63,23 @@ _ENV = _environment()
 
 
 def read_template_option(value: str | None) -> str | None:
-    """A ``chat_template`` option is either Jinja source or the path of a file holding it."""
-    if value and "{" not in value and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    return value
+    """A ``chat_template`` option is either Jinja source or the path of a file holding it. Text
+    with no Jinja in it is a path: a file that does not exist is an error, never a template."""
+    if not value:
+        return value
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"Cannot read the chat template file {value!r}: {exc}.",
+                           "Pass a readable UTF-8 .jinja file.", field="chat_template") from None
+    raise InvalidInput(f"There is no chat template file {value!r} (and it is not a Jinja "
+                       "template: it has no {{ }} or {% %}).",
+                       "Pass an existing .jinja file or the template's text.",
+                       field="chat_template")
 
 #: A content piece of a rendered prompt is ``(text, True)``; template text is ``(text, False)``.
 Segment = tuple[str, bool]

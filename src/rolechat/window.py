@@ -91,9 +91,11 @@ class Window:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.low_water <= 1.0:
-            raise InvalidParams([("low_water", f"must be in (0, 1] (got {self.low_water!r})")])
+            raise InvalidParams([("low_water", f"must be in (0, 1] (got {self.low_water!r})")],
+                                what="window settings")
         if self.max_turns is not None and self.max_turns < 0:
-            raise InvalidParams([("max_turns", f"must be >= 0 (got {self.max_turns!r})")])
+            raise InvalidParams([("max_turns", f"must be >= 0 (got {self.max_turns!r})")],
+                                what="window settings")
 
     def plan(self, conversation: Conversation, user: str, engine: TokenCounter,
              params: GenerationParams, *, first_turn: int = 0) -> WindowPlan:

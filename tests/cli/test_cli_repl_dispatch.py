@@ -24,9 +24,8 @@ def make_repl(engine: FakeEngine | None = None) -> tuple[Repl, io.StringIO]:
 
 
 def test_commands_table():
-    assert set(COMMANDS) == {"/help", "/reset", "/undo", "/retry", "/system", "/persona",
-                             "/set", "/params", "/prompt", "/window", "/usage", "/save",
-                             "/export", "/exit"}
+    assert {"/help", "/reset", "/undo", "/retry", "/system", "/persona", "/set", "/params",
+            "/prompt", "/window", "/usage", "/save", "/export", "/exit"} <= set(COMMANDS)
     for name, (func, help_text) in COMMANDS.items():
         assert name.startswith("/") and callable(func) and help_text.strip()
 
@@ -479,3 +478,33 @@ def test_retry_that_fails_keeps_the_previous_reply(tmp_path):
     assert saved.chat.conversation.to_tuples() == [("question", "first answer")]
     assert saved.cid is not None
     assert store.conversation(saved.cid).to_tuples() == [("question", "first answer")]
+
+
+def test_set_refuses_a_max_new_tokens_the_context_cannot_hold():
+    repl, out = make_repl(FakeEngine(context_length=512))
+    repl.handle("/set max_new_tokens 600")
+    assert "must be less than the context length 512" in fresh(out)
+    assert repl.chat.params.max_new_tokens == 32  # unchanged
+    repl.handle("hello")
+    assert "tok/s" in fresh(out)
+
+
+def test_window_shows_each_turns_real_share():
+    engine = FakeEngine()
+    repl, out = make_repl(engine)
+    texts = ("one", "two two", "three three three")
+    for text in texts:
+        engine.replies.append("ok")
+        repl.handle(text)
+    fresh(out)
+    repl.handle("/window")
+    lines = fresh(out).splitlines()[1:]
+    shares = [int(line.split()[3]) for line in lines]
+    # Each turn adds its text and its template once: the fake's ChatML writes 17 byte tokens
+    # ("user\n", "\n", "assistant\n", "\n") and 4 control tokens around a user message and
+    # its reply.
+    assert shares == [len(text) + len("ok") + 21 for text in texts]
+    messages = repl.chat.conversation.prompt_messages()
+    whole = engine.count_tokens(messages, add_generation_prompt=False)
+    system = engine.count_tokens(messages[:1], add_generation_prompt=False)
+    assert sum(shares) == whole - system

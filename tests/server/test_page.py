@@ -22,7 +22,6 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 KEY = "page-key"
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
-SCREENSHOT = Path("/tmp/page.png")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
@@ -79,7 +78,7 @@ def api(base: str, method: str, path: str, **kwargs: Any) -> Any:
     return response.json() if response.content else None
 
 
-def test_chat_stream_list_and_prompt_view(server: str, page: Any) -> None:
+def test_chat_stream_list_and_prompt_view(server: str, page: Any, tmp_path: Path) -> None:
     load(page, server)
     model = api(server, "GET", "/models")["data"][0]["id"]
     assert page.text_content("#model") == model
@@ -119,7 +118,8 @@ def test_chat_stream_list_and_prompt_view(server: str, page: Any) -> None:
     assert prompt == expected["prompt"]
     plan = page.text_content("#plan") or ""
     assert "kept 1 turns" in plan and "dropped 0 turns" in plan and "/" in plan
-    page.screenshot(path=str(SCREENSHOT))
+    page.screenshot(path=str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").stat().st_size > 10_000
 
 
 def test_user_markup_is_text_and_shift_enter_is_newline(server: str, page: Any) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from ..store import Store
+from ..errors import InvalidInput
 from . import cli
+from .options import open_store
 
 
 @cli.group()
@@ -25,7 +26,7 @@ def list_(limit: int) -> None:
     table = Table()
     for column in ("id", "title", "turns", "persona", "updated"):
         table.add_column(column)
-    for info in Store.default().recent(limit):
+    for info in open_store().recent(limit):
         table.add_row(str(info.id), info.title, str(info.turns), info.persona or "",
                       info.updated_at[:19].replace("T", " "))
     Console(width=None if Console().is_terminal else 160).print(table)
@@ -35,7 +36,7 @@ def list_(limit: int) -> None:
 @click.argument("cid", type=int)
 def show(cid: int) -> None:
     """Print conversation CID as Markdown."""
-    click.echo(Store.default().export(cid, "md"))
+    click.echo(open_store().export(cid, "md"))
 
 
 @conversations.command()
@@ -46,7 +47,7 @@ def show(cid: int) -> None:
               help="Write to this file instead of stdout.")
 def export(cid: int, fmt: str, output: Path | None) -> None:
     """Export conversation CID (json can be imported again)."""
-    text = Store.default().export(cid, fmt)
+    text = open_store().export(cid, fmt)
     if output is None:
         click.echo(text)
     else:
@@ -55,10 +56,17 @@ def export(cid: int, fmt: str, output: Path | None) -> None:
 
 
 @conversations.command("import")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
-def import_(file: TextIO) -> None:
+@click.argument("file", type=click.File("rb"))
+def import_(file: BinaryIO) -> None:
     """Import FILE (an OpenAI message list or rolechat's JSON; - for stdin)."""
-    cid = Store.default().import_file(file.read())
+    raw = file.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{file.name} is not UTF-8 text: byte {raw[exc.start]:#04x} at "
+                           f"offset {exc.start} cannot be decoded.",
+                           "Save the file as UTF-8 (rolechat export writes UTF-8).") from None
+    cid = open_store().import_file(text)
     click.echo(cid)
     click.echo(f"imported as conversation {cid}; continue it with `rolechat chat --cid {cid}`",
                err=True)
@@ -68,5 +76,5 @@ def import_(file: TextIO) -> None:
 @click.argument("cid", type=int)
 def delete(cid: int) -> None:
     """Delete conversation CID."""
-    Store.default().delete(cid)
+    open_store().delete(cid)
     click.echo(f"deleted conversation {cid}", err=True)

@@ -214,7 +214,7 @@ def open_chat(options: dict[str, Any], *, log: bool = True,
         get_persona(persona_name)  # fail fast, before loading a model
     system = options.pop("system", None)
     resume, cid = options.pop("resume", False), options.pop("cid", None)
-    store = Store.default() if (log or resume or cid is not None) else None
+    store = open_store() if (log or resume or cid is not None) else None
     if store is not None and resume and cid is None:
         cid = store.latest()
         if cid is None:
@@ -232,6 +232,17 @@ def open_chat(options: dict[str, Any], *, log: bool = True,
         return saved
     return SavedChat.new(engine, store=store if log else None, persona=persona_name,
                          system=system, params=params, kv_disk=disk)
+
+
+def open_store() -> Store:
+    """The conversation store in the rolechat home; a wait for another process's lock is
+    announced on stderr, never silent."""
+    store = Store.default()
+    store.on_wait = lambda text: err_console.print(text, style="dim", markup=False)
+    if store.restored:
+        err_console.print(f"saved {store.restored} turn(s) kept from a time the store was "
+                          "busy", style="dim")
+    return store
 
 
 def kv_disk(store: Store | None, max_bytes: int | None) -> DiskTier | None:

@@ -27,11 +27,11 @@ from typing import Any, TextIO
 from rich.console import Console
 
 from ..chat import Chat, ReplyStream
-from ..conversation import Message
 from ..engines.snapshots import format_size
 from ..errors import InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..saved import SavedChat
+from ..window import check_room
 from .options import usage_line
 
 Command = Callable[["Repl", str], bool]
@@ -247,6 +247,7 @@ def _set(repl: Repl, argument: str) -> bool:
     else:
         data[key] = value
     params = GenerationParams(**data)
+    check_room(params, repl.chat.engine.context_length)  # a value every message would fail on
     repl.saved.set_params(params)
     if key in params.explicit():
         repl.user_params[key] = getattr(params, key)
@@ -285,9 +286,14 @@ def _window(repl: Repl, argument: str) -> bool:
              f"{plan.context_length} - max_new_tokens {plan.max_new_tokens}); "
              f"{len(plan.kept)} turn(s) kept, {len(plan.dropped)} dropped")
     kept = set(plan.kept)
+    # Each turn's real share of a prompt: what it adds to the prompt before it.
+    messages = chat.conversation.prompt_messages()
+    start = 1 if chat.system is not None else 0
+    before = chat.engine.count_tokens(messages[:start], add_generation_prompt=False)
     for index, turn in enumerate(chat.conversation.turns):
-        tokens = chat.engine.count_tokens([Message("user", turn.user),
-                                           Message("assistant", turn.assistant)])
+        upto = chat.engine.count_tokens(messages[:start + 2 * (index + 1)],
+                                        add_generation_prompt=False)
+        tokens, before = upto - before, upto
         state = "kept" if index in kept else "dropped"
         repl.say(f"  turn {index + 1:<3} {state:<8} {tokens:>6} tokens  {_short(turn.user)}")
     return True

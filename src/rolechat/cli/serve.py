@@ -10,7 +10,14 @@ import click
 
 from ..errors import ModelLoadError
 from . import cli
-from .options import err_console, kv_disk, kv_disk_option, model_options, open_engine
+from .options import (
+    err_console,
+    kv_disk,
+    kv_disk_option,
+    model_options,
+    open_engine,
+    open_store,
+)
 
 
 @cli.command()
@@ -36,9 +43,8 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
         raise ModelLoadError("server", f"{exc.name} is not installed",
                              "Install the extra: pip install 'rolechat[server]'") from None
     keys = list(server_keys) or [k for k in [os.environ.get("ROLECHAT_API_KEY", "")] if k]
-    from ..store import Store
 
-    store = Store.default()
+    store = open_store()
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
     engine = open_engine(options, api_key_flag="--remote-api-key")
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..conversation import Message
-from ..errors import ContextOverflow
+from ..errors import ContextOverflow, InvalidInput
 from ..params import GenerationParams
 from ..template import ChatTemplate
 
@@ -169,6 +169,11 @@ class Engine(ABC):
             pass
         assert generation.completion is not None
         return generation.completion
+
+    def set_threads(self, n_threads: int) -> None:
+        """Use ``n_threads`` CPU threads from now on (engines that run the model here)."""
+        raise InvalidInput(f"The {self.kind} engine does not run the model in this process, so "
+                           "it has no threads to set.", "Leave threads out.", field="threads")
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Finish work kept for later (snapshot files); False if ``timeout`` passed first."""

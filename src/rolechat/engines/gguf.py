@@ -38,7 +38,10 @@ def _read(f: BinaryIO, fmt: str) -> object:
 def _string(f: BinaryIO) -> str:
     n = _read(f, "<Q")
     assert isinstance(n, int)
-    return f.read(n).decode("utf-8", errors="replace")
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data.decode("utf-8", errors="replace")
 
 
 def _value(f: BinaryIO, vtype: int) -> object:
@@ -89,7 +92,8 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
                 if isinstance(arch, str) and f"{arch}.context_length" in fields:
                     break
     except (EOFError, ValueError, struct.error, OSError) as exc:
-        raise ModelLoadError(str(path), f"the GGUF header is damaged ({exc or 'truncated'})",
+        why = str(exc) or "the file ends in the middle of its header"
+        raise ModelLoadError(str(path), f"the GGUF header is damaged ({why})",
                              "Download the file again.") from None
     arch = fields.get("general.architecture")
     ctx = fields.get(f"{arch}.context_length")

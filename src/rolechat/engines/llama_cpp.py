@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from ..errors import InvalidInput, ModelLoadError
 from ..params import GenerationParams
 from ..template import read_template_option
 from .gguf import read_gguf_info
@@ -207,6 +207,12 @@ class LlamaCppEngine(LocalEngine):
                     n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
                     verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
+            if n_ctx > trained:
+                raise ModelLoadError(
+                    str(model_path), f"llama.cpp could not make a context of {n_ctx} tokens "
+                    f"({exc}); the model was trained for {trained}, and the KV cache for "
+                    f"{n_ctx} may not fit in memory",
+                    f"Use a smaller --context-length (at most {trained}).") from None
             raise ModelLoadError(str(model_path), str(exc),
                                  "Check that the file is a complete GGUF model.") from None
         # llama.cpp logs through this logger; keep the terminal quiet.
@@ -227,6 +233,16 @@ class LlamaCppEngine(LocalEngine):
         vocab = self._llm._model.vocab
         self._eog = {t for t in range(self._llm.n_vocab())
                      if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+    def set_threads(self, n_threads: int) -> None:
+        if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
+            raise InvalidInput(f"threads must be a whole number >= 1 (got {n_threads!r}).",
+                               "Leave it out to use all physical cores.", field="threads")
+        import llama_cpp
+
+        with self._lock:
+            llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n_threads, n_threads)
+            self.n_threads = n_threads
 
     # ----- evaluation and generation -----------------------------------------------------
     def _evaluate(self, ids: list[int], start: int) -> None:

@@ -11,7 +11,7 @@ from rolechat import Chat
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.store import Store
 
-DOCUMENT = ("Here are my notes on lighthouses. " + "A lighthouse guides ships at night. " * 40
+DOCUMENT = ("Here are my notes on lighthouses. " + "A lighthouse guides ships at night. " * 20
             + "Keep this in mind.")
 FOLLOW_UP = "What do lighthouses do?"
 
@@ -38,7 +38,7 @@ def cold_reply(home: Path, cid: int, text: str, max_new_tokens: int = 16) -> str
 
 def test_ask_c_in_a_new_process_restores_from_disk(cli, rolechat_home: Path) -> None:
     first = cli.ask_json(DOCUMENT, *cli.FAST)
-    assert first["usage"]["prompt_tokens"] > 300
+    assert first["usage"]["prompt_tokens"] > 150
     (path,) = snapshot_files(rolechat_home)  # written before the first process ended
     assert path.name == f"conversation-{first['conversation_id']}.kv"
 

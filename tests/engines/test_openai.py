@@ -81,6 +81,11 @@ def test_two_turn_streamed_chat(remote: OpenAIEngine) -> None:
     assert second.prompt_tokens > first.prompt_tokens
     assert first.ttft_s > 0 and first.total_s >= first.ttft_s
     assert len(chat.conversation.turns) == 2
+    # llama-cpp-python's server reports no usage when streaming: rolechat's counts are
+    # estimates, and say so (in the usage, the plan, and where they are stored or shown).
+    assert first.estimated and stream.reply.plan.estimated
+    assert "(estimated)" in stream.reply.plan.summary()
+    assert remote.kv_stats() is None  # the server keeps its own cache
 
 
 def test_local_tokenizer_counts_exactly(remote_exact: OpenAIEngine,
@@ -91,6 +96,7 @@ def test_local_tokenizer_counts_exactly(remote_exact: OpenAIEngine,
         assert remote_exact.count_tokens(messages) == engine.count_tokens(messages)
     reply = Chat(remote_exact, params=GREEDY).send("Say hi.")
     assert reply.text.strip()
+    assert not reply.plan.estimated
 
 
 def test_estimate_is_never_below_the_exact_count(remote: OpenAIEngine,

@@ -13,7 +13,7 @@ from rolechat import Chat, Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.engines.snapshots import CacheKey, DiskTier
 
-GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 TOPICS = ("the sea", "mountains", "bread", "the moon")
 
 
@@ -44,13 +44,12 @@ def test_interleaved_conversations_restore_and_match_cold_replies(
     warm.reset_cache()
     chats = []
     for index, topic in enumerate(TOPICS):
-        chat = Chat(warm, system=f"You are assistant number {index}. You like {topic}.",
-                    params=GREEDY)
+        chat = Chat(warm, system=f"You like {topic}.", params=GREEDY)
         chat.cache_key = CacheKey(f"conversation-{index}")
         chats.append(chat)
     for round_ in range(10):
         for index, chat in enumerate(chats):
-            text = f"Round {round_}: say one short thing about {TOPICS[index]}."
+            text = f"{round_}: more on {TOPICS[index]}?"
             before = chat.conversation.copy()
             last = chat.last_reply
             reply = chat.send(text)

@@ -17,7 +17,7 @@ from rolechat import Chat, Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from servers import rolechat_serve
 
-GREEDY = {"temperature": 0, "max_new_tokens": 8}
+GREEDY = {"temperature": 0, "max_new_tokens": 6}
 TOPICS = ("the sea", "mountains", "bread", "the moon")
 ROUNDS = 10
 #: The stateless endpoint shares the engine code the sessions prove over 10 rounds.
@@ -52,12 +52,12 @@ def test_interleaved_sessions_stay_warm_and_match_cold_replies(
         sessions: list[tuple[int, Conversation]] = []
         for topic in TOPICS:
             body = client.post("/conversations", json={
-                "system": f"You like {topic}. Answer in one short sentence.",
+                "system": f"You like {topic}.",
                 "params": GREEDY}).json()
             sessions.append((body["id"], Conversation.from_tuples([], system=body["system"])))
         for round_ in range(ROUNDS):
             for (cid, history), topic in zip(sessions, TOPICS):
-                text = f"Round {round_}: one thing about {topic}?"
+                text = f"{round_}: more on {topic}?"
                 response = client.post(f"/conversations/{cid}/messages", json={"content": text})
                 assert response.status_code == 200, response.text
                 data = response.json()
@@ -91,7 +91,7 @@ def test_interleaved_sessions_stay_warm_and_match_cold_replies(
         text = "And now, after a restart?"
         data = client.post(f"/conversations/{cid}/messages", json={"content": text}).json()
         assert data["rolechat"]["kv_source"] == "disk"
-        assert data["rolechat"]["restored_tokens"] > 200
+        assert data["rolechat"]["restored_tokens"] > 100
         assert data["message"]["content"] == cold_reply(cold, history, text)
         assert client.get("/status").json()["kv_cache"]["disk"]["hits"] == 1
 
@@ -108,7 +108,8 @@ def test_a_stateless_client_alternating_conversations_stays_warm(
             for messages, topic in zip(histories, TOPICS):
                 messages.append({"role": "user", "content": f"Round {round_}: {topic}?"})
                 response = client.chat.completions.create(
-                    model=model, messages=messages, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+                    model=model, messages=messages, temperature=0,  # type: ignore[arg-type]
+                    max_tokens=GREEDY["max_new_tokens"])
                 reply = response.choices[0].message.content or ""
                 before = Conversation.from_openai(messages[:-1])
                 assert reply == cold_reply(cold, before, messages[-1]["content"])

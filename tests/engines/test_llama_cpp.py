@@ -27,7 +27,7 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 32}
 def test_embedded_defaults(engine: LlamaCppEngine) -> None:
     assert engine.path.name == EMBEDDED_FILE
     assert engine.context_length == engine.trained_context_length == 8192  # not 512
-    assert engine.n_threads == physical_cores()
+    assert engine.max_threads == physical_cores()  # a reply uses those the machine leaves free
     assert read_gguf_info(engine.path).context_length == 8192
 
 
@@ -169,3 +169,22 @@ def test_truncated_gguf(tmp_path: Path, engine: LlamaCppEngine) -> None:
 def test_unknown_engine_lists_valid_ones() -> None:
     with pytest.raises(UnknownName, match=r"Valid engines: llama\.cpp"):
         load_engine(engine="vllm")
+
+
+def test_threads_follow_the_cores_other_processes_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = LlamaCppEngine(context_length=512)
+    try:
+        assert engine._free is not None
+        for free, expected in ((0.2, 1), (engine.max_threads + 3.0, engine.max_threads)):
+            monkeypatch.setattr(engine._free, "look", lambda free=free: free)
+            Chat(engine, params=GREEDY).send("Hi")
+            assert engine.n_threads == expected
+        engine.set_threads(1)  # the caller decides from now on
+        assert engine._free is None and engine.n_threads == engine.max_threads == 1
+    finally:
+        engine.close()
+    fixed = LlamaCppEngine(context_length=512, n_threads=1)
+    try:
+        assert fixed._free is None  # threads given: used as given
+    finally:
+        fixed.close()

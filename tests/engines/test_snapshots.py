@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fakes import FakeEngine
-from rolechat import Chat
+from rolechat import Chat, Message
 from rolechat.engines.kvcache import KVSnapshot, as_ids, common_prefix
 from rolechat.engines.snapshots import (
     MAGIC,
@@ -373,3 +373,26 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_refuses_nonsense(text: str) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_a_window_slide_replaces_the_snapshot_with_the_new_prefix(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "kv")
+    engine = FakeEngine(context_length=400)
+    chat = Chat(engine, system="S.", params={"temperature": 0.7, "max_new_tokens": 16})
+    chat.cache_key = CacheKey("conversation-1", disk)
+    slid = False
+    for turn in range(8):
+        reply = send(chat, f"T{turn} " + "w" * 60)
+        (_, snapshot), = engine.memory.entries()
+        kept = reply.plan.first_turn  # type: ignore[attr-defined]
+        # The snapshot is this reply's prompt and reply: it starts with the kept turns.
+        first_kept = chat.conversation.turns[kept].user
+        system = chat.conversation.prompt_messages()[0]
+        prefix = engine.prompt_ids([system, Message("user", first_kept)],
+                                   add_generation_prompt=False)
+        assert list(snapshot.ids[:len(prefix) - 2]) == prefix[:-2]
+        slid = slid or kept > 0
+    assert slid
+    # On disk too: the file holds the newest prefix.
+    entry = disk.open(engine.kv.identity(), "conversation-1")
+    assert entry is not None and np.array_equal(entry.ids, snapshot.ids)

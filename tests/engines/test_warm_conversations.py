@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cold import cold_reply as reference
 from rolechat import Chat, Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.engines.snapshots import CacheKey, DiskTier
@@ -33,10 +34,7 @@ def cold() -> Iterator[LlamaCppEngine]:
 
 
 def cold_reply(cold: LlamaCppEngine, conversation: Conversation, text: str) -> str:
-    cold.reset_cache()
-    reply = Chat(cold, conversation=conversation.copy(), params=GREEDY).send(text)
-    assert reply.usage.cached_tokens == 0
-    return reply.text
+    return reference(cold, conversation, text, GREEDY)
 
 
 def test_interleaved_conversations_restore_and_match_cold_replies(

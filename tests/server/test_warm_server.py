@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from rolechat import Chat, Conversation
+from cold import cold_reply as reference
+from rolechat import Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from servers import rolechat_serve
 
@@ -34,10 +35,7 @@ def cold() -> Iterator[LlamaCppEngine]:
 
 
 def cold_reply(cold: LlamaCppEngine, conversation: Conversation, text: str) -> str:
-    cold.reset_cache()
-    reply = Chat(cold, conversation=conversation.copy(), params=GREEDY).send(text)
-    assert reply.usage.cached_tokens == 0
-    return reply.text
+    return reference(cold, conversation, text, GREEDY)
 
 
 def kv_files(home: Path) -> list[str]:

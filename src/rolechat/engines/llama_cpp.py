@@ -5,8 +5,10 @@ Contract:
   package (found through package metadata, without importing that package);
   ``LlamaCppEngine(path)`` loads any ``.gguf`` file.
 - The context length defaults to the model's trained context, capped by ``max_context``
-  (never llama-cpp-python's 512 default); threads default to all physical cores, and their
-  OpenMP spin-wait is kept short (:data:`OPENMP_SPIN_COUNT`) so that they survive contention.
+  (never llama-cpp-python's 512 default). Threads: unless the caller fixes them, each reply
+  uses one per physical core that other processes leave free (:class:`FreeCores`, at least
+  one); their OpenMP spin-wait is kept short (:data:`OPENMP_SPIN_COUNT`). Both keep llama.cpp
+  fast when other work shares the cores.
 - The chat template is the one inside the GGUF (``tokenizer.chat_template``) unless
   ``chat_template`` overrides it.
 - The live KV cache is a :class:`LlamaKVCache`: the ``Llama`` object's token ids and llama.cpp's
@@ -22,6 +24,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -100,6 +103,38 @@ def file_identity(path: Path) -> dict[str, Any]:
         head = f.read(IDENTITY_HEAD_BYTES)
     return {"path": str(path.resolve()), "size": path.stat().st_size,
             "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+class FreeCores:
+    """How many cores other processes left free since the last look, from the system's and this
+    process's CPU times (psutil): the rest of the machine's load, whatever runs it."""
+
+    #: Shorter intervals say too little; the last decision stands.
+    MIN_INTERVAL_S = 0.2
+
+    def __init__(self, cores: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._cores = cores
+        self._process = psutil.Process()
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        times = self._psutil.cpu_times()
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        busy = sum(times) - idle
+        mine = self._process.cpu_times()
+        return time.monotonic(), busy, mine.user + mine.system
+
+    def look(self) -> float | None:
+        now = self._sample()
+        wall = now[0] - self._last[0]
+        if wall < self.MIN_INTERVAL_S:
+            return None
+        others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last = now
+        return max(0.0, self._cores - others)
 
 
 class LlamaKVCache(KVCache):
@@ -224,6 +259,11 @@ class LlamaCppEngine(LocalEngine):
         # llama.cpp rounds the allocation up (to a multiple of 256); honour what was asked.
         self.context_length = min(n_ctx, self._llm.n_ctx())
         self.n_threads = threads
+        #: With threads left to rolechat, each reply uses as many as the cores other processes
+        #: leave free (at least one): llama.cpp's threads wait for each other every step, so a
+        #: thread without a core of its own slows them all down.
+        self.max_threads = threads
+        self._free = FreeCores(threads) if n_threads is None else None
         self.vocab = GGUFVocab(self._llm)
         self.template = template_for(self.vocab, read_template_option(chat_template))
         self.encoder = PromptEncoder(self.vocab, self.template)
@@ -242,7 +282,8 @@ class LlamaCppEngine(LocalEngine):
 
         with self._lock:
             llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n_threads, n_threads)
-            self.n_threads = n_threads
+            self.n_threads = self.max_threads = n_threads
+            self._free = None  # the caller decides from now on
 
     # ----- evaluation and generation -----------------------------------------------------
     def _evaluate(self, ids: list[int], start: int) -> None:
@@ -252,8 +293,21 @@ class LlamaCppEngine(LocalEngine):
     def _piece(self, token: int) -> bytes:
         return self.vocab.piece(token)
 
+    def _fit_threads(self) -> None:
+        """Before a reply: one thread per core that other processes leave free."""
+        free = self._free.look() if self._free is not None else None
+        if free is None:
+            return
+        wanted = max(1, min(self.max_threads, int(free + 0.5)))
+        if wanted != self.n_threads:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, wanted, wanted)
+            self.n_threads = wanted
+
     def _tokens(self, prompt_ids: list[int], start: int,
                 params: GenerationParams) -> Iterator[int]:
+        self._fit_threads()
         self._llm.set_seed(params.seed if params.seed is not None else RANDOM_SEED)
         tokens = self._llm.generate(
             prompt_ids[start:], reset=False, temp=params.temperature, top_k=params.top_k,

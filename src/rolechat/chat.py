@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from .conversation import Conversation, Turn, check_text
+from .conversation import Conversation, Message, Turn, check_text
 from .engines import load_engine
 from .engines.base import Engine, FinishReason, Generation, Usage
 from .engines.snapshots import CacheKey
@@ -37,6 +37,9 @@ class Reply:
     finish_reason: FinishReason
     #: Which turns the prompt held, and its token count.
     plan: WindowPlan
+    #: The parameters the reply was generated with, and where each came from.
+    params: GenerationParams | None = None
+    params_from: dict[str, str] | None = None
 
 
 class TurnLog(Protocol):
@@ -44,7 +47,7 @@ class TurnLog(Protocol):
     :class:`~rolechat.saved.SavedChat`): ``started`` before generating, then exactly one of
     ``completed`` or ``failed``."""
 
-    def started(self, text: str, plan: WindowPlan) -> Any: ...
+    def started(self, text: str, plan: WindowPlan, *, continues: bool = False) -> Any: ...
 
     def completed(self, handle: Any, text: str, reply: Reply) -> None: ...
 
@@ -54,15 +57,21 @@ class TurnLog(Protocol):
 class ReplyStream(Iterator[str]):
     """Text chunks of one reply. ``reply`` is set once the stream is exhausted."""
 
-    def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams) -> None:
-        self._chat, self._text, self._plan = chat, text, plan
+    def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams, *,
+                 prompt_ids: list[int] | None = None, continues: bool = False) -> None:
+        self._chat, self._text, self._plan, self._params = chat, text, plan, params
+        #: True when this reply continues the last one (its text is appended to it).
+        self.continues = continues
         self.reply: Reply | None = None
         # The log first: a saved chat creates its conversation now, and with it the cache key.
-        self._handle = chat.log.started(text, plan) if chat.log is not None else None
+        self._handle = (chat.log.started(text, plan, continues=continues)
+                        if chat.log is not None else None)
         self._open = True
         try:
             self._generation: Generation = chat.engine.stream(
-                plan.messages, params, prompt_ids=plan.prompt_ids, cache_key=chat.cache_key)
+                plan.messages, params,
+                prompt_ids=prompt_ids if prompt_ids is not None else plan.prompt_ids,
+                cache_key=chat.cache_key)
         except BaseException:
             self._open = False
             if chat.log is not None:
@@ -77,9 +86,13 @@ class ReplyStream(Iterator[str]):
             assert completion is not None
             if self.reply is None:
                 self.reply = Reply(completion.text, completion.usage, completion.finish_reason,
-                                   self._plan)
+                                   self._plan, self._params,
+                                   self._chat.params_from(self._params))
                 self._open = False
-                self._chat._record(self._text, self.reply)
+                if self.continues:
+                    self._chat._extend(self.reply)
+                else:
+                    self._chat._record(self._text, self.reply)
                 if self._chat.log is not None:
                     self._chat.log.completed(self._handle, self._text, self.reply)
             raise
@@ -151,8 +164,34 @@ class Chat:
     def system(self, text: str | None) -> None:
         self.conversation.system = None if text is None else check_text(text, "system prompt")
 
-    def _params(self, overrides: Mapping[str, Any]) -> GenerationParams:
-        return self.params.merged(**overrides) if overrides else self.params
+    def effective_params(self, **overrides: Any) -> GenerationParams:
+        """The parameters a reply uses: the model's own defaults (its generation config), then
+        the persona's and the caller's (``self.params``), then this call's ``overrides``."""
+        model = {k: v for k, v in self.engine.model_defaults.items()
+                 if k not in self.params.explicit()}
+        base = self.params.merged(**model) if model else self.params
+        return base.merged(**overrides) if overrides else base
+
+    def params_from(self, params: GenerationParams | None = None) -> dict[str, str]:
+        """Where each parameter of ``params`` (default: the next reply's) comes from:
+        ``this reply`` (a per-call override), ``you`` (set for this chat), ``persona``,
+        ``model`` (the model's generation config) or ``rolechat`` (its default)."""
+        params = params or self.effective_params()
+        mine, persona = self.params.explicit(), self.persona.params.explicit()
+        model = self.engine.model_defaults
+        sources = {}
+        for name in GenerationParams.model_fields:
+            value = getattr(params, name)
+            if name in mine and mine[name] == value:
+                sources[name] = ("persona" if name in persona and persona[name] == value
+                                 else "you")
+            elif name in model and model[name] == value and name not in mine:
+                sources[name] = "model"
+            elif name in params.explicit():
+                sources[name] = "this reply"
+            else:
+                sources[name] = "rolechat"
+        return sources
 
     def plan(self, text: str, **overrides: Any) -> WindowPlan:
         """Which turns would go into the prompt for ``text`` (nothing is generated)."""
@@ -160,8 +199,8 @@ class Chat:
         if self.conversation.pending is not None:
             raise InvalidInput("The conversation ends with a user message that has no reply.",
                                "Remove it (conversation.pop_turn()) or answer it first.")
-        return self.window.plan(self.conversation, text, self.engine, self._params(overrides),
-                                first_turn=self.first_turn)
+        return self.window.plan(self.conversation, text, self.engine,
+                                self.effective_params(**overrides), first_turn=self.first_turn)
 
     def prompt(self, text: str, **overrides: Any) -> str:
         """The exact text the model would receive for ``text``."""
@@ -169,8 +208,28 @@ class Chat:
 
     def stream(self, text: str, **overrides: Any) -> ReplyStream:
         """Start a reply to ``text``; iterate for its chunks. Validates before generating."""
-        params = self._params(overrides)
+        params = self.effective_params(**overrides)
         return ReplyStream(self, text, self.plan(text, **overrides), params)
+
+    def continue_reply(self, **overrides: Any) -> ReplyStream:
+        """Go on with the last reply from where it stopped (cut at ``max_new_tokens``): the
+        model continues the same assistant message, and what it adds is appended to it."""
+        turns = self.conversation.turns
+        if not turns:
+            raise InvalidInput("There is no reply to continue.", "Send a message first.")
+        last = turns[-1]
+        params = self.effective_params(**overrides)
+        before = Conversation(self.conversation.system, list(self.conversation.messages[:-2]))
+        plan = self.window.plan(before, last.user, self.engine, params,
+                                first_turn=min(self.first_turn, len(before.turns)))
+        ids = self.engine.continuation_ids([*plan.messages,
+                                            Message("assistant", last.assistant)])
+        return ReplyStream(self, last.user, plan, params, prompt_ids=ids, continues=True)
+
+    def _extend(self, reply: Reply) -> None:
+        last = self.conversation.messages[-1]
+        self.conversation.messages[-1] = Message("assistant", last.content + reply.text)
+        self.last_reply = reply
 
     def send(self, text: str, **overrides: Any) -> Reply:
         """Reply to ``text`` and record the turn."""

@@ -97,3 +97,16 @@ class GenerationParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def valid_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are valid GenerationParams fields and values, one by one
+    (a model's stored defaults: a bad one is skipped, never an error)."""
+    kept: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in GenerationParams.model_fields and value is not None:
+            try:
+                kept[name] = getattr(GenerationParams(**{name: value}), name)
+            except InvalidParams:
+                continue
+    return kept

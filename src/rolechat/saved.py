@@ -187,20 +187,25 @@ class SavedChat:
         self.chat.push_turn(removed.turn, removed.last_reply)
 
     # ----- the TurnLog the chat reports to -----------------------------------------------
-    def started(self, text: str, plan: WindowPlan) -> int | None:
+    def started(self, text: str, plan: WindowPlan, *, continues: bool = False) -> Any:
         if self.store is None:
             return None
+        if continues:  # nothing is written until the continuation is complete
+            return "continues"
         cid = self.ensure()
         assert cid is not None
         engine = self.chat.engine
         tokens = engine.count_text(text) if engine.exact_counts else None
         return self.store.begin_turn(cid, text, tokens)
 
-    def completed(self, handle: int | None, text: str, reply: Reply) -> None:
+    def completed(self, handle: Any, text: str, reply: Reply) -> None:
         self._retrying = None
         if self.store is None or handle is None or self._cid is None:
             return
         tokens, usage = reply.usage.generated_tokens, usage_record(reply)
+        if handle == "continues":
+            self.store.extend_last_reply(self._cid, reply.text, tokens, usage)
+            return
         try:
             self.store.complete_turn(self._cid, handle, reply.text, tokens, usage)
         except StoreError as exc:
@@ -212,10 +217,15 @@ class SavedChat:
             log.warning("the conversation store was busy, so this turn was kept in %s; it is "
                         "saved the next time rolechat opens the store (%s)", kept, exc.reason)
 
-    def failed(self, handle: int | None) -> None:
-        if self.store is not None and handle is not None:
+    def failed(self, handle: Any) -> None:
+        if self.store is not None and isinstance(handle, int):
             self.store.interrupt_turn(handle)
         self._put_back()
+
+    def continue_reply(self, **overrides: Any) -> ReplyStream:
+        """Go on with the last reply where it stopped; what is added is appended to it, in the
+        store too (a continuation that does not complete changes nothing)."""
+        return self.chat.continue_reply(**overrides)
 
     # ----- role and parameters -----------------------------------------------------------
     def _save(self, **fields: Any) -> None:

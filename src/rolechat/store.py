@@ -433,6 +433,20 @@ class Store:
                 (cid, self._next_seq(db, cid), reply, tokens, json.dumps(usage), now))
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
 
+    def extend_last_reply(self, cid: int, text: str, tokens: int,
+                          usage: dict[str, Any]) -> None:
+        """Append a continuation to the newest reply (``/continue``): its text, its tokens,
+        and the continuation's usage (marked ``continued``)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT id, usage FROM messages WHERE conversation_id = ? AND "
+                             "role = 'assistant' ORDER BY seq DESC LIMIT 1", (cid,)).fetchone()
+            if row is None:
+                raise InvalidInput("There is no reply to continue.", "Send a message first.")
+            db.execute("UPDATE messages SET content = content || ?, tokens = COALESCE(tokens, 0)"
+                       " + ?, usage = ? WHERE id = ?",
+                       (text, tokens, json.dumps({**usage, "continued": True}), row["id"]))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), cid))
+
     def interrupt_turn(self, user_id: int) -> None:
         """The reply did not complete: keep the message, marked, out of every prompt."""
         with self._transaction() as db:

@@ -7,6 +7,7 @@ runs, and llama.cpp's spinning worker threads slow down badly when they compete 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -133,10 +134,16 @@ class ReplSession:
                "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.home = home
         env.pop("NO_COLOR", None)
+        if "--render" not in args:  # plain text: each reply is written once, as it comes
+            args = ("--render", "plain", *args)
+        #: Everything the terminal received (for a terminal emulator to replay).
+        self.log = io.StringIO()
         self.child = pexpect.spawn(str(ROLECHAT), ["chat", *args], env=env, dimensions=(40, 200),
                                    encoding="utf-8", timeout=30)
+        self.child.logfile_read = self.log
         self.banner = self.expect("Ctrl-D to leave")
-        self.wait_prompt()
+        #: What was printed between the banner and the first prompt.
+        self.intro = self.wait_prompt()
 
     def expect(self, pattern: str) -> str:
         """Wait for the literal ``pattern``; return the clean text before it and it."""

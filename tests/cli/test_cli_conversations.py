@@ -201,3 +201,20 @@ def test_the_store_path_is_per_home(cli: Cli, tmp_path: Path) -> None:
     assert result.code == 0
     cli.env["ROLECHAT_HOME"] = str(other)
     cli.fails("conversations", "show", str(cid), code=2)
+
+
+def test_chat_no_log_saves_nothing_and_can_read_a_saved_conversation(cli: Cli) -> None:
+    result = cli.ok("chat", "--no-log", *FAST, stdin="hello\n/exit\n")
+    assert "tokens ·" in result.out
+    assert not (cli.home / "rolechat.db").exists()  # no store is even opened...
+    assert not (cli.home / "input_history").exists()  # ...nor the input history
+
+    cid = seeded(cli, [("What is 2+2?", "4.")])
+    result = cli.ok("chat", "--no-log", "-c", *FAST, stdin="/prompt\nAnd 3+3?\n/exit\n")
+    assert "What is 2+2?" in result.out  # the saved history is in the prompt
+    saved = store(cli)
+    try:
+        assert saved.conversation(cid).to_tuples() == [("What is 2+2?", "4.")]  # unchanged
+        assert len(saved.recent(10)) == 1
+    finally:
+        saved.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pyte
+
 from rolechat.cli.repl import COMMANDS
 from rolechat.store import Store
 
@@ -120,6 +122,8 @@ def test_chat_with_piped_stdin(cli):
                     stdin="hello\n/exit\n")
     lines = result.out.splitlines()
     assert lines[0].startswith("rolechat · ") and "persona concise" in lines[0]
+    if lines[-1].startswith("[the reply stopped at max_new_tokens (8)"):
+        lines.pop()  # a cut reply says so after its usage line
     assert USAGE.search(lines[-1]), result.out  # the reply's usage line comes last
     assert "\n".join(lines[1:-1]).strip()  # the reply
     assert result.err == ""
@@ -177,9 +181,77 @@ def test_resume_the_last_conversation_with_continue(spawn_repl):
     assert repl.finish() == 0
 
     resumed = spawn_repl("-c", *SHORT)
+    # It says which conversation it resumed, and shows the last turn.
+    assert re.search(r"continuing conversation \d+ \"What is the capital of France\?\" "
+                     r"\(1 turn\(s\)\); last:", resumed.intro)
+    assert f"you: {FIRST}" in resumed.intro and "reply: " in resumed.intro
     shown = resumed.send("/prompt", "<|im_start|>system")
     assert f"<|im_start|>user\n{FIRST}<|im_end|>\n<|im_start|>assistant\n" in shown
     second = resumed.send(SECOND, "tok/s")
     assert usage_of(second)[3] == 1  # the first session's turn is in the prompt
     resumed.child.sendeof()
     assert resumed.finish() == 0
+
+
+def screen_of(repl) -> list[str]:
+    """The terminal's screen, as a terminal emulator shows what the REPL wrote."""
+    screen = pyte.Screen(200, 40)
+    stream = pyte.Stream(screen)
+    stream.feed(repl.log.getvalue())
+    return [line.rstrip() for line in screen.display]
+
+
+def test_markdown_rendering_shows_each_reply_once(spawn_repl):
+    repl = spawn_repl("--render", "markdown", *SHORT)
+    repl.send("List three fruits, with **bold** names.", "tok/s")
+    store = Store(repl.home / "rolechat.db")
+    reply = store.messages(store.latest())[-1].content
+    store.close()
+    lines = screen_of(repl)
+    shown = "\n".join(lines)
+    words = re.findall(r"[A-Za-z]{3,}", reply)
+    assert words, reply
+    # Every word of the reply is on the screen, in order, the first one only once: the
+    # stream was rendered in place, not printed raw and then again.
+    found = re.search(".*?".join(re.escape(w) for w in words), shown, re.S)
+    assert found, (reply, shown)
+    after = shown.split("with **bold** names.", 1)[1]
+    assert after.count(words[0]) == reply.count(words[0]), (reply, shown)
+    assert sum(1 for line in lines if "tok/s" in line) == 1
+    assert not any(set(line.strip()) == {"─"} for line in lines if line.strip())  # no rule
+    assert "**" not in after  # Markdown is rendered
+    repl.child.sendeof()
+    assert repl.finish() == 0
+
+
+def test_triple_quoted_block_is_one_message(spawn_repl):
+    repl = spawn_repl(*SHORT)
+    repl.child.sendline('"""First line of a block.')
+    repl.expect("...")  # the continuation prompt
+    repl.child.sendline("")
+    repl.child.sendline('Last line."""')
+    repl.expect("tok/s")
+    repl.wait_prompt()
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert "<|im_start|>user\nFirst line of a block.\n\nLast line.<|im_end|>" in shown
+    repl.child.sendeof()
+    assert repl.finish() == 0
+
+
+def test_a_cut_reply_says_so_and_continue_extends_it(spawn_repl):
+    repl = spawn_repl("-t", "0", "--max-new-tokens", "6", "--threads", "1")
+    cut = repl.send("Write a long story about a dragon.", "/continue")
+    assert "stopped at max_new_tokens (6)" in cut
+    store = Store(repl.home / "rolechat.db")
+    cid = store.latest()
+    first = store.messages(cid)[-1].content
+    more = repl.send("/continue", "tok/s")
+    assert usage_of(more)[0] >= 1
+    after = store.messages(cid)
+    store.close()
+    assert [m.role for m in after] == ["user", "assistant"]  # no new turn: the same reply...
+    assert after[-1].content.startswith(first) and len(after[-1].content) > len(first)
+    shown = repl.send("/prompt", "<|im_start|>system")
+    assert f"{after[-1].content}<|im_end|>" in shown  # ...goes on, and into the next prompt
+    repl.child.sendeof()
+    assert repl.finish() == 0

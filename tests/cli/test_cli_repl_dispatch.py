@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fakes import FakeEngine
-from rolechat.cli.repl import COMMANDS, Repl, looks_like_markdown, parse_value
+from rolechat.cli.render import WordWrap
+from rolechat.cli.repl import BLOCK, COMMANDS, Repl, parse_value, read_message
 from rolechat.conversation import Conversation
 from rolechat.params import GenerationParams
 from rolechat.saved import SavedChat
@@ -319,10 +320,11 @@ def test_params_shows_every_parameter():
     assert repl.handle("/params") is True
     lines = fresh(out).splitlines()
     assert len(lines) == len(GenerationParams.model_fields)
-    assert any(line.split()[:2] == ["temperature", "0.2"] and "default" not in line
+    assert any(line.split()[:2] == ["temperature", "0.2"] and "(you)" in line
                for line in lines)
-    assert any(line.split()[:2] == ["max_new_tokens", "32"] for line in lines)
-    assert any(line.split()[:2] == ["top_p", "0.95"] and "(default)" in line for line in lines)
+    assert any(line.split()[:2] == ["max_new_tokens", "32"] and "(you)" in line
+               for line in lines)
+    assert any(line.split()[:2] == ["top_p", "0.95"] and "(rolechat)" in line for line in lines)
 
 
 def test_window_shows_kept_and_dropped_turns():
@@ -437,26 +439,127 @@ class TtyOut(io.StringIO):
         return True
 
 
-def test_markdown_reply_is_rendered_again_on_a_terminal():
+def test_markdown_reply_is_rendered_once_on_a_terminal():
     engine = FakeEngine()
-    engine.replies += ["**Bold** answer", "plain answer"]
+    engine.replies += ["**Bold** answer\n\n- one\n- two", "plain answer"]
     out = TtyOut()
-    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 32}), out=out)
+    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 64}), out=out)
     repl.handle("q1")
     text = strip_ansi(fresh(out))
-    assert text.startswith("**Bold** answer\n")
-    assert "─" in text and "Bold answer" in text  # a rule, then the rendered Markdown
+    assert "**" not in text and "Bold answer" in text  # rendered while it streamed...
+    assert "─" not in text  # ...with no rule and no second copy after it
+    assert "• one" in text and "• two" in text
     repl.handle("q2")
-    text = strip_ansi(fresh(out))
-    assert "─" not in text and text.count("plain answer") == 1
+    assert "plain answer" in strip_ansi(fresh(out))
 
 
-def test_looks_like_markdown():
-    assert looks_like_markdown("```py\nx = 1\n```")
-    assert looks_like_markdown("Steps:\n- one\n- two")
-    assert looks_like_markdown("# Title")
-    assert not looks_like_markdown("Paris is the capital of France.")
-    assert not looks_like_markdown("2 - 1 = 1")
+def test_plain_rendering_wraps_words_on_a_terminal():
+    engine = FakeEngine()
+    words = " ".join(f"word{i:02d}" for i in range(30))
+    engine.replies.append(words)
+    out = TtyOut()
+    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 400}), out=out,
+                rendering="plain")
+    repl.console.width = 40
+    repl.handle("q")
+    lines = strip_ansi(fresh(out)).splitlines()
+    reply = [line for line in lines if line.startswith("word")]
+    assert " ".join(" ".join(reply).split()) == words  # every word, none broken
+    assert all(len(line) <= 40 for line in reply) and len(reply) > 1
+
+
+def test_word_wrap_never_breaks_a_word_and_keeps_newlines():
+    wrap = WordWrap(12)
+    text = "alpha beta gamma delta\nepsilon zeta averyveryverylongword end"
+    out = "".join(wrap.push(piece) for piece in (text[:5], text[5:17], text[17:])) + wrap.finish()
+    lines = out.split("\n")
+    assert all(len(line) <= 12 for line in lines), lines
+    assert out.replace("\n", " ").split() == \
+        ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "averyveryver", "ylongword",
+         "end"]
+    assert "delta\nepsilon" in out.replace(" \n", "\n")  # the reply's own newline stays
+
+
+def test_reply_cut_at_max_new_tokens_says_so_and_continue_extends_it(tmp_path):
+    engine = FakeEngine()
+    engine.replies += ["abcdefgh", "ijklmnopqrstuvwxyz"]
+    store = Store(tmp_path / "s.db")
+    saved = SavedChat.new(engine, store=store, params={"max_new_tokens": 8})
+    out = io.StringIO()
+    repl = Repl(saved, out=out)
+    repl.handle("letters please")
+    text = fresh(out)
+    assert "stopped at max_new_tokens (8)" in text and "/continue" in text
+    repl.handle("/continue")
+    text = fresh(out)
+    assert text.startswith("ijklmnop\n")
+    assert repl.chat.conversation.to_tuples() == [("letters please", "abcdefghijklmnop")]
+    # The model was given the reply so far, left open: no end of turn, no new header.
+    opened = [256, *b"assistant\nabcdefgh"]
+    assert engine.prompts[-1][-len(opened):] == opened
+    messages = [(m.role, m.content, m.status) for m in store.messages(saved.cid)]
+    assert messages == [("user", "letters please", "complete"),
+                        ("assistant", "abcdefghijklmnop", "complete")]
+    assert store.messages(saved.cid)[-1].usage.get("continued") is True
+    # The next turn's prompt holds the whole extended reply.
+    assert "abcdefghijklmnop<|im_end|>" in repl.chat.prompt("next")
+    store.close()
+
+
+def test_continue_with_nothing_to_continue():
+    repl, out = make_repl()
+    assert repl.handle("/continue") is True
+    assert "nothing to continue" in out.getvalue()
+
+
+def test_history_shows_the_last_turns():
+    engine = FakeEngine()
+    engine.replies += [f"answer {i}" for i in range(7)]
+    repl, out = make_repl(engine)
+    repl.handle("/history")
+    assert "no turns yet" in fresh(out)
+    for i in range(7):
+        repl.handle(f"question {i}")
+    fresh(out)
+    repl.handle("/history")
+    text = fresh(out)
+    assert "question 1" not in text and "[3] you › question 2" in text
+    assert "[7] answer 6" in text and "(2 earlier turn(s) not shown)" in text
+    repl.handle("/history 2")
+    text = fresh(out)
+    assert "question 4" not in text and "[6] you › question 5" in text
+    repl.handle("/history 100")
+    assert "[1] you › question 0" in fresh(out)
+    repl.handle("/history lots")
+    assert "error: /history takes a number of turns" in fresh(out)
+
+
+def test_persona_reflects_a_system_prompt_set_with_system():
+    repl, out = make_repl()
+    repl.handle("/persona")
+    assert "own system prompt" not in fresh(out)
+    repl.handle("/system You are a pirate.")
+    fresh(out)
+    repl.handle("/persona")
+    assert "with your own system prompt" in fresh(out)
+
+
+def test_read_message_joins_a_triple_quoted_block():
+    lines = iter([f"{BLOCK}first line", "", "  second line", f"last{BLOCK}", "after"])
+    assert read_message(lambda: next(lines)) == "first line\n\n  second line\nlast"
+    assert read_message(lambda: next(lines)) == "after"
+    one = iter([f"{BLOCK}all in one{BLOCK}"])
+    assert read_message(lambda: next(one)) == "all in one"
+
+    cut = iter([f"{BLOCK}unfinished", "block"])
+
+    def until_end() -> str:
+        try:
+            return next(cut)
+        except StopIteration:
+            raise EOFError from None
+
+    assert read_message(until_end) == "unfinished\nblock"  # Ctrl-D ends an open block
 
 
 def test_parse_value():

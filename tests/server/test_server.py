@@ -115,6 +115,11 @@ def test_window_opt_in_drops_whole_turns(client: openai.OpenAI) -> None:
     dropped = extra["rolechat"]["dropped_turns"]
     assert dropped and dropped == list(range(len(dropped)))  # the oldest, whole turns
     assert reply.usage is not None and reply.usage.prompt_tokens <= 1024 - 32
+    # The parameters the reply used, and where each came from.
+    params = extra["rolechat"]["params"]
+    assert params["max_new_tokens"] == {"value": 32, "from": "you"}  # the request
+    assert params["temperature"] == {"value": 0.0, "from": "you"}
+    assert params["top_k"]["from"] in ("persona", "rolechat")  # the GGUF stores none
 
 
 @pytest.mark.parametrize("body, status, param", [

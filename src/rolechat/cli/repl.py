@@ -33,6 +33,7 @@ from ..params import GenerationParams
 from ..saved import SavedChat
 from ..window import check_room
 from .options import usage_line
+from .render import ReplyView
 
 Command = Callable[["Repl", str], bool]
 COMMANDS: dict[str, tuple[Command, str]] = {}
@@ -47,14 +48,6 @@ def command(name: str, help_text: str) -> Callable[[Command], Command]:
         COMMANDS[name] = (func, help_text)
         return func
     return register
-
-
-def looks_like_markdown(text: str) -> bool:
-    """Whether a reply uses Markdown worth rendering (code, bold, lists, headings)."""
-    if "```" in text or "**" in text:
-        return True
-    return any(line.lstrip().startswith(("- ", "* ", "# ", "## ", "### "))
-               for line in text.splitlines())
 
 
 def parse_value(text: str) -> Any:
@@ -73,6 +66,8 @@ def parse_value(text: str) -> Any:
 class Repl:
     saved: SavedChat
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    #: How replies are shown on a terminal: ``markdown`` or ``plain`` (see cli/render.py).
+    rendering: str = "markdown"
 
     def __post_init__(self) -> None:
         self.console = Console(file=self.out, highlight=False, soft_wrap=True)
@@ -123,35 +118,34 @@ class Repl:
         except RolechatError as exc:
             self.error(exc)
             return False
+        view = ReplyView(self.out, self.console, self.rendering)
         try:
             for chunk in chunks:
-                self.out.write(chunk)
-                self.out.flush()
+                view.show(chunk)
         except KeyboardInterrupt:
-            self.out.write("\n")
+            view.done()
             self.note("[interrupted — reply discarded, conversation unchanged]", style="yellow")
             return False
         except RolechatError as exc:
-            self.out.write("\n")
+            view.done()
             self.error(exc)
             return False
         except Exception as exc:  # an engine fault (e.g. out of memory): keep the session
-            self.out.write("\n")
+            view.done()
             self.note(f"error: the engine failed: {type(exc).__name__}: {exc}", style="red")
             return False
         finally:
             chunks.close()
-        self.out.write("\n")
+        view.done()
         reply = chunks.reply
         if reply is None:
             return False
         self.generated += reply.usage.generated_tokens
-        if self.out.isatty() and looks_like_markdown(reply.text):
-            from rich.markdown import Markdown
-
-            self.console.rule(style="dim")
-            self.console.print(Markdown(reply.text))
         self.note(usage_line(reply.usage) + " · " + reply.plan.summary())
+        if reply.finish_reason == "length":
+            self.note(f"[the reply stopped at max_new_tokens "
+                      f"({reply.params.max_new_tokens if reply.params else '?'}); /continue goes "
+                      "on from there]", style="yellow")
         return True
 
     def handle(self, line: str) -> bool:
@@ -205,6 +199,36 @@ def _retry(repl: Repl, argument: str) -> bool:
     return True
 
 
+@command("/continue", "Go on with the last reply from where it stopped.")
+def _continue(repl: Repl, argument: str) -> bool:
+    if not repl.chat.conversation.turns:
+        repl.note("nothing to continue")
+        return True
+    repl.show(repl.saved.continue_reply)
+    return True
+
+
+@command("/history", "Show the last turns (/history N: the last N; default 5).")
+def _history(repl: Repl, argument: str) -> bool:
+    try:
+        count = int(argument) if argument else 5
+    except ValueError:
+        raise InvalidInput(f"/history takes a number of turns, not {argument!r}.",
+                           "For example: /history 10") from None
+    turns = repl.chat.conversation.turns
+    if not turns:
+        repl.say("no turns yet")
+        return True
+    shown = turns[-count:] if count > 0 else []
+    first = len(turns) - len(shown)
+    for index, turn in enumerate(shown, start=first + 1):
+        repl.say(f"[{index}] you › {turn.user}")
+        repl.say(f"[{index}] {turn.assistant}")
+    if first:
+        repl.note(f"({first} earlier turn(s) not shown)")
+    return True
+
+
 @command("/system", "Set the system prompt (/system TEXT); without TEXT, show it.")
 def _system(repl: Repl, argument: str) -> bool:
     chat = repl.chat
@@ -220,7 +244,10 @@ def _system(repl: Repl, argument: str) -> bool:
 def _persona(repl: Repl, argument: str) -> bool:
     chat = repl.chat
     if not argument:
-        repl.say(f"{chat.persona.name}: {chat.persona.description}".rstrip(": "))
+        line = f"{chat.persona.name}: {chat.persona.description}".rstrip(": ")
+        if chat.system != chat.persona.system:
+            line += " — with your own system prompt (/system shows it)"
+        repl.say(line)
         return True
     repl.saved.set_persona(argument, keep=repl.user_params)
     repl.note(f"[persona {chat.persona.name}]")
@@ -255,13 +282,12 @@ def _set(repl: Repl, argument: str) -> bool:
     return True
 
 
-@command("/params", "Show the generation parameters.")
+@command("/params", "Show the generation parameters and where each comes from.")
 def _params(repl: Repl, argument: str) -> bool:
-    params = repl.chat.params
-    explicit = params.explicit()
-    for name in GenerationParams.model_fields:
-        mark = "" if name in explicit else "  (default)"
-        repl.say(f"  {name:<20} {getattr(params, name)!r}{mark}")
+    chat = repl.chat
+    params = chat.effective_params()
+    for name, source in chat.params_from(params).items():
+        repl.say(f"  {name:<20} {getattr(params, name)!r}  ({source})")
     return True
 
 
@@ -383,10 +409,34 @@ def _short(text: str, width: int = 50) -> str:
     return line if len(line) <= width else line[:width - 1] + "…"
 
 
+#: A line that starts with this opens a block of several lines, until a line that ends with it
+#: (three double quotes, as in ``ollama run``).
+BLOCK = '"' * 3
+
+
+def read_message(read_line: Callable[[], str]) -> str:
+    """One message: one line, or a block of lines between :data:`BLOCK` marks."""
+    line = read_line()
+    if not line.lstrip().startswith(BLOCK):
+        return line
+    text = line.lstrip()[len(BLOCK):]
+    lines: list[str] = []
+    while True:
+        if text.rstrip().endswith(BLOCK):
+            lines.append(text.rstrip()[:-len(BLOCK)])
+            break
+        lines.append(text)
+        try:
+            text = read_line()
+        except EOFError:
+            break
+    return "\n".join(lines).strip("\n")
+
+
 def read_lines(history_file: Path | None) -> Callable[[], str]:
     """A function that reads one message: prompt_toolkit on a terminal (Enter sends, Esc then
-    Enter starts a new line), plain stdin lines otherwise. Raises EOFError at the end of input
-    (Ctrl-D)."""
+    Enter starts a new line), plain stdin lines otherwise; a block between :data:`BLOCK` marks
+    spans lines either way. Raises EOFError at the end of input (Ctrl-D)."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory, InMemoryHistory
@@ -401,22 +451,40 @@ def read_lines(history_file: Path | None) -> Callable[[], str]:
         session: PromptSession[str] = PromptSession(
             history=FileHistory(str(history_file)) if history_file else InMemoryHistory(),
             key_bindings=bindings)
-        return lambda: session.prompt("you › ")
+        prompt = ["you › "]
+
+        def line_on_terminal() -> str:
+            line = session.prompt(prompt[0])
+            prompt[0] = "... "  # the next lines of a block
+            return line
+
+        def message() -> str:
+            prompt[0] = "you › "
+            return read_message(line_on_terminal)
+        return message
 
     def read() -> str:
         line = sys.stdin.readline()
         if not line:
             raise EOFError
         return line.rstrip("\n")
-    return read
+    return lambda: read_message(read)
 
 
-def run(saved: SavedChat, history_file: Path | None = None) -> None:
-    repl = Repl(saved)
+def run(saved: SavedChat, history_file: Path | None = None, *,
+        rendering: str = "markdown") -> None:
+    repl = Repl(saved, rendering=rendering)
     chat, engine = saved.chat, saved.chat.engine
     repl.note(f"rolechat · {Path(engine.model).name} · persona {chat.persona.name} · "
-              f"context {engine.context_length} · /help for commands, Esc Enter for a new line, "
-              "Ctrl-D to leave")
+              f"context {engine.context_length} · /help for commands, \"\"\" or Esc Enter for "
+              "several lines, Ctrl-D to leave")
+    if saved.cid is not None and chat.conversation.turns:
+        info = saved.store.info(saved.cid) if saved.store is not None else None
+        title = f" \"{info.title}\"" if info is not None and info.title else ""
+        turns = chat.conversation.turns
+        repl.note(f"continuing conversation {saved.cid}{title} ({len(turns)} turn(s)); last:")
+        repl.note(f"  you: {_short(turns[-1].user, 70)}")
+        repl.note(f"  reply: {_short(turns[-1].assistant, 70)}")
     read = read_lines(history_file)
     while True:
         try:

@@ -134,6 +134,9 @@ class Engine(ABC):
     template: ChatTemplate
     #: False when token counts are estimates rather than a tokenizer's exact counts.
     exact_counts: bool = True
+    #: Generation parameters the model itself asks for (a transformers generation config, a
+    #: GGUF's ``general.sampling.*``): defaults under the persona's and the caller's.
+    model_defaults: dict[str, Any] = {}  # noqa: RUF012 - replaced per engine, never mutated
 
     @abstractmethod
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
@@ -157,6 +160,12 @@ class Engine(ABC):
                    add_generation_prompt: bool = True) -> list[int] | None:
         """The prompt's token ids when this engine feeds ids to a model here; None otherwise."""
         return None
+
+    def continuation_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The ids of a prompt that continues the last (assistant) message of ``messages``.
+        Only engines that feed ids to a model here can."""
+        raise InvalidInput(f"The {self.kind} engine cannot continue a reply (the server "
+                           "builds the prompt).", "Ask the model to go on instead.")
 
     def render(self, messages: Sequence[Message]) -> str:
         """The exact prompt text for ``messages`` (generation prompt appended)."""

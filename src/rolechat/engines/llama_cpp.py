@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInput, ModelLoadError
-from ..params import GenerationParams
+from ..params import GenerationParams, valid_defaults
 from ..template import read_template_option
 from .gguf import read_gguf_info
 from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
@@ -103,6 +103,24 @@ def file_identity(path: Path) -> dict[str, Any]:
         head = f.read(IDENTITY_HEAD_BYTES)
     return {"path": str(path.resolve()), "size": path.stat().st_size,
             "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+#: GGUF's stored sampling defaults (``general.sampling.*``) and rolechat's names for them.
+GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                 "general.sampling.top_p": "top_p",
+                 "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def gguf_sampling(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a GGUF file stores, as GenerationParams fields."""
+    values: dict[str, Any] = {}
+    for key, name in GGUF_SAMPLING.items():
+        if key in metadata:
+            try:
+                values[name] = float(metadata[key]) if name != "top_k" else int(metadata[key])
+            except (TypeError, ValueError):
+                continue
+    return valid_defaults(values)
 
 
 class FreeCores:
@@ -268,6 +286,7 @@ class LlamaCppEngine(LocalEngine):
         self.template = template_for(self.vocab, read_template_option(chat_template))
         self.encoder = PromptEncoder(self.vocab, self.template)
         self.kv = LlamaKVCache(self._llm, file_identity(model_path))
+        self.model_defaults = gguf_sampling(self._llm.metadata)
         import llama_cpp
 
         vocab = self._llm._model.vocab

@@ -209,6 +209,9 @@ class LocalEngine(Engine):
                      add_generation_prompt: bool = True) -> int:
         return len(self.prompt_ids(messages, add_generation_prompt=add_generation_prompt))
 
+    def continuation_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.encoder.open_ids(messages)
+
     def count_text(self, text: str) -> int:
         return self.encoder.count_text(text)
 

@@ -182,6 +182,24 @@ class PromptEncoder:
             self._prompts.move_to_end(key)
         return list(ids)
 
+    def open_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The ids of ``messages`` with the last one left open, right after its content (no
+        end-of-turn text): a prompt that continues that message. InvalidInput where the
+        template cannot be traced."""
+        segments = self.template.segments(messages, add_generation_prompt=False)
+        if segments is None or not messages or not segments[-1:] or not any(
+                is_content for _, is_content in segments):
+            raise InvalidInput("This model's chat template cannot continue a reply.",
+                               "Ask the model to go on instead (e.g. \"Continue.\").")
+        last = max(i for i, (_, is_content) in enumerate(segments) if is_content)
+        ids: list[int] = []
+        for text, is_content in segments[:last + 1]:
+            ids += self._piece(text, not is_content)
+        bos = self.tokenizer.bos_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
     def count_text(self, text: str) -> int:
         """Tokens of one plain text (a message's own share, without its template)."""
         return len(self._piece(text, False))

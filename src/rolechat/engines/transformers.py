@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInput, ModelLoadError, UnknownName
-from ..params import GenerationParams
+from ..params import GenerationParams, valid_defaults
 from ..template import read_template_option
 from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
 from .local import LocalEngine
@@ -129,6 +129,24 @@ def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Gene
         drop = probs.cumsum(-1) - probs > params.top_p  # keep the first token always
         logits = logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[0]
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """What the model's ``generation_config.json`` sets, as GenerationParams fields: the values
+    ``model.generate`` would use where the caller says nothing (``do_sample: false`` is
+    greedy)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    try:
+        given = config.to_diff_dict()
+    except Exception:  # an odd config object: no defaults from it
+        return {}
+    values = {name: given.get(name) for name in ("temperature", "top_p", "top_k",
+                                                 "repetition_penalty", "max_new_tokens")}
+    if given.get("do_sample") is False:
+        values["temperature"] = 0.0
+    return valid_defaults(values)
 
 
 #: The attention implementation the fast path installs on the model (see gqa_attention).
@@ -333,6 +351,7 @@ class TransformersEngine(LocalEngine):
         self.template = template_for(hf, source)
         self.encoder = PromptEncoder(hf, self.template)
         self._eog = self._end_of_turn_ids()
+        self.model_defaults = generation_defaults(model)
         self.fast_decode = (self.device.type == "cuda") if fast_decode is None else fast_decode
         if self.fast_decode and self.device.type != "cuda":
             raise InvalidInput("fast_decode needs a CUDA device.", "Leave it off on the CPU.")

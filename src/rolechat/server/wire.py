@@ -125,6 +125,11 @@ def rolechat_body(plan: WindowPlan, reply: Reply | None = None) -> dict[str, Any
         usage = reply.usage
         body.update(ttft_s=usage.ttft_s, tokens_per_s=usage.tokens_per_s,
                     kv_source=usage.kv_source, restored_tokens=usage.restored_tokens)
+        if reply.params is not None and reply.params_from is not None:
+            # The parameters the reply used, and where each came from (you, the persona, the
+            # model's generation config, rolechat's default).
+            body["params"] = {name: {"value": getattr(reply.params, name), "from": source}
+                              for name, source in reply.params_from.items()}
     return body
 
 

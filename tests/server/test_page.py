@@ -1,10 +1,16 @@
 """The web chat page (``/``) in real headless Chromium (Debian's, through Playwright), against a
-real ``rolechat serve`` with the embedded model."""
+real ``rolechat serve`` with the embedded model, at a desktop (1200x800) and a phone (390x844)
+viewport. Screenshots are kept as test artifacts in ``$ROLECHAT_ARTIFACTS`` (default:
+``test-artifacts/screenshots/`` at the repository root); ``readme-page.png`` there is the
+README's picture (``docs/img/page.png``)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +21,47 @@ from servers import rolechat_serve
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from rolechat.conversation import Conversation  # noqa: E402
 from rolechat.store import Store  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+DESKTOP = {"width": 1200, "height": 800}
+PHONE = {"width": 390, "height": 844}
 KEY = "page-key"
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+# A reply with Markdown worth rendering, and Markdown-borne attacks that must stay inert.
+MARKDOWN = """Here is **bold** text and a list:
+
+- one
+- two
+
+```python
+def greet(name):
+    return f"hi {name}"
+```
+
+[click me](javascript:window.__xss=3), [hidden](&#106;avascript:window.__xss=6),
+[JS](JAVASCRIPT:window.__xss=7) and [safe link](https://example.com/)
+
+<script>window.__xss=1</script>
+<img src=x onerror="window.__xss=2">
+
+Inline <img src=y onerror="window.__xss=4"> and ![pic](javascript:window.__xss=5)
+"""
+CODE = 'def greet(name):\n    return f"hi {name}"'
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
 
+# ----- servers and browsers --------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A rolechat home whose store already holds a conversation with markup in the assistant
-    turn, and an interrupted user message after it."""
+    turn and an interrupted user message after it, and one with a Markdown reply."""
     home = tmp_path_factory.mktemp("page-home")
     store = Store(home / "rolechat.db")
     cid = store.create(system="Be brief.", title="Seeded markup")
@@ -37,14 +69,56 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store.complete_turn(cid, uid, XSS, 5, {})
     late = store.begin_turn(cid, "this one was cut off")
     store.interrupt_turn(late)
+    markdown = store.create(title="Seeded Markdown")
+    uid = store.begin_turn(markdown, "Show me some Markdown.")
+    store.complete_turn(markdown, uid, MARKDOWN, 60, {})
     store.close()
-    return {"home": home, "cid": cid}
+    return {"home": home, "cid": cid, "markdown": markdown}
 
 
 @pytest.fixture(scope="module")
 def server(seeded: dict[str, Any]) -> Iterator[str]:
     with rolechat_serve(seeded["home"]) as base:
         yield base
+
+
+SHOWCASE = [
+    ("A haiku about green tea", "Write a haiku about green tea.",
+     "Steam curls from the cup,\nmorning light on jade water,\nthe kettle hums low."),
+    ("What the sliding window keeps", "What does the sliding window keep?",
+     "The system prompt always, then the newest **whole turns** that fit in "
+     "`context − max_new_tokens`.\n\n1. Oldest turns go first.\n2. The prompt always ends "
+     "with your message.\n3. After a slide it keeps about 75 % of the budget, so the cached "
+     "prefix stays valid for several turns."),
+    ("Reverse a list in Python", "How do I reverse a list in Python?",
+     "Pick by whether you want a **new list** or to change it **in place**:\n\n"
+     "- `numbers[::-1]` returns a reversed copy.\n"
+     "- `reversed(numbers)` gives an iterator, without copying.\n"
+     "- `numbers.reverse()` reverses in place and returns `None`.\n\n"
+     "```python\nnumbers = [1, 2, 3, 4]\nbackwards = numbers[::-1]   # [4, 3, 2, 1]\n"
+     "for n in reversed(numbers):  # no copy\n    print(n)\n"
+     "numbers.reverse()            # in place\nassert numbers == backwards\n```\n\n"
+     "Slice when you need a copy; `reverse()` when you don't."),
+]
+
+
+@pytest.fixture(scope="module")
+def showcase(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A server whose store holds only a few tidy conversations (for the screenshots, the
+    phone and the dark theme); the newest is the Python one."""
+    home = tmp_path_factory.mktemp("showcase-home")
+    store = Store(home / "rolechat.db")
+    ids = []
+    for title, question, answer in SHOWCASE:
+        cid = store.create(system="Be concise.", title=title, persona="concise")
+        store.complete_turn(cid, store.begin_turn(cid, question), answer, 40, {})
+        ids.append(cid)
+    follow = store.begin_turn(ids[-1], "And for a string?")
+    store.complete_turn(ids[-1], follow, "Strings are immutable, so slice: `'hello'[::-1]` "
+                        "gives `'olleh'`.", 20, {})
+    store.close()
+    with rolechat_serve(home) as base:
+        yield {"base": base, "ids": ids}
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +129,61 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    """Where screenshots go: $ROLECHAT_ARTIFACTS, or test-artifacts/screenshots/."""
+    folder = Path(os.environ.get("ROLECHAT_ARTIFACTS") or ROOT / "test-artifacts" / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    opened = context.new_page()
-    opened.set_default_timeout(30_000)
+def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
+    """Opens pages in fresh browser contexts (desktop and light unless told); each must end
+    without a JavaScript error."""
+    contexts: list[Any] = []
     errors: list[str] = []
-    opened.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield opened
-    context.close()
+
+    def make(viewport: dict[str, int] = DESKTOP, color_scheme: str = "light") -> Any:
+        context = browser.new_context(viewport=viewport, color_scheme=color_scheme,
+                                      permissions=["clipboard-read", "clipboard-write"])
+        contexts.append(context)
+        opened = context.new_page()
+        opened.set_default_timeout(30_000)
+        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        return opened
+
+    yield make
+    for context in contexts:
+        context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(new_page: Callable[..., Any]) -> Any:
+    return new_page()
 
 
 def load(page: Any, url: str) -> None:
     page.goto(url)
-    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+
+
+def idle(page: Any) -> None:
+    """Wait until the page's last action, and the refresh after it, is done."""
+    page.wait_for_selector("body:not([data-busy])", state="attached")
+
+
+def clipboard(page: Any) -> str:
+    text: str = page.evaluate("navigator.clipboard.readText()")
+    return text
+
+
+def shot(page: Any, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), animations="disabled")
+    assert path.stat().st_size > 5_000
+    return path
 
 
 def api(base: str, method: str, path: str, **kwargs: Any) -> Any:
@@ -78,7 +192,15 @@ def api(base: str, method: str, path: str, **kwargs: Any) -> Any:
     return response.json() if response.content else None
 
 
-def test_chat_stream_list_and_prompt_view(server: str, page: Any, tmp_path: Path) -> None:
+def luminance(css_color: str) -> float:
+    """0 (black) to 1 (white), from a computed ``rgb(...)``/``rgba(...)`` colour."""
+    r, g, b = (int(float(v)) for v in css_color[css_color.index("(") + 1:-1].split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+# ----- chatting --------------------------------------------------------------------------------
+
+def test_chat_stream_list_and_prompt_view(server: str, page: Any, shots: Path) -> None:
     load(page, server)
     model = api(server, "GET", "/models")["data"][0]["id"]
     assert page.text_content("#model") == model
@@ -90,6 +212,7 @@ def test_chat_stream_list_and_prompt_view(server: str, page: Any, tmp_path: Path
     page.fill("#input", "Say hello to Ada.")
     page.press("#input", "Enter")
     page.wait_for_selector(".msg.assistant .usage")
+    idle(page)
     assert page.text_content(".msg.user .content") == "Say hello to Ada."
     assert page.text_content(".msg.assistant .content").strip()
     usage = page.text_content(".usage") or ""
@@ -105,6 +228,9 @@ def test_chat_stream_list_and_prompt_view(server: str, page: Any, tmp_path: Path
     conv = api(server, "GET", f"/conversations/{cid}")
     assert conv["persona"] == personas[0]
     assert conv["params"]["max_new_tokens"] == 24 and conv["params"]["temperature"] == 0
+    # The streamed reply is the stored one (Copy gives the text as written).
+    page.locator(".msg.assistant [data-testid=copy]").click()
+    assert clipboard(page) == conv["messages"][1]["content"]
 
     # The prompt view: the exact prompt for the draft, and the window plan.
     page.fill("#input", "And to Grace?")
@@ -118,8 +244,17 @@ def test_chat_stream_list_and_prompt_view(server: str, page: Any, tmp_path: Path
     assert prompt == expected["prompt"]
     plan = page.text_content("#plan") or ""
     assert "kept 1 turns" in plan and "dropped 0 turns" in plan and "/" in plan
-    page.screenshot(path=str(tmp_path / "page.png"))
-    assert (tmp_path / "page.png").stat().st_size > 10_000
+    shot(page, shots, "chat-desktop")
+
+    # With the box empty it shows the prompt the next message gets, not an error.
+    page.fill("#input", "")
+    page.wait_for_function(
+        "document.getElementById('plan').textContent.startsWith('next message')")
+    following = api(server, "POST", f"/conversations/{cid}/prompt", json={})
+    assert following["next_message"] is True
+    assert page.text_content("#prompt-text") == following["prompt"]
+    assert following["prompt"].endswith("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n")
+    assert "Say hello to Ada." in following["prompt"] and page.is_hidden("#error")
 
 
 def test_user_markup_is_text_and_shift_enter_is_newline(server: str, page: Any) -> None:
@@ -146,16 +281,253 @@ def test_stored_assistant_markup_is_text_and_interrupted_is_marked(
     load(page, server)
     page.click(f"#conversations li[data-id='{seeded['cid']}']")
     page.wait_for_selector(".msg.assistant")
-    assert page.text_content(".msg.assistant .content") == XSS
+    # Raw HTML in a reply is shown as the text it is.
+    assert (page.text_content(".msg.assistant .content") or "").strip() == XSS
     assert page.locator("#messages img, #messages script").count() == 0
+    assert page.evaluate("document.querySelectorAll('[onerror]').length") == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
     assert page.text_content("#title") == "Seeded markup"
     cut = page.locator(".msg.user.interrupted")
     assert cut.count() == 1 and "this one was cut off" in (cut.text_content() or "")
+    assert "interrupted" in (cut.locator(".status").text_content() or "")
     # Opening by URL works too.
-    load(page, f"{server}/#c={seeded['cid']}")
-    page.wait_for_selector(".msg.assistant")
+    fresh = page.context.new_page()
+    load(fresh, f"{server}/#c={seeded['cid']}")
+    fresh.wait_for_selector(".msg.assistant")
+    assert fresh.evaluate("typeof window.__xss") == "undefined"
+
+
+def test_markdown_reply_is_rendered_sanitized_and_copyable(
+        server: str, seeded: dict[str, Any], page: Any, shots: Path) -> None:
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    load(page, f"{server}/#c={seeded['markdown']}")
+    content = page.locator(".msg.assistant .content")
+    content.wait_for()
+    assert content.locator("strong").text_content() == "bold"
+    assert content.locator("ul > li").all_text_contents() == ["one", "two"]
+    # The code block: highlighted, labelled, with its own copy button.
+    code = content.locator(".code-block pre code")
+    assert code.text_content() == CODE
+    assert "language-python" in (code.get_attribute("class") or "")
+    assert code.locator(".hljs-keyword").first.text_content() == "def"
+    assert content.locator(".code-lang").text_content() == "python"
+    content.locator("[data-testid=copy-code]").click()
+    assert clipboard(page) == CODE
+    assert content.locator("[data-testid=copy-code]").get_attribute("data-copied") == "1"
+    # The message's own Copy gives the Markdown as written.
+    page.locator(".msg.assistant [data-testid=copy]").click()
+    assert clipboard(page) == MARKDOWN
+
+    # Nothing in the reply ran, and nothing that could run is left in the DOM.
     assert page.evaluate("typeof window.__xss") == "undefined"
+    assert page.evaluate("document.querySelectorAll('[onerror], [onload], [onclick]').length") == 0
+    assert page.locator("#messages script, #messages iframe").count() == 0
+    links = page.evaluate("[...document.querySelectorAll('#messages a')].map(a => "
+                          "[a.textContent, a.getAttribute('href'), a.target, a.rel])")
+    assert [text for text, *_ in links] == ["click me", "hidden", "JS", "safe link"]
+    for _text, href, target, rel in links:
+        assert href is None or not href.strip().lower().startswith(("javascript", "&#")), href
+        if href is not None:
+            assert (target, rel) == ("_blank", "noopener noreferrer")
+    assert links[-1][1] == "https://example.com/"
+    sources = page.evaluate("[...document.querySelectorAll('#messages img')]"
+                            ".map(i => i.getAttribute('src'))")
+    assert all(src is None or "javascript" not in src.lower() for src in sources)
+    text = content.text_content() or ""
+    assert "<script>window.__xss=1</script>" in text and 'onerror="window.__xss=4"' in text
+    # Nothing came from anywhere but this server (the libraries are vendored).
+    assert requested and all(url.startswith(server) for url in requested), requested
+    shot(page, shots, "markdown-desktop")
+
+
+def test_stop_keeps_the_partial_reply_marked_interrupted(server: str, page: Any,
+                                                         shots: Path) -> None:
+    cid = api(server, "POST", "/conversations",
+              json={"params": {"temperature": 0, "max_new_tokens": 400}})["id"]
+    load(page, f"{server}/#c={cid}")
+    question = "Write a very long story about a dragon."
+    page.fill("#input", question)
+    page.click("#send")
+    page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content')"
+                           "?.textContent || '').trim().length > 0")
+    page.click("#stop")
+    idle(page)
+    reply = page.locator(".msg.assistant.interrupted")
+    partial = reply.locator(".content").text_content() or ""
+    assert partial.strip()
+    assert "interrupted" in (reply.locator(".status").text_content() or "")
+    asked = page.locator(".msg.user.interrupted")
+    assert asked.locator(".content").text_content() == question
+    assert page.is_enabled("#send") and page.is_hidden("#stop") and page.is_hidden("#error")
+    assert page.locator("[data-testid=retry], [data-testid=undo]").count() == 0
+
+    # The server keeps the message, marked interrupted, and no reply.
+    deadline = time.monotonic() + 30
+    while True:
+        stored = api(server, "GET", f"/conversations/{cid}")["messages"]
+        if stored and stored[0]["status"] != "pending":
+            break
+        assert time.monotonic() < deadline, stored
+        time.sleep(0.2)
+    assert [(m["role"], m["status"], m["content"]) for m in stored] == [
+        ("user", "interrupted", question)]
+
+    # After a reload both still show, marked interrupted.
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    assert page.locator(".msg.user.interrupted .content").text_content() == question
+    kept = page.locator(".msg.assistant.interrupted")
+    assert kept.count() == 1 and kept.locator(".content").text_content() == partial
+    assert "interrupted" in (kept.locator(".status").text_content() or "")
+    shot(page, shots, "stopped-desktop")
+
+    # Stopping a regenerated reply keeps the one it was to replace.
+    first = api(server, "POST", f"/conversations/{cid}/messages",
+                json={"content": "Tell me a long story about a cat.",
+                      "params": {"max_new_tokens": 8}})["message"]["content"]
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    page.click("[data-testid=retry]")
+    page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content')"
+                           "?.textContent || '').trim().length > 0")
+    page.click("#stop")
+    idle(page)
+    assert "previous reply is kept" in (page.text_content("#error") or "")
+    stored = api(server, "GET", f"/conversations/{cid}")
+    assert stored["turns"] == 1 and stored["messages"][-1]["content"] == first
+    assert all(m["status"] != "pending" for m in stored["messages"])
+    page.locator(".msg.assistant:not(.interrupted)").last.locator("[data-testid=copy]").click()
+    assert clipboard(page) == first
+    assert page.locator(".msg.assistant.interrupted .content").first.text_content() == partial
+
+
+def test_regenerate_edit_undo_and_copy(server: str, page: Any) -> None:
+    cid = api(server, "POST", "/conversations",
+              json={"params": {"temperature": 0.9, "max_new_tokens": 12}})["id"]
+    for text in ("First question?", "Second question?"):
+        api(server, "POST", f"/conversations/{cid}/messages", json={"content": text})
+    load(page, f"{server}/#c={cid}")
+    assert page.locator(".msg.assistant").count() == 2
+    # The last turn's actions sit on its messages; every message can be copied.
+    last_reply, last_user = page.locator(".msg.assistant").last, page.locator(".msg.user").last
+    assert last_reply.locator("[data-testid=retry]").is_enabled()
+    assert last_reply.locator("[data-testid=undo]").is_enabled()
+    assert last_user.locator("[data-testid=edit]").count() == 1
+    assert page.locator("[data-testid=retry], [data-testid=undo], [data-testid=edit]").count() == 3
+    assert page.locator("[data-testid=copy]").count() == 4
+    page.locator(".msg.user").first.locator("[data-testid=copy]").click()
+    assert clipboard(page) == "First question?"
+
+    # Regenerate: the last reply is generated again, in place, with its usage line.
+    page.click("[data-testid=retry]")
+    idle(page)
+    stored = api(server, "GET", f"/conversations/{cid}")
+    assert stored["turns"] == 2
+    assert page.locator(".msg.assistant").count() == 2
+    assert page.locator(".msg.assistant .usage").count() == 2
+    page.locator(".msg.assistant").last.locator("[data-testid=copy]").click()
+    assert clipboard(page) == stored["messages"][-1]["content"]
+
+    # Edit: the last message goes back into the box; Escape (or Cancel) leaves it be.
+    page.click("[data-testid=edit]")
+    assert page.input_value("#input") == "Second question?" and page.is_visible("#edit-banner")
+    page.press("#input", "Escape")
+    assert page.input_value("#input") == "" and page.is_hidden("#edit-banner")
+    # Edit and resend: the last turn is replaced by the edited one.
+    page.click("[data-testid=edit]")
+    page.fill("#input", "Second question, edited?")
+    page.press("#input", "Enter")
+    idle(page)
+    stored = api(server, "GET", f"/conversations/{cid}")
+    assert stored["turns"] == 2
+    assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == [
+        "First question?", "Second question, edited?"]
+    assert page.locator(".msg.user .content").all_text_contents() == [
+        "First question?", "Second question, edited?"]
+    assert page.is_hidden("#edit-banner") and page.input_value("#input") == ""
+
+    # Undo: the last turn goes, on the page and in the store.
+    page.click("[data-testid=undo]")
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["turns"] == 1
+    assert page.locator(".msg.user .content").all_text_contents() == ["First question?"]
+    page.click("[data-testid=undo]")
+    idle(page)
+    assert page.locator(".msg").count() == 0
+    assert page.locator("[data-testid=retry], [data-testid=undo]").count() == 0
+    assert api(server, "GET", f"/conversations/{cid}")["turns"] == 0
+
+
+# ----- per conversation ------------------------------------------------------------------------
+
+def test_rename_system_prompt_and_export(server: str, page: Any, tmp_path: Path) -> None:
+    cid = api(server, "POST", "/conversations",
+              json={"system": "Be brief.", "params": {"temperature": 0, "max_new_tokens": 6}})["id"]
+    api(server, "POST", f"/conversations/{cid}/messages", json={"content": "Name a colour."})
+    load(page, f"{server}/#c={cid}")
+
+    # Rename, from the conversation's menu.
+    page.click("[data-testid=menu]")
+    page.click("[data-testid=rename]")
+    page.fill("#title-input", "Colours")
+    page.press("#title-input", "Enter")
+    idle(page)
+    assert page.text_content("#title") == "Colours"
+    assert api(server, "GET", f"/conversations/{cid}")["title"] == "Colours"
+    assert page.locator(f"#conversations li[data-id='{cid}'] .conv-title").text_content() == (
+        "Colours")
+
+    # The system prompt editor: it shows the current one; the next prompt uses the new one.
+    page.click("#system-toggle")
+    assert page.input_value("#system-input") == "Be brief."
+    page.fill("#system-input", "You are a cat. Say meow.")
+    page.click("#system-save")
+    idle(page)
+    assert page.is_hidden("#system-panel")
+    assert api(server, "GET", f"/conversations/{cid}")["system"] == "You are a cat. Say meow."
+    page.click("#prompt-toggle")
+    page.wait_for_function(
+        "document.getElementById('prompt-text').textContent.includes('Say meow.')")
+    prompt = page.text_content("#prompt-text") or ""
+    assert "Be brief." not in prompt and "Name a colour." in prompt
+    assert prompt == api(server, "POST", f"/conversations/{cid}/prompt", json={})["prompt"]
+
+    # Export: files made in the page, in the shapes `rolechat conversations export` writes.
+    stored = api(server, "GET", f"/conversations/{cid}")
+    turns = [(stored["messages"][0]["content"], stored["messages"][1]["content"])]
+    expected = Conversation.from_tuples(turns, system="You are a cat. Say meow.")
+    for item, suffix in (("export-md", ".md"), ("export-json", ".json")):
+        page.click("[data-testid=menu]")
+        with page.expect_download() as downloading:
+            page.click(f"[data-testid={item}]")
+        download = downloading.value
+        assert download.suggested_filename == f"rolechat-{cid}-colours{suffix}"
+        text = Path(download.path()).read_text(encoding="utf-8")
+        if suffix == ".md":
+            assert text == expected.to_markdown("Colours")
+        else:
+            data = json.loads(text)
+            assert {k: v for k, v in data.items() if k not in ("system", "messages")} == {
+                "id": cid, "title": "Colours", "persona": stored["persona"],
+                "params": stored["params"], "created_at": stored["created_at"]}
+            assert Conversation.from_dict(data).to_dict() == expected.to_dict()
+            imported = Store(tmp_path / "imported.db")  # it can be imported again
+            try:
+                again = imported.import_file(text)
+                assert imported.conversation(again).to_dict() == expected.to_dict()
+                assert imported.info(again).title == "Colours"
+            finally:
+                imported.close()
+
+    # An empty system prompt means none.
+    page.click("#system-toggle")
+    page.fill("#system-input", "")
+    page.click("#system-save")
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["system"] is None
+    page.wait_for_function(
+        "!document.getElementById('prompt-text').textContent.includes('Say meow.')")
 
 
 def test_delete_conversation(server: str, page: Any) -> None:
@@ -172,53 +544,145 @@ def test_delete_conversation(server: str, page: Any) -> None:
     assert cid not in listed
 
 
-def test_api_key_prompt(tmp_path: Path, browser: Any) -> None:
+# ----- themes, phones, the icon, the key ---------------------------------------------------------
+
+def test_readme_screenshot_and_light_theme(showcase: dict[str, Any], page: Any,
+                                           shots: Path) -> None:
+    load(page, f"{showcase['base']}/#c={showcase['ids'][-1]}")
+    page.locator(".code-block").wait_for()
+    assert page.is_hidden("#sidebar-toggle")  # the sidebar is always there on a desktop
+    assert luminance(page.evaluate("getComputedStyle(document.body).backgroundColor")) > 0.9
+    page.locator("#input").blur()
+    page.evaluate("document.getElementById('messages').scrollTop = 0")
+    path = shot(page, shots, "readme-page")
+    assert path.stat().st_size < 200_000
+
+
+def test_dark_theme_follows_the_system(showcase: dict[str, Any],
+                                       new_page: Callable[..., Any], shots: Path) -> None:
+    page = new_page(color_scheme="dark")
+    load(page, f"{showcase['base']}/#c={showcase['ids'][-1]}")
+    page.locator(".code-block").wait_for()
+
+    def colour(selector: str, prop: str) -> float:
+        return luminance(page.eval_on_selector(
+            selector, f"n => getComputedStyle(n).{prop}"))
+
+    assert colour("body", "backgroundColor") < 0.15
+    assert colour("body", "color") > 0.8
+    assert colour(".msg.assistant", "backgroundColor") < 0.2
+    assert colour(".code-block pre code", "backgroundColor") < 0.15  # the dark code theme
+    assert colour("#input", "backgroundColor") < 0.2
+    shot(page, shots, "dark-desktop")
+    phone = new_page(viewport=PHONE, color_scheme="dark")
+    load(phone, f"{showcase['base']}/#c={showcase['ids'][-1]}")
+    assert colour("body", "backgroundColor") < 0.15
+    shot(phone, shots, "dark-phone")
+
+
+def test_phone_sidebar_opens_switches_and_starts_new(showcase: dict[str, Any],
+                                                     new_page: Callable[..., Any],
+                                                     shots: Path) -> None:
+    page = new_page(viewport=PHONE)
+    newest, older = showcase["ids"][-1], showcase["ids"][0]
+    load(page, f"{showcase['base']}/#c={newest}")
+    assert page.is_hidden("#sidebar") and page.is_visible("#sidebar-toggle")
+    assert page.text_content("#title") == SHOWCASE[-1][0]
+    shot(page, shots, "chat-phone")
+
+    page.click("#sidebar-toggle")
+    page.wait_for_selector("#sidebar", state="visible")
+    assert page.get_attribute("#sidebar-toggle", "aria-expanded") == "true"
+    assert page.locator("#conversations li").count() == len(SHOWCASE)
+    shot(page, shots, "sidebar-phone")
+    # Switch conversations: the drawer closes on the one picked.
+    page.click(f"#conversations li[data-id='{older}']")
+    page.wait_for_selector("#sidebar", state="hidden")
+    idle(page)
+    assert page.text_content("#title") == SHOWCASE[0][0]
+    assert "jade water" in (page.text_content(".msg.assistant .content") or "")
+    # The backdrop closes it too.
+    page.click("#sidebar-toggle")
+    page.wait_for_selector("#sidebar", state="visible")
+    page.click("#backdrop", position={"x": 370, "y": 400})
+    page.wait_for_selector("#sidebar", state="hidden")
+    # A new conversation, from the drawer.
+    page.click("#sidebar-toggle")
+    page.wait_for_selector("#sidebar", state="visible")
+    page.click("#new")
+    page.wait_for_selector("#sidebar", state="hidden")
+    assert page.text_content("#title") == "New conversation"
+    assert page.locator(".msg").count() == 0 and page.is_visible(".empty")
+    assert page.evaluate("location.hash") == ""
+    # Every control fits the screen: nothing scrolls sideways.
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def test_favicon_and_assets_are_served(server: str) -> None:
+    icon = httpx.get(f"{server}/favicon.ico", timeout=10)
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")
+    assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
+    svg = httpx.get(f"{server}/favicon.svg", timeout=10)
+    assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    page = httpx.get(server, timeout=10).text
+    assert '<link rel="icon" href="favicon.svg"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN
+    for asset in ("vendor/marked/marked.umd.js", "vendor/dompurify/purify.min.js",
+                  "vendor/highlight/highlight.min.js", "vendor/highlight/github.min.css",
+                  "vendor/highlight/github-dark.min.css", "app.js", "style.css"):
+        assert f'"{asset}"' in page, asset
+    for asset in ("vendor/marked/marked.umd.js", "app.js", "api.js", "markdown.js"):
+        served = httpx.get(f"{server}/{asset}", timeout=10)
+        assert served.status_code == 200, asset
+        assert "javascript" in served.headers["content-type"], asset  # module scripts need it
+
+
+def test_api_key_is_kept_per_tab_unless_remembered(tmp_path: Path, browser: Any) -> None:
     with rolechat_serve(tmp_path / "keyed", "--api-key", KEY) as base:
         context = browser.new_context()
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(base)
-        page.wait_for_selector("#api-key", state="visible")
-        assert page.is_visible("#error")
-        page.fill("#api-key", KEY)
-        page.press("#api-key", "Enter")
-        page.wait_for_selector("body[data-ready='1']")
-        assert page.text_content("#model") == "SmolLM2-135M-Instruct.Q4_1.gguf"
-        assert page.is_hidden("#key-box") and page.is_hidden("#error")
-        assert page.evaluate("localStorage.getItem('rolechat.apiKey')") == KEY
-        page.reload()
-        page.wait_for_selector("body[data-ready='1']")
-        assert page.is_hidden("#key-box")
-        context.close()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(base)
+            page.wait_for_selector("#api-key", state="visible")
+            assert page.is_visible("#error") and not page.is_checked("#api-key-remember")
+            page.fill("#api-key", KEY)
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.text_content("#model") == "SmolLM2-135M-Instruct.Q4_1.gguf"
+            assert page.is_hidden("#key-box") and page.is_hidden("#error")
+            # By default the key lives in this tab only (sessionStorage): a reload keeps it,
+            # another tab asks again.
+            assert page.evaluate("sessionStorage.getItem('rolechat.apiKey')") == KEY
+            assert page.evaluate("localStorage.getItem('rolechat.apiKey')") is None
+            page.reload()
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.is_hidden("#key-box")
 
+            other = context.new_page()
+            other.set_default_timeout(30_000)
+            other.goto(base)
+            other.wait_for_selector("#api-key", state="visible")
+            # A wrong key is refused and forgotten, and the page asks again.
+            other.fill("#api-key", "wrong")
+            other.press("#api-key", "Enter")
+            other.wait_for_function(
+                "document.getElementById('error').textContent.includes('refused')")
+            assert other.is_visible("#api-key")
+            assert other.evaluate("sessionStorage.getItem('rolechat.apiKey')") is None
+            # "Remember on this device": localStorage, which every tab shares.
+            other.check("#api-key-remember")
+            other.fill("#api-key", KEY)
+            other.press("#api-key", "Enter")
+            other.wait_for_selector("body[data-ready='1']")
+            assert other.evaluate("localStorage.getItem('rolechat.apiKey')") == KEY
+            assert other.evaluate("sessionStorage.getItem('rolechat.apiKey')") is None
 
-def test_undo_and_retry_buttons(server: str, page: Any) -> None:
-    cid = api(server, "POST", "/conversations",
-              json={"params": {"temperature": 0.9, "max_new_tokens": 12}})["id"]
-    for text in ("First question?", "Second question?"):
-        api(server, "POST", f"/conversations/{cid}/messages", json={"content": text})
-    load(page, f"{server}/#c={cid}")
-    page.wait_for_selector(".msg.assistant")
-    assert page.locator(".msg.assistant").count() == 2
-    assert page.is_enabled("#undo") and page.is_enabled("#retry")
-
-    # Retry: the last reply is generated again, in place, with its usage line.
-    before = api(server, "GET", f"/conversations/{cid}")["messages"][-1]["content"]
-    page.click("#retry")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .usage').length === 2 "
-                           "&& !document.querySelector('.msg.streaming')")
-    stored = api(server, "GET", f"/conversations/{cid}")
-    assert stored["turns"] == 2
-    assert page.locator(".msg.assistant").count() == 2
-    last = page.locator(".msg.assistant .content").last.text_content()
-    assert last == stored["messages"][-1]["content"]
-    assert isinstance(before, str)
-
-    # Undo: the last turn goes, on the page and in the store.
-    page.click("#undo")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 1")
-    assert api(server, "GET", f"/conversations/{cid}")["turns"] == 1
-    assert page.text_content(".msg.user .content") == "First question?"
-    page.click("#undo")
-    page.wait_for_function("document.querySelectorAll('.msg').length === 0")
-    assert page.is_disabled("#undo") and page.is_disabled("#retry")
+            third = context.new_page()
+            third.set_default_timeout(30_000)
+            third.goto(base)
+            third.wait_for_selector("body[data-ready='1']")
+            assert third.is_hidden("#key-box")
+            assert third.text_content("#model") == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        finally:
+            context.close()

@@ -124,6 +124,20 @@ def test_prompt_dry_run_stores_nothing(c1: httpx.Client) -> None:
     assert plan["kept_turns"] == [0] and plan["dropped_turns"] == []
     assert plan["context_length"] == 1024 and plan["max_new_tokens"] == 12
     assert 0 < plan["prompt_tokens"] <= plan["budget"]
+    assert body["next_message"] is False
+
+    # Nothing typed yet: the prompt the next message gets, with an open, empty user turn.
+    for empty in ({}, {"content": ""}):
+        nothing = c1.post(f"/conversations/{cid}/prompt", json=empty)
+        assert nothing.status_code == 200, nothing.text
+        preview = nothing.json()
+        assert preview["next_message"] is True
+        assert preview["prompt"] == prompt.replace("Where is the gold?", "")
+        assert preview["plan"]["kept_turns"] == [0]
+        assert preview["plan"]["prompt_tokens"] < plan["prompt_tokens"]
+    # Blank text that is not empty is still refused, as it would be when sent.
+    assert error_of(c1.post(f"/conversations/{cid}/prompt", json={"content": "  "}),
+                    400)["param"] == "content"
     assert c1.get(f"/conversations/{cid}").json() == before
 
 
@@ -250,8 +264,61 @@ def test_bad_input(c1: httpx.Client) -> None:
     assert error_of(c1.post("/conversations", json={"frobnicate": 1}), 400)
     assert error_of(c1.post(f"/conversations/{cid}/messages",
                             json={"content": "x", "frobnicate": 1}), 400)
-    assert error_of(c1.post(f"/conversations/{cid}/prompt", json={}), 400)
+    assert error_of(c1.post(f"/conversations/{cid}/prompt", json={"content": 5}), 400)
+    assert error_of(c1.post(f"/conversations/{cid}/prompt", json={"draft": "x"}), 400)
     assert c1.get(f"/conversations/{cid}").json()["messages"] == []
+
+
+def test_rename_and_change_the_system_prompt(c1: httpx.Client, c2: httpx.Client) -> None:
+    cid = new(c1, system="You are a pirate.")["id"]
+    send(c1, cid, "Hello there!", params={"max_new_tokens": 4})
+
+    renamed = c1.patch(f"/conversations/{cid}", json={"title": "  Sea \n stories "})
+    assert renamed.status_code == 200, renamed.text
+    body = renamed.json()
+    assert body["title"] == "Sea stories" and body["system"] == "You are a pirate."
+    assert body["turns"] == 1 and len(body["messages"]) == 2
+    assert [c["title"] for c in c1.get("/conversations").json()["data"]
+            if c["id"] == cid] == ["Sea stories"]
+
+    # A new system prompt: stored, and the next prompt is built with it.
+    changed = c1.patch(f"/conversations/{cid}", json={"system": "You are a cat. Say meow."})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["system"] == "You are a cat. Say meow."
+    assert changed.json()["title"] == "Sea stories"  # left out: unchanged
+    prompt = c1.post(f"/conversations/{cid}/prompt", json={"content": "Who are you?"}).json()
+    assert "You are a cat. Say meow." in prompt["prompt"] and "pirate" not in prompt["prompt"]
+    assert "Hello there!" in prompt["prompt"]  # the history stays
+    reply = send(c1, cid, "Who are you?", params={"max_new_tokens": 4})
+    assert reply["rolechat"]["kept_turns"] == [0]
+    assert c1.get(f"/conversations/{cid}").json()["system"] == "You are a cat. Say meow."
+
+    # An empty system prompt means none; null leaves it as it is.
+    cleared = c1.patch(f"/conversations/{cid}", json={"system": "", "title": None}).json()
+    assert cleared["system"] is None and cleared["title"] == "Sea stories"
+    prompt = c1.post(f"/conversations/{cid}/prompt", json={"content": "Hi"}).json()
+    assert "meow" not in prompt["prompt"] and "pirate" not in prompt["prompt"]
+    assert c1.patch(f"/conversations/{cid}", json={}).json()["system"] is None
+
+    # Bad input changes nothing.
+    before = c1.get(f"/conversations/{cid}").json()
+    assert error_of(c1.patch(f"/conversations/{cid}", json={"persona": "expert"}),
+                    400)["param"] == "persona"
+    assert error_of(c1.patch(f"/conversations/{cid}", json={"title": 5}), 400)["param"] == "title"
+    assert error_of(c1.patch(f"/conversations/{cid}", json={"system": ["x"]}),
+                    400)["param"] == "system"
+    assert error_of(c1.patch(f"/conversations/{cid}", content=b'{"system": "a\\ud800"}',
+                             headers={"Content-Type": "application/json"}),
+                    400)["param"] == "system"
+    assert error_of(c1.patch(f"/conversations/{cid}", content=b"[1]",
+                             headers={"Content-Type": "application/json"}), 400)
+    assert c1.get(f"/conversations/{cid}").json() == before
+    # A conversation that does not exist, or is another key's, is not found.
+    assert error_of(c1.patch("/conversations/999999", json={"title": "x"}),
+                    404)["code"] == "conversation_not_found"
+    assert error_of(c2.patch(f"/conversations/{cid}", json={"title": "mine"}),
+                    404)["code"] == "conversation_not_found"
+    assert c1.get(f"/conversations/{cid}").json() == before
 
 
 def test_concurrent_messages_never_interleave(c1: httpx.Client, server: str) -> None:

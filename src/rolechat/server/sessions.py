@@ -9,8 +9,12 @@ Contract:
   ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
   not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
+- ``PATCH /v1/conversations/{id}``: change its ``title`` and/or ``system`` prompt (an empty
+  system prompt means none); fields left out or null stay as they are.
 - ``POST /v1/conversations/{id}/prompt``: a dry run (the exact prompt text and the window's
-  plan); nothing is generated or stored.
+  plan); nothing is generated or stored. With no ``content`` (or ``""``) it shows the prompt the
+  next message would get: the conversation so far and an open, empty user turn
+  (``"next_message": true``).
 - Each conversation is a :class:`~rolechat.saved.SavedChat` kept in a small LRU, so its window
   stays sticky and its KV state warm. Two requests to one conversation never interleave: its
   :class:`asyncio.Lock` is held from planning until the worker is done with the reply (it is
@@ -39,7 +43,7 @@ from ..params import GenerationParams
 from ..persona import load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
-from ..window import check_room
+from ..window import WindowPlan, check_room
 from .state import ServerState, state_of
 from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
 from .worker import Job, joined_unless_gone, reply_events
@@ -70,7 +74,15 @@ class Retry(BaseModel):
 
 class PromptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    content: str
+    #: The draft message; "" (nothing typed yet) previews the next message's prompt.
+    content: str = ""
+
+
+class ConversationChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = None
+    #: The new system prompt; "" (or blank) removes it.
+    system: str | None = None
 
 
 class ConversationNotFound(UnknownName):
@@ -110,6 +122,16 @@ def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, A
     if "max_new_tokens" in params.explicit():
         check_room(params, state.engine.context_length)
     return params.explicit()
+
+
+def next_message_plan(saved: SavedChat) -> WindowPlan:
+    """The window's plan for the next message before any of it is written: the conversation so
+    far, then an open user turn with no text. ``Chat.plan`` refuses an empty message, as sending
+    one must; a preview has nothing typed yet, so it asks the chat's own window, with the same
+    conversation, parameters and sticky first turn."""
+    chat = saved.chat
+    return chat.window.plan(chat.conversation, "", chat.engine, chat.effective_params(),
+                            first_turn=chat.first_turn)
 
 
 def conversation_body(state: ServerState, info: ConversationInfo, *,
@@ -175,16 +197,38 @@ async def delete(cid: int, request: Request) -> dict[str, Any]:
     return {"id": cid, "deleted": True}
 
 
+@router.patch("/conversations/{cid}")
+async def change(cid: int, body: ConversationChange, request: Request) -> dict[str, Any]:
+    """Rename the conversation and/or change its system prompt (the next reply uses it)."""
+    state, owner = state_of(request), owner_of(request)
+    title = None if body.title is None else check_text(body.title, "title", allow_blank=True)
+    system = None if body.system is None else check_text(body.system, "system",
+                                                             allow_blank=True)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with state.lock_of(cid):  # not while a reply is being planned or written
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        if system is not None:
+            await asyncio.to_thread(saved.set_system, system if system.strip() else None)
+        if title is not None:
+            await asyncio.to_thread(state.store.update, cid, title=" ".join(title.split()))
+        info = await asyncio.to_thread(owned, state, cid, owner)
+    return conversation_body(state, info)
+
+
 @router.post("/conversations/{cid}/prompt")
 async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, Any]:
     state, owner = state_of(request), owner_of(request)
-    text = check_text(body.content, "content")
+    next_message = body.content == ""
+    text = "" if next_message else check_text(body.content, "content")
     await asyncio.to_thread(owned, state, cid, owner)
     async with state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
-        plan = await asyncio.to_thread(saved.plan, text)
+        if next_message:
+            plan = await asyncio.to_thread(next_message_plan, saved)
+        else:
+            plan = await asyncio.to_thread(saved.plan, text)
         rendered = await asyncio.to_thread(state.engine.render, plan.messages)
-    return {"prompt": rendered, "plan": plan_body(plan)}
+    return {"prompt": rendered, "plan": plan_body(plan), "next_message": next_message}
 
 
 @router.post("/conversations/{cid}/undo")

@@ -1,0 +1,109 @@
+// The page's side of the HTTP API: fetch under /v1 with the API key, JSON bodies and errors,
+// server-sent events. The key lives in sessionStorage (this tab) unless the user asked to
+// remember it on this device (localStorage).
+
+const KEY_STORE = "rolechat.apiKey";
+
+function storage(kind) {
+  try { return kind === "local" ? window.localStorage : window.sessionStorage; }
+  catch (_) { return null; }  // storage blocked: the key lives in memory only
+}
+
+let memoryKey = "";
+
+export const apiKey = {
+  get() {
+    for (const kind of ["session", "local"]) {
+      const store = storage(kind);
+      const key = store && store.getItem(KEY_STORE);
+      if (key) return key;
+    }
+    return memoryKey;
+  },
+  // remember: keep it on this device (localStorage); otherwise for this tab only.
+  set(key, remember) {
+    memoryKey = key;
+    const keep = storage(remember ? "local" : "session");
+    const drop = storage(remember ? "session" : "local");
+    try {
+      if (keep) keep.setItem(KEY_STORE, key);
+      if (drop) drop.removeItem(KEY_STORE);
+    } catch (_) { /* private mode: memory only */ }
+  },
+  forget() {
+    memoryKey = "";
+    for (const kind of ["session", "local"]) {
+      const store = storage(kind);
+      try { if (store) store.removeItem(KEY_STORE); } catch (_) { /* nothing to forget */ }
+    }
+  },
+};
+
+// Called on a 401 with a message; resolves once the user entered a key (set by the page).
+let askForKey = () => Promise.reject(new Error("This server needs an API key."));
+export function onKeyNeeded(ask) { askForKey = ask; }
+
+export function errorMessage(body, status) {
+  if (body && body.error) return body.error.message || JSON.stringify(body.error);
+  return "Request failed (HTTP " + status + ")";
+}
+
+// fetch() under /v1 with the API key; on 401 asks for a key and tries again.
+export async function request(path, init) {
+  for (;;) {
+    const opts = Object.assign({}, init || {});
+    const headers = Object.assign({}, opts.headers || {});
+    const key = apiKey.get();
+    if (key) headers["Authorization"] = "Bearer " + key;
+    if (opts.body !== undefined && typeof opts.body !== "string") {
+      opts.body = JSON.stringify(opts.body);
+      headers["Content-Type"] = "application/json";
+    }
+    opts.headers = headers;
+    const response = await fetch("/v1" + path, opts);
+    if (response.status !== 401) return response;
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON */ }
+    if (key) apiKey.forget();  // refused: do not keep sending it
+    await askForKey(key ? "The API key was refused: " + errorMessage(body, 401)
+                        : "This server needs an API key.");
+  }
+}
+
+// A JSON request; the parsed body, or an Error with the server's message.
+export async function api(path, init) {
+  const response = await request(path, init);
+  let body = null;
+  const text = await response.text();
+  if (text) { try { body = JSON.parse(text); } catch (_) { body = null; } }
+  if (!response.ok) throw new Error(errorMessage(body, response.status));
+  return body;
+}
+
+export function conversationPath(cid, action) {
+  return "/conversations/" + encodeURIComponent(cid) + (action ? "/" + action : "");
+}
+
+// Reads an SSE body, calling onEvent(parsedJson) per "data:" line; stops at [DONE].
+export async function readSSE(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (value) buffer += decoder.decode(value, { stream: true });
+    if (done) buffer += decoder.decode();
+    let nl;
+    while ((nl = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, nl).replace(/\r$/, "");
+      buffer = buffer.slice(nl + 1);
+      if (!line.startsWith("data:")) continue;
+      const data = line.slice(5).trimStart();
+      if (data === "[DONE]") return;
+      let event;
+      try { event = JSON.parse(data); } catch (_) { continue; }
+      onEvent(event);
+    }
+    if (done) return;
+  }
+}

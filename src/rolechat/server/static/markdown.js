@@ -1,0 +1,128 @@
+// Assistant replies as Markdown: marked turns the text into HTML, DOMPurify ALWAYS sanitizes
+// that HTML before it reaches the page, highlight.js colours code blocks, and each code block
+// gets a copy button. The three libraries are vendored (vendor/README.md) and loaded as
+// globals by index.html.
+//
+// SAFETY: raw HTML in a reply is shown as text (never as markup); whatever marked or
+// highlight.js produce still goes through DOMPurify; links open in a new tab with
+// rel="noopener noreferrer"; javascript: and other unsafe URLs are dropped by DOMPurify.
+
+const { marked, DOMPurify, hljs } = window;
+
+const ENTITIES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;", "'": "&#39;" };
+
+function escapeHTML(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ENTITIES[c]);
+}
+
+// Highlighting every frame of a long stream is wasted work past this size.
+const AUTO_DETECT_LIMIT = 20000;
+
+function highlighted(code, lang) {
+  if (lang && hljs.getLanguage(lang)) {
+    return { html: hljs.highlight(code, { language: lang, ignoreIllegals: true }).value, lang };
+  }
+  if (!lang && code.length <= AUTO_DETECT_LIMIT) {
+    const auto = hljs.highlightAuto(code);
+    if (auto.language && auto.relevance >= 5) return { html: auto.value, lang: auto.language };
+  }
+  return { html: escapeHTML(code), lang };
+}
+
+const markdown = new marked.Marked({
+  gfm: true,
+  breaks: true,  // a reply's single newlines are line breaks, as the model meant them
+  renderer: {
+    html(token) {  // raw HTML: shown as the text it is
+      const text = escapeHTML(token.text);
+      return token.block ? "<p class=\"raw-html\">" + text.replace(/\n+$/, "") + "</p>\n" : text;
+    },
+    code(token) {
+      const lang = (token.lang || "").trim().split(/\s+/)[0].toLowerCase();
+      const out = highlighted(token.text.replace(/\n$/, ""), lang);
+      const cls = "hljs" + (out.lang ? " language-" + escapeHTML(out.lang) : "");
+      return "<pre><code class=\"" + cls + "\">" + out.html + "</code></pre>\n";
+    },
+  },
+});
+
+const PURIFY = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ["style", "form", "button", "textarea", "select", "iframe"],
+  FORBID_ATTR: ["style"],
+  RETURN_DOM_FRAGMENT: true,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
+// Copies text to the clipboard; resolves to true if it worked.
+export async function copyText(text) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return true;
+    }
+  } catch (_) { /* fall back below */ }
+  const area = document.createElement("textarea");  // plain http on another host
+  area.value = text;
+  area.setAttribute("readonly", "");
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.appendChild(area);
+  area.select();
+  let done = false;
+  try { done = document.execCommand("copy"); } catch (_) { done = false; }
+  area.remove();
+  return done;
+}
+
+// A button that copies what get() returns and says so for a moment.
+export function copyButton(label, get, testid) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "copy";
+  button.textContent = label;
+  button.dataset.testid = testid;
+  button.addEventListener("click", async (ev) => {
+    ev.stopPropagation();
+    const ok = await copyText(get());
+    button.textContent = ok ? "Copied" : "Copy failed";
+    button.dataset.copied = ok ? "1" : "0";
+    setTimeout(() => { button.textContent = label; delete button.dataset.copied; }, 1500);
+  });
+  return button;
+}
+
+// Each <pre><code> gets a header with its language and a copy button.
+function decorateCode(root) {
+  for (const pre of root.querySelectorAll("pre")) {
+    const code = pre.querySelector("code");
+    if (!code) continue;
+    const box = document.createElement("div");
+    box.className = "code-block";
+    const head = document.createElement("div");
+    head.className = "code-head";
+    const lang = /(?:^|\s)language-([\w+#.-]+)/.exec(code.className);
+    const name = document.createElement("span");
+    name.className = "code-lang";
+    name.textContent = lang ? lang[1] : "text";
+    head.appendChild(name);
+    head.appendChild(copyButton("Copy code", () => code.textContent, "copy-code"));
+    pre.replaceWith(box);
+    box.appendChild(head);
+    box.appendChild(pre);
+  }
+}
+
+// Renders Markdown `text` into `target` (its children are replaced), sanitized.
+export function renderMarkdown(target, text) {
+  const html = markdown.parse(String(text || ""), { async: false });
+  const fragment = DOMPurify.sanitize(html, PURIFY);
+  decorateCode(fragment);
+  target.replaceChildren(fragment);
+}

@@ -1,0 +1,117 @@
+// Messages on the page: one node per message (its text, status and usage lines, its actions),
+// users' text as plain text, the assistant's as sanitized Markdown; and the partial replies a
+// Stop leaves, kept in this tab.
+
+import { copyButton, renderMarkdown } from "./markdown.js";
+import { el, els, fmt } from "./page.js";
+
+export const rawText = new WeakMap();  // message node -> its text as written (what Copy copies)
+
+// One line of numbers for a reply. Accepts the SSE "done" event's usage + rolechat, or a
+// stored message's usage (whatever mix of these keys it has).
+export function usageText(usage, extra) {
+  const u = Object.assign({}, usage || {}, extra || {});
+  const parts = [];
+  const completion = u.completion_tokens ?? u.generated_tokens ?? u.tokens;
+  if (completion != null) parts.push(completion + " tokens");
+  const prompt = u.prompt_tokens;
+  if (prompt != null) parts.push("prompt " + prompt);
+  const tps = fmt(u.tokens_per_s, 1);
+  if (tps) parts.push(tps + " tok/s");
+  const ttft = fmt(u.ttft_s, 2);
+  if (ttft) parts.push("TTFT " + ttft + " s");
+  const cached = (u.prompt_tokens_details && u.prompt_tokens_details.cached_tokens)
+    ?? u.cached_tokens;
+  if (cached != null) parts.push("cached " + cached);
+  if (u.restored_tokens) parts.push("restored from " + u.kv_source);
+  const dropped = Array.isArray(u.dropped_turns) ? u.dropped_turns.length : u.dropped_turns;
+  if (dropped) parts.push("dropped " + dropped + (dropped === 1 ? " turn" : " turns"));
+  if (u.finish_reason && u.finish_reason !== "stop") parts.push("finish: " + u.finish_reason);
+  return parts.join(" · ");
+}
+
+// The text of a message node, rendered: users' as plain text, the assistant's as Markdown.
+export function setText(node, text) {
+  rawText.set(node, text);
+  const content = node.querySelector(".content");
+  if (node.dataset.role === "user") content.textContent = text;
+  else renderMarkdown(content, text);
+}
+
+// While streaming, render at most once a frame.
+const renderQueued = new Set();
+export function streamText(node, text) {
+  rawText.set(node, text);
+  if (renderQueued.has(node)) return;
+  renderQueued.add(node);
+  requestAnimationFrame(() => {
+    renderQueued.delete(node);
+    if (node.classList.contains("streaming")) setText(node, rawText.get(node) || "");
+  });
+}
+
+// A line under the message's content (status, usage), above its actions.
+export function addLine(node, cls, text, testid) {
+  if (!text) return null;
+  const line = el("div", cls, text);
+  if (testid) line.dataset.testid = testid;
+  node.insertBefore(line, node.querySelector(".msg-actions"));
+  return line;
+}
+
+export function markStatus(node, status, note) {
+  if (!node) return;
+  node.classList.add(status);
+  node.dataset.status = status;
+  const old = node.querySelector(".status");
+  if (old) old.remove();
+  addLine(node, "status", note ? status + " · " + note : status, "status");
+}
+
+export function addMessage(role, content, status, note) {
+  const node = el("div", "msg " + (role === "user" ? "user" : "assistant"));
+  node.dataset.role = role;
+  node.dataset.testid = "msg-" + role;
+  node.appendChild(el("div", "content"));
+  const actions = el("div", "msg-actions");
+  actions.appendChild(copyButton("Copy", () => rawText.get(node) || "", "copy"));
+  node.appendChild(actions);
+  setText(node, content || "");
+  if (status && status !== "complete") markStatus(node, status, note);
+  const follow = nearBottom();
+  els.messages.appendChild(node);
+  if (follow) scrollDown();
+  return node;
+}
+
+export function nearBottom() {
+  const m = els.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+}
+
+export function scrollDown() { els.messages.scrollTop = els.messages.scrollHeight; }
+
+export function clearEmpty() {
+  els.messages.querySelectorAll(".empty").forEach((n) => n.remove());
+}
+
+// ----- replies cut off by Stop ----------------------------------------------------------
+// The server keeps the user's message, marked interrupted, but not the partial reply; this tab
+// keeps that (sessionStorage) so it still shows after a reload, marked as such.
+const PARTIALS = "rolechat.partial.";
+
+export function loadPartials(cid) {
+  try { return JSON.parse(sessionStorage.getItem(PARTIALS + cid) || "[]"); }
+  catch (_) { return []; }
+}
+
+export function savePartials(cid, list) {
+  try {
+    if (list.length) sessionStorage.setItem(PARTIALS + cid, JSON.stringify(list));
+    else sessionStorage.removeItem(PARTIALS + cid);
+  } catch (_) { /* storage full or blocked: the partial reply is not kept */ }
+}
+
+export function keepPartial(cid, user, text) {
+  savePartials(cid, loadPartials(cid).concat([{ user: user, text: text }]));
+}

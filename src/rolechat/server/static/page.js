@@ -1,0 +1,68 @@
+// The page's shared pieces: its elements, its state, and small DOM helpers.
+
+const $ = (id) => document.getElementById(id);
+export const els = {
+  model: $("model"), persona: $("persona"), newBtn: $("new"), list: $("conversations"),
+  messages: $("messages"), input: $("input"), send: $("send"), stop: $("stop"),
+  form: $("composer"), error: $("error"), title: $("title"),
+  promptToggle: $("prompt-toggle"), promptPanel: $("prompt-panel"),
+  promptText: $("prompt-text"), plan: $("plan"),
+  keyBox: $("key-box"), apiKey: $("api-key"), apiKeyRemember: $("api-key-remember"),
+  temperature: $("temperature"), maxTokens: $("max-tokens"),
+  sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
+  menu: $("conv-menu"), rename: $("rename"), exportMd: $("export-md"),
+  exportJson: $("export-json"), renameForm: $("rename-form"), titleInput: $("title-input"),
+  renameCancel: $("rename-cancel"), systemToggle: $("system-toggle"),
+  systemPanel: $("system-panel"), systemInput: $("system-input"), systemNote: $("system-note"),
+  systemSave: $("system-save"), systemCancel: $("system-cancel"),
+  editBanner: $("edit-banner"), editCancel: $("edit-cancel"),
+};
+export const state = {
+  cid: null,          // the open conversation's id (null: a new one, created on first send)
+  conv: null,         // its last known body (GET /v1/conversations/{id})
+  streaming: false,
+  abort: null,        // AbortController of the reply being streamed
+  personas: [],
+  editing: false,     // the composer holds the last user message, to replace its turn
+  draftSystem: null,  // a system prompt chosen before the conversation exists
+  keyWaiters: [],
+};
+
+export function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+// body[data-busy] is set while an action (and the refresh after it) runs: tests wait for
+// it to go, instead of for a time.
+let busy = 0;
+export function act(fn) {
+  return async (...args) => {
+    busy += 1;
+    document.body.dataset.busy = "1";
+    try { return await fn(...args); }
+    finally { busy -= 1; if (!busy) delete document.body.dataset.busy; }
+  };
+}
+
+export function button(label, testid, onClick, title) {
+  const node = el("button", null, label);
+  node.type = "button";
+  node.dataset.testid = testid;
+  if (title) node.title = title;
+  const run = act(onClick);
+  node.addEventListener("click", (ev) => { ev.stopPropagation(); run(); });
+  return node;
+}
+
+export function showError(message) {
+  if (!message) { els.error.hidden = true; els.error.textContent = ""; return; }
+  els.error.textContent = String(message);
+  els.error.hidden = false;
+}
+
+export function fmt(n, digits) {
+  return typeof n === "number" && isFinite(n) ? n.toFixed(digits) : null;
+}

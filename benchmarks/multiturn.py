@@ -27,6 +27,14 @@ What it measures
     Targets (printed as PASS/MISS; the script exits 0 either way): rolechat decode speed at
     least 0.95x raw, and rolechat's TTFT at the last turn at most 1/20 of the tutorial's.
 
+Summary memory (``--memory-turns``, default 60; 0 skips it)
+    The same script, cycled, in a small context (``--memory-context``, 1,024 tokens) so that
+    the window slides, once with plain dropping and once with ``Window(memory="summary")``,
+    one after the other on one engine. Reported: the extra time per slide (a slide turn's
+    time with the summary, less the plain slide turn's; and the summarization's own time as
+    the reply records it), and the cache reuse between slides (cached / prompt tokens on the
+    turns that do not slide) for both, as a ratio: summary memory should leave it unchanged.
+
 How to run
     .venv/bin/python benchmarks/multiturn.py            (or: make bench)
     .venv/bin/python benchmarks/multiturn.py --turns 10 --max-new-tokens 32 --out /tmp/r.json
@@ -56,6 +64,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from rolechat import Chat, load_engine
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.persona import BUILTIN
+from rolechat.window import Window
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "multiturn.json"
 SYSTEM = BUILTIN["concise"].system
@@ -345,6 +354,78 @@ def print_summary(summary: dict[str, Any], turns: int) -> None:
     print(f"turn-{turns} ttft rolechat / raw:       {ratio:6.3f}  (no target)")
 
 
+# ----- summary memory against plain dropping -------------------------------------------------
+def memory_run(engine: LlamaCppEngine, memory: str, turns: int,
+               max_new_tokens: int) -> list[dict[str, Any]]:
+    """One conversation of ``turns`` turns with ``memory``; per turn: time, slide, reuse."""
+    engine.reset_cache()
+    chat = Chat(engine, persona="concise", params={"temperature": 0,
+                                                   "max_new_tokens": max_new_tokens},
+                window=Window(memory=memory))
+    rows: list[dict[str, Any]] = []
+    first = 0
+    for index in range(turns):
+        start = time.perf_counter()
+        reply = chat.send(USER_MESSAGES[index % len(USER_MESSAGES)])
+        total = time.perf_counter() - start
+        plan, usage = reply.plan, reply.usage
+        summary = plan.summary_usage
+        rows.append({"turn": index + 1, "slide": plan.first_turn != first, "total_s": total,
+                     "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
+                     "ttft_s": usage.ttft_s,
+                     "summary_s": summary.total_s if summary is not None else None,
+                     "summary_tokens": summary.generated_tokens if summary is not None else None,
+                     "memory_note": plan.memory_note})
+        first = plan.first_turn
+    if chat.memory.summary:
+        print(f"  final summary ({memory}): {chat.memory.summary}")
+    return rows
+
+
+def memory_summary(plain: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean(values: Iterable[float]) -> float:
+        values = list(values)
+        return statistics.fmean(values) if values else 0.0
+
+    def reuse(rows: list[dict[str, Any]]) -> float:  # between slides (the first turn aside)
+        between = [r for r in rows[1:] if not r["slide"]]
+        return mean(r["cached_tokens"] / r["prompt_tokens"] for r in between)
+
+    slide_plain = mean(r["total_s"] for r in plain if r["slide"])
+    slide_summary = mean(r["total_s"] for r in summary if r["slide"])
+    turn_plain = mean(r["total_s"] for r in plain if not r["slide"])
+    return {
+        "slides": {"plain": sum(r["slide"] for r in plain),
+                   "summary": sum(r["slide"] for r in summary)},
+        "summaries_made": sum(r["summary_s"] is not None and not r["memory_note"]
+                              for r in summary),
+        "summaries_failed": sum(bool(r["memory_note"]) for r in summary),
+        "mean_slide_turn_s": {"plain": slide_plain, "summary": slide_summary},
+        "extra_s_per_slide": slide_summary - slide_plain,
+        "mean_summarization_s": mean(r["summary_s"] for r in summary
+                                     if r["summary_s"] is not None),
+        "mean_turn_s_between_slides_plain": turn_plain,
+        "reuse_between_slides": {"plain": reuse(plain), "summary": reuse(summary)},
+        "reuse_ratio_summary_plain": reuse(summary) / reuse(plain) if reuse(plain) else 0.0,
+    }
+
+
+def print_memory(result: dict[str, Any], turns: int, context: int) -> None:
+    print(f"\nsummary memory, {turns} turns in a {context}-token context:")
+    print(f"slides: plain {result['slides']['plain']}, summary {result['slides']['summary']} "
+          f"({result['summaries_made']} summaries made, {result['summaries_failed']} fell back)")
+    slide = result["mean_slide_turn_s"]
+    between = result["mean_turn_s_between_slides_plain"]
+    print(f"slide turn: plain {slide['plain']:.2f} s, summary {slide['summary']:.2f} s; extra "
+          f"per slide {result['extra_s_per_slide']:.2f} s = "
+          f"{result['extra_s_per_slide'] / between if between else 0:.2f}x a plain turn "
+          f"({between:.2f} s); the summarization itself {result['mean_summarization_s']:.2f} s")
+    reuse = result["reuse_between_slides"]
+    print(f"cache reuse between slides (cached/prompt): plain {reuse['plain']:.3f}, summary "
+          f"{reuse['summary']:.3f}; ratio {result['reuse_ratio_summary_plain']:.3f} "
+          f"(1.0 = unchanged)")
+
+
 def settings(engine: LlamaCppEngine, args: argparse.Namespace) -> dict[str, Any]:
     return {"model_path": str(engine.path), "n_ctx": engine.context_length,
             "n_batch": min(512, engine.context_length), "n_threads": engine.n_threads,
@@ -361,6 +442,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="reply length limit per turn (default %(default)s)")
     parser.add_argument("--context-length", type=int, default=None,
                         help="context length for all three (default: the engine's default)")
+    parser.add_argument("--memory-turns", type=int, default=60,
+                        help="turns of the summary-memory run (0 skips it; default %(default)s)")
+    parser.add_argument("--memory-context", type=int, default=1024,
+                        help="context length of the summary-memory run (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON results file (default benchmarks/results/multiturn.json)")
     args = parser.parse_args(argv)
@@ -389,8 +474,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(approaches, args.turns)
     summary = summarize(rows)
     print_summary(summary, args.turns)
+    memory: dict[str, Any] | None = None
+    if args.memory_turns:
+        engine.close()
+        small = load_engine(context_length=args.memory_context)
+        assert isinstance(small, LlamaCppEngine)
+        plain = memory_run(small, "none", args.memory_turns, args.max_new_tokens)
+        with_summary = memory_run(small, "summary", args.memory_turns, args.max_new_tokens)
+        memory = {**memory_summary(plain, with_summary), "context_length": args.memory_context,
+                  "turns": {"plain": plain, "summary": with_summary}}
+        print_memory(memory, args.memory_turns, args.memory_context)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"settings": config, "summary": summary,
+    data = {"settings": config, "summary": summary, "memory": memory,
             "turns": [{"turn": i + 1, "user": USER_MESSAGES[i % len(USER_MESSAGES)],
                        **{name: asdict(result) for name, result in row.items()}}
                       for i, row in enumerate(rows)]}

@@ -18,6 +18,7 @@ import numpy as np
 from rolechat.engines.kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
 from rolechat.engines.local import LocalEngine
 from rolechat.engines.tokenizers import PromptEncoder
+from rolechat.memory import SUMMARY_SYSTEM
 from rolechat.params import GenerationParams
 from rolechat.template import ChatTemplate
 
@@ -143,3 +144,28 @@ class FakeEngine(LocalEngine):
                 self._wide[token] = data
             yield token
             self.kv.held.append(token)  # evaluated only when the next token is wanted
+
+
+class Summarizer(FakeEngine):
+    """Answers summary requests with ``S<n>`` (n: how many it made) and other prompts from
+    the queue or with a fixed reply; can fail the next summaries."""
+
+    def __init__(self, context_length: int = 1200) -> None:
+        super().__init__(context_length)
+        self.summaries = 0
+        self.fail_summaries = 0
+        self.summary_prompts: list[str] = []
+
+    def _tokens(self, prompt_ids: list[int], start: int,
+                params: GenerationParams) -> Iterator[int]:
+        text = bytes(t for t in prompt_ids if t < 256).decode("utf-8", "replace")
+        if SUMMARY_SYSTEM in text:
+            self.summary_prompts.append(text)
+            if self.fail_summaries:
+                self.fail_summaries -= 1
+                raise RuntimeError("out of memory")
+            self.summaries += 1
+            self.replies.insert(0, f"S{self.summaries}: the user asked questions.")
+        elif not self.replies:
+            self.replies.append("An answer of some length here.")
+        return super()._tokens(prompt_ids, start, params)

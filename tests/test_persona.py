@@ -64,3 +64,22 @@ def test_broken_persona_files(rolechat_home: Path, text: str, match: str) -> Non
     assert str(path) in str(info.value)
     found, broken = load_personas()
     assert "bad" in broken and "concise" in found
+
+
+def test_persona_window_turns_on_summary_memory(rolechat_home: Path) -> None:
+    from fakes import FakeEngine
+    from rolechat import Chat
+
+    write(rolechat_home, "remembers", 'system = "Remember things."\n[window]\n'
+          'memory = "summary"\nsummary_tokens = 64\n')
+    chat = Chat(FakeEngine(), persona="remembers")
+    assert chat.window.memory == "summary" and chat.window.summary_cap(2048) == 64
+    write(rolechat_home, "bad", 'system = "x"\n[window]\nmemory = "everything"\n')
+    with pytest.raises(InvalidInput, match=r"memory: must be one of none, summary.*bad\.toml"):
+        get_persona("bad")
+    write(rolechat_home, "odd", 'system = "x"\n[window]\nsize = 3\n')
+    with pytest.raises(InvalidInput, match=r"Unknown \[window\] keys \['size'\]"):
+        get_persona("odd")
+    write(rolechat_home, "tpl", 'system = "x"\n[window]\nsummary_template = "Sum up."\n')
+    with pytest.raises(InvalidInput, match=r"no \{turns\} placeholder"):
+        get_persona("tpl")

@@ -15,16 +15,17 @@ Contract:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol
 
 from .conversation import Conversation, Message, Turn, check_text
 from .engines import load_engine
-from .engines.base import Engine, FinishReason, Generation, Usage
+from .engines.base import Completion, Engine, FinishReason, Generation, Usage
 from .engines.snapshots import CacheKey
-from .errors import InvalidInput, InvalidParams
+from .errors import ContextOverflow, InvalidInput, InvalidParams
+from .memory import DEFAULT_TEMPLATE, Memory, SummaryFailed, summarize, summary_request
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
 from .window import Window, WindowPlan
@@ -58,8 +59,10 @@ class ReplyStream(Iterator[str]):
     """Text chunks of one reply. ``reply`` is set once the stream is exhausted."""
 
     def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams, *,
-                 prompt_ids: list[int] | None = None, continues: bool = False) -> None:
+                 prompt_ids: list[int] | None = None, continues: bool = False,
+                 pinned: bool = False) -> None:
         self._chat, self._text, self._plan, self._params = chat, text, plan, params
+        self._pinned = pinned
         #: True when this reply continues the last one (its text is appended to it).
         self.continues = continues
         self.reply: Reply | None = None
@@ -67,16 +70,44 @@ class ReplyStream(Iterator[str]):
         self._handle = (chat.log.started(text, plan, continues=continues)
                         if chat.log is not None else None)
         self._open = True
+        #: The chat's memory after this reply's slide (set when the slide folds turns into the
+        #: summary; it becomes the chat's only when the reply completes).
+        self._memory: Memory | None = None
         try:
-            self._generation: Generation = chat.engine.stream(
-                plan.messages, params,
-                prompt_ids=prompt_ids if prompt_ids is not None else plan.prompt_ids,
-                cache_key=chat.cache_key)
+            if plan.summarize:  # summarize first, in the engine's turn (see _after_summary)
+                self._generation: Generation = Generation(self._after_summary())
+            else:
+                self._generation = chat.engine.stream(
+                    plan.messages, params,
+                    prompt_ids=prompt_ids if prompt_ids is not None else plan.prompt_ids,
+                    cache_key=chat.cache_key)
         except BaseException:
             self._open = False
             if chat.log is not None:
                 chat.log.failed(self._handle)
             raise
+
+    def _after_summary(self) -> Generator[str, None, Completion]:
+        """Fold the dropped turns into the summary, plan again with it, then the reply."""
+        chat = self._chat
+        self._plan, self._memory = chat._fold(self._plan, self._text, self._params)
+        inner = chat.engine.stream(self._plan.messages, self._params,
+                                   prompt_ids=self._plan.prompt_ids, cache_key=chat.cache_key)
+        try:
+            while True:
+                try:
+                    chunk = next(inner)
+                except StopIteration:
+                    assert inner.completion is not None
+                    return inner.completion
+                yield chunk
+        finally:
+            inner.close()
+
+    @property
+    def plan(self) -> WindowPlan:
+        """The reply's window plan (after a slide's summary, once generation began)."""
+        return self._plan
 
     def __next__(self) -> str:
         try:
@@ -89,10 +120,14 @@ class ReplyStream(Iterator[str]):
                                    self._plan, self._params,
                                    self._chat.params_from(self._params))
                 self._open = False
+                if self._memory is not None:
+                    self._chat.memory = self._memory
                 if self.continues:
                     self._chat._extend(self.reply)
                 else:
                     self._chat._record(self._text, self.reply)
+                    if self._pinned:
+                        self._chat.memory.pins.add(len(self._chat.conversation.turns) - 1)
                 if self._chat.log is not None:
                     self._chat.log.completed(self._handle, self._text, self.reply)
             raise
@@ -142,7 +177,9 @@ class Chat:
             params = GenerationParams.from_mapping(params)
         #: Persona defaults, overridden by what the caller set explicitly.
         self.params = self.persona.params.merged(**params.explicit())
-        self.window = window or Window()
+        self.window = window or Window(**self.persona.window)
+        #: What the window keeps of dropped turns: the running summary and the pins.
+        self.memory = Memory()
         if conversation is None:
             conversation = Conversation(system if system is not None else self.persona.system)
         elif system is not None:
@@ -200,16 +237,25 @@ class Chat:
             raise InvalidInput("The conversation ends with a user message that has no reply.",
                                "Remove it (conversation.pop_turn()) or answer it first.")
         return self.window.plan(self.conversation, text, self.engine,
-                                self.effective_params(**overrides), first_turn=self.first_turn)
+                                self.effective_params(**overrides), first_turn=self.first_turn,
+                                memory=self.memory)
+
+    def next_plan(self, **overrides: Any) -> WindowPlan:
+        """The plan for the next message before any of it is written (a preview): the
+        conversation so far, then an open user turn with no text."""
+        return self.window.plan(self.conversation, "", self.engine,
+                                self.effective_params(**overrides), first_turn=self.first_turn,
+                                memory=self.memory)
 
     def prompt(self, text: str, **overrides: Any) -> str:
         """The exact text the model would receive for ``text``."""
         return self.engine.render(self.plan(text, **overrides).messages)
 
-    def stream(self, text: str, **overrides: Any) -> ReplyStream:
-        """Start a reply to ``text``; iterate for its chunks. Validates before generating."""
+    def stream(self, text: str, *, pinned: bool = False, **overrides: Any) -> ReplyStream:
+        """Start a reply to ``text``; iterate for its chunks. Validates before generating.
+        With ``pinned`` the turn is pinned once it is recorded."""
         params = self.effective_params(**overrides)
-        return ReplyStream(self, text, self.plan(text, **overrides), params)
+        return ReplyStream(self, text, self.plan(text, **overrides), params, pinned=pinned)
 
     def continue_reply(self, **overrides: Any) -> ReplyStream:
         """Go on with the last reply from where it stopped (cut at ``max_new_tokens``): the
@@ -221,19 +267,93 @@ class Chat:
         params = self.effective_params(**overrides)
         before = Conversation(self.conversation.system, list(self.conversation.messages[:-2]))
         plan = self.window.plan(before, last.user, self.engine, params,
-                                first_turn=min(self.first_turn, len(before.turns)))
+                                first_turn=min(self.first_turn, len(before.turns)),
+                                memory=self.memory)
+        # A slide here drops plainly; the next reply's slide summarizes what it dropped.
+        plan = replace(plan, summarize=())
         ids = self.engine.continuation_ids([*plan.messages,
                                             Message("assistant", last.assistant)])
         return ReplyStream(self, last.user, plan, params, prompt_ids=ids, continues=True)
+
+    def _fold(self, plan: WindowPlan, text: str,
+              params: GenerationParams) -> tuple[WindowPlan, Memory]:
+        """Summarize the turns ``plan`` drops (with the previous summary), then plan again with
+        the new summary. If the summarization fails, the turns are dropped plainly and the plan
+        says so; the previous summary stays. Returns the new plan and memory."""
+        window, memory, engine = self.window, self.memory, self.engine
+        cap = window.summary_cap(engine.context_length)
+        turns = [self.conversation.turns[i] for i in plan.summarize]
+        template = window.summary_template or DEFAULT_TEMPLATE
+        request = summary_request(template, memory.summary, turns, cap)
+        left_out = 0
+        while len(turns) > 1 and engine.count_tokens(request) + cap > engine.context_length:
+            turns, left_out = turns[1:], left_out + 1  # the oldest first
+            request = summary_request(template, memory.summary, turns, cap)
+        new = memory.copy()
+        note = None
+        usage: Usage | None = None
+        try:
+            new.summary, usage = summarize(engine, request, max_tokens=cap,
+                                           timeout_s=window.summary_timeout_s)
+            new.covers = plan.first_turn
+            new.summarized |= set(plan.summarize)
+            if left_out:
+                note = (f"the {left_out} oldest dropped turn(s) were too long to summarize with "
+                        "the rest and were dropped without a summary")
+        except SummaryFailed as exc:
+            usage = exc.usage
+            names = ", ".join(str(i + 1) for i in plan.summarize)
+            note = f"no summary ({exc}): turn(s) {names} dropped without one"
+        try:
+            again = window.plan(self.conversation, text, engine, params,
+                                first_turn=plan.first_turn, memory=new)
+        except ContextOverflow:  # the message and the pins leave no room for the new summary
+            new, note = memory.copy(), ("the new summary did not fit beside this message: the "
+                                        "dropped turns were left out without it")
+            again = window.plan(self.conversation, text, engine, params,
+                                first_turn=plan.first_turn, memory=new)
+        return replace(again, summarize=(), summary_usage=usage, memory_note=note), new
+
+    # ----- pins --------------------------------------------------------------------------
+    def _turn_index(self, turn: Any) -> int:
+        total = len(self.conversation.turns)
+        if isinstance(turn, bool) or not isinstance(turn, int):
+            raise InvalidInput(f"A turn is named by its index (from 0), got {turn!r}.",
+                               "For example: chat.pin(0) for the first turn.", field="turn")
+        index = turn + total if turn < 0 else turn
+        if not 0 <= index < total:
+            raise InvalidInput(f"There is no turn {turn}: the conversation has {total} "
+                               f"completed turn(s).",
+                               "Name a turn from 0 to the number of turns - 1 (or -1 for the "
+                               "last)." if total else "Pin a turn once it has a reply.",
+                               field="turn")
+        return index
+
+    def pin(self, turn: int = -1) -> int:
+        """Keep turn ``turn`` (from 0; -1 is the last) in every prompt, right after the system
+        prompt, whatever the window drops. Returns its index."""
+        index = self._turn_index(turn)
+        self.memory.pins.add(index)
+        return index
+
+    def unpin(self, turn: int) -> int:
+        """Let the window drop turn ``turn`` again. Returns its index."""
+        index = self._turn_index(turn)
+        if index not in self.memory.pins:
+            pinned = ", ".join(str(p) for p in sorted(self.memory.pins)) or "none"
+            raise InvalidInput(f"Turn {index} is not pinned (pinned: {pinned}).",
+                               "Unpin one of the pinned turns.", field="turn")
+        self.memory.pins.discard(index)
+        return index
 
     def _extend(self, reply: Reply) -> None:
         last = self.conversation.messages[-1]
         self.conversation.messages[-1] = Message("assistant", last.content + reply.text)
         self.last_reply = reply
 
-    def send(self, text: str, **overrides: Any) -> Reply:
-        """Reply to ``text`` and record the turn."""
-        with self.stream(text, **overrides) as chunks:
+    def send(self, text: str, *, pinned: bool = False, **overrides: Any) -> Reply:
+        """Reply to ``text`` and record the turn (pinned, with ``pinned``)."""
+        with self.stream(text, pinned=pinned, **overrides) as chunks:
             for _ in chunks:
                 pass
         assert chunks.reply is not None
@@ -249,7 +369,9 @@ class Chat:
         keeps its place."""
         turn = self.conversation.pop_turn()
         if turn is not None:
-            self.first_turn = min(self.first_turn, len(self.conversation.turns))
+            total = len(self.conversation.turns)
+            self.first_turn = min(self.first_turn, total)
+            self.memory.forget_from(total)
             self.last_reply = None
         return turn
 
@@ -262,6 +384,7 @@ class Chat:
         """Forget every turn; keep the system prompt and parameters."""
         self.conversation = Conversation(self.conversation.system)
         self.first_turn = 0
+        self.memory = Memory()
         self.last_reply = None
 
 

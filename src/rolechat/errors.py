@@ -52,11 +52,21 @@ class ContextOverflow(RolechatError):
     exit_code = 3
 
     def __init__(self, *, prompt_tokens: int, available_tokens: int, context_length: int,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, pinned: Iterable[int] = ()) -> None:
         self.prompt_tokens = prompt_tokens
         self.available_tokens = available_tokens
         self.context_length = context_length
         self.max_new_tokens = max_new_tokens
+        #: Pinned turns (from 0) that are part of the prompt that does not fit.
+        self.pinned = list(pinned)
+        if self.pinned:
+            names = ", ".join(str(p + 1) for p in self.pinned)
+            super().__init__(
+                f"The prompt needs {prompt_tokens} tokens with the pinned turn(s) {names}, but "
+                f"only {available_tokens} are available (context length {context_length} - "
+                f"max_new_tokens {max_new_tokens}).",
+                "Unpin a turn (/unpin N), shorten the message, or lower max_new_tokens.")
+            return
         super().__init__(
             f"The prompt needs {prompt_tokens} tokens but only {available_tokens} are available "
             f"(context length {context_length} - max_new_tokens {max_new_tokens}).",

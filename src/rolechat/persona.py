@@ -11,6 +11,8 @@ Contract:
       system = "You are a pirate. Answer in pirate speak."
       [params]            # optional, any GenerationParams field
       temperature = 0.7
+      [window]            # optional: memory = "summary", summary_tokens, summary_template
+      memory = "summary"
 
 - :func:`get_persona` raises :class:`~rolechat.errors.UnknownName` listing every valid name;
   a broken file raises :class:`~rolechat.errors.InvalidInput` naming the file and the problem.
@@ -48,6 +50,8 @@ class Persona:
     #: Only the explicitly set fields count: they override the library defaults.
     params: GenerationParams = field(default_factory=GenerationParams)
     source: str = "built-in"
+    #: Window settings (``memory``, ``summary_tokens``, ``summary_template``).
+    window: dict[str, Any] = field(default_factory=dict)
 
 
 BUILTIN: dict[str, Persona] = {
@@ -85,10 +89,10 @@ def load_persona_file(path: Path) -> Persona:
         data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidInput(f"Cannot read {where}: {exc}.", "Fix the TOML syntax.") from None
-    unknown = set(data) - {"system", "description", "params", "name"}
+    unknown = set(data) - {"system", "description", "params", "name", "window"}
     if unknown:
         raise InvalidInput(f"Unknown keys {sorted(unknown)} in {where}.",
-                           "Use system, description and [params].")
+                           "Use system, description, [params] and [window].")
     if "system" not in data:
         raise InvalidInput(f"The {where} has no `system` prompt.",
                            'Add a line such as: system = "You are ..."')
@@ -103,7 +107,29 @@ def load_persona_file(path: Path) -> Persona:
         params = GenerationParams.from_mapping(params_table)
     except InvalidParams as exc:
         raise InvalidInput(f"{exc.message.rstrip('.')} in {where}.", exc.hint) from None
-    return Persona(name, system, description, params, source=str(path))
+    window = data.get("window", {})
+    if not isinstance(window, dict):
+        raise InvalidInput(f"`window` in {where} must be a table.", "Write it as [window].")
+    try:
+        check_window(window)
+    except RolechatError as exc:
+        raise InvalidInput(f"{exc.message.rstrip('.')} in {where}.", exc.hint) from None
+    return Persona(name, system, description, params, source=str(path), window=window)
+
+
+#: What a persona's ``[window]`` table may set.
+WINDOW_KEYS = ("memory", "summary_tokens", "summary_template")
+
+
+def check_window(table: dict[str, Any]) -> None:
+    """A persona's ``[window]`` table: only :data:`WINDOW_KEYS`, each valid."""
+    unknown = set(table) - set(WINDOW_KEYS)
+    if unknown:
+        raise InvalidInput(f"Unknown [window] keys {sorted(unknown)}.",
+                           f"Use {', '.join(WINDOW_KEYS)}.")
+    from .window import Window
+
+    Window(**table)
 
 
 def load_personas() -> tuple[dict[str, Persona], dict[str, RolechatError]]:

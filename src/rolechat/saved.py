@@ -25,6 +25,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ from .conversation import Turn
 from .engines.base import Engine
 from .engines.snapshots import CacheKey, DiskTier, conversation_snapshot
 from .errors import InvalidInput, StoreError
+from .memory import Memory
 from .params import GenerationParams
 from .persona import get_persona
-from .store import Store, StoredMessage
-from .window import WindowPlan
+from .store import Store, StoredMessage, check_memory_record
+from .window import Window, WindowPlan
 
 log = logging.getLogger("rolechat.store")
 
@@ -81,9 +83,9 @@ class SavedChat:
             system: str | None = None,
             params: GenerationParams | Mapping[str, Any] | None = None, title: str = "",
             owner: str | None = None, kv_disk: DiskTier | None = None,
-            lazy: bool = True) -> SavedChat:
-        saved = cls(Chat(engine, persona=persona, system=system, params=params), store,
-                    kv_disk=kv_disk, title=title, owner=owner)
+            lazy: bool = True, window: Window | None = None) -> SavedChat:
+        saved = cls(Chat(engine, persona=persona, system=system, params=params, window=window),
+                    store, kv_disk=kv_disk, title=title, owner=owner)
         if not lazy:
             saved.ensure()
         return saved
@@ -92,23 +94,37 @@ class SavedChat:
     def resume(cls, engine: Engine, store: Store, cid: int, *, persona: str | None = None,
                system: str | None = None,
                params: GenerationParams | Mapping[str, Any] | None = None,
-               kv_disk: DiskTier | None = None, save: bool = True) -> SavedChat:
-        """Conversation ``cid`` with its stored persona, system prompt and parameters; those
-        given here override them, and are saved with it unless ``save`` is False (then they
-        apply to this session only)."""
+               kv_disk: DiskTier | None = None, save: bool = True,
+               window: Window | None = None) -> SavedChat:
+        """Conversation ``cid`` with its stored persona, system prompt, parameters and memory
+        (its summary, pins and memory mode); those given here override them, and are saved
+        with it unless ``save`` is False (then they apply to this session only)."""
         info = store.info(cid)
         overrides = (params if isinstance(params, GenerationParams)
                      else GenerationParams.from_mapping(params))
         stored = GenerationParams.from_mapping(info.params)
+        conversation = store.conversation(cid)
+        record = check_memory_record(info.memory, len(conversation.turns))
         chat = Chat(engine, persona=persona or info.persona,
                     params=stored.merged(**overrides.explicit()),
-                    conversation=store.conversation(cid))
+                    conversation=conversation, window=window)
+        if window is None and record["mode"] != chat.window.memory and "mode" in info.memory:
+            chat.window = dataclasses.replace(chat.window, memory=record["mode"])
+        chat.memory = Memory.from_dict(record)
+        chat.first_turn = chat.memory.covers  # what the summary holds stays out of the prompt
         if system is not None:
             chat.system = system
         if save and (persona is not None or system is not None or overrides.explicit()):
             store.update(cid, persona=chat.persona.name, system=chat.system,
                          params=chat.params.explicit())
-        return cls(chat, store, cid, kv_disk=kv_disk)
+        saved = cls(chat, store, cid, kv_disk=kv_disk)
+        if save and window is not None and window.memory != record["mode"]:
+            store.update(cid, memory=saved.memory_record())
+        return saved
+
+    def memory_record(self) -> dict[str, Any]:
+        """What the store keeps of the chat's memory (with the window's memory mode)."""
+        return {"mode": self.chat.window.memory, **self.chat.memory.to_dict()}
 
     @property
     def cid(self) -> int | None:
@@ -122,6 +138,8 @@ class SavedChat:
             self._cid = self.store.create(
                 persona=chat.persona.name, system=chat.system, model=chat.engine.model,
                 params=chat.params.explicit(), title=self._title, owner=self._owner)
+            if chat.window.memory != "none" or chat.memory.pins:
+                self.store.update(self._cid, memory=self.memory_record())
             chat.cache_key = CacheKey(conversation_snapshot(self._cid), self.kv_disk)
         return self._cid
 
@@ -132,11 +150,11 @@ class SavedChat:
     def prompt(self, text: str, **overrides: Any) -> str:
         return self.chat.prompt(text, **overrides)
 
-    def stream(self, text: str, **overrides: Any) -> ReplyStream:
-        return self.chat.stream(text, **overrides)
+    def stream(self, text: str, *, pinned: bool = False, **overrides: Any) -> ReplyStream:
+        return self.chat.stream(text, pinned=pinned, **overrides)
 
-    def send(self, text: str, **overrides: Any) -> Reply:
-        return self.chat.send(text, **overrides)
+    def send(self, text: str, *, pinned: bool = False, **overrides: Any) -> Reply:
+        return self.chat.send(text, pinned=pinned, **overrides)
 
     def undo(self) -> Turn | None:
         """Remove the last completed turn (chat and store); None if there is none."""
@@ -168,9 +186,11 @@ class SavedChat:
                 reply = stored[answers[-1]]
                 user = stored[answers[-1] - 1] if answers[-1] > 0 else None
             self.store.drop_last_turn(self._cid)
-        last_reply = chat.last_reply
+        last_reply, memory = chat.last_reply, chat.memory.copy()
         turn = chat.pop_turn()
         assert turn is not None
+        if chat.memory != memory:  # the turn was pinned
+            self._save(memory=self.memory_record())
         return RemovedTurn(turn, user, reply, last_reply)
 
     def _put_back(self) -> None:
@@ -207,7 +227,8 @@ class SavedChat:
             self.store.extend_last_reply(self._cid, reply.text, tokens, usage)
             return
         try:
-            self.store.complete_turn(self._cid, handle, reply.text, tokens, usage)
+            self.store.complete_turn(self._cid, handle, reply.text, tokens, usage,
+                                     memory=self.memory_record())
         except StoreError as exc:
             if exc.missing:
                 raise
@@ -226,6 +247,34 @@ class SavedChat:
         """Go on with the last reply where it stopped; what is added is appended to it, in the
         store too (a continuation that does not complete changes nothing)."""
         return self.chat.continue_reply(**overrides)
+
+    # ----- memory ------------------------------------------------------------------------
+    def pin(self, turn: int = -1) -> int:
+        """Keep turn ``turn`` (from 0; -1: the last) in every prompt; saved with the
+        conversation. Returns its index."""
+        index = self.chat._turn_index(turn)
+        memory = self.chat.memory.copy()
+        memory.pins.add(index)
+        self._save(memory={"mode": self.chat.window.memory, **memory.to_dict()})
+        return self.chat.pin(index)
+
+    def set_memory(self, memory: str) -> None:
+        """Switch the window's memory (``none`` or ``summary``); saved with the conversation.
+        The summary made so far stays; ``none`` makes no more of it."""
+        chat = self.chat
+        window = dataclasses.replace(chat.window, memory=memory)
+        self._save(memory={"mode": window.memory, **chat.memory.to_dict()})
+        chat.window = window
+
+    def unpin(self, turn: int) -> int:
+        """Let the window drop turn ``turn`` again; saved with the conversation."""
+        chat = self.chat
+        index = chat._turn_index(turn)
+        if index in chat.memory.pins:
+            memory = chat.memory.copy()
+            memory.pins.discard(index)
+            self._save(memory={"mode": chat.window.memory, **memory.to_dict()})
+        return chat.unpin(index)
 
     # ----- role and parameters -----------------------------------------------------------
     def _save(self, **fields: Any) -> None:

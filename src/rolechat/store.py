@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import pairwise
 from pathlib import Path
@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN writer TEXT;
     CREATE INDEX messages_pending ON messages (status) WHERE status = 'pending';
     """,
+    # 4: what the window keeps of dropped turns (rolechat.memory): mode, summary, pins.
+    """
+    ALTER TABLE conversations ADD COLUMN memory TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -130,6 +134,8 @@ class ConversationInfo:
     turns: int = 0
     #: Who the conversation belongs to (the server's hashed API key); None: nobody in particular.
     owner: str | None = None
+    #: The window's memory (``mode``, ``summary``, ``covers``, ``pins``; see rolechat.memory).
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -356,8 +362,8 @@ class Store:
         return int(rows[0][0]) if rows else None
 
     def update(self, cid: int, **fields: Any) -> None:
-        """Change title, persona, system, model or params."""
-        allowed = {"title", "persona", "system", "model", "params"}
+        """Change title, persona, system, model, params or memory."""
+        allowed = {"title", "persona", "system", "model", "params", "memory"}
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidInput(f"Unknown conversation fields {sorted(unknown)}.",
@@ -366,8 +372,9 @@ class Store:
         for name in ("title", "system"):
             if fields.get(name) is not None:
                 check_text(fields[name], name, allow_blank=True)
-        if "params" in fields:
-            fields["params"] = json.dumps(fields["params"] or {})
+        for name in ("params", "memory"):
+            if name in fields:
+                fields[name] = json.dumps(fields[name] or {}, ensure_ascii=False)
         sets = ", ".join(f"{name} = ?" for name in fields)
         with self._transaction() as db:
             db.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
@@ -422,10 +429,14 @@ class Store:
         return int(cursor.lastrowid or 0)
 
     def complete_turn(self, cid: int, user_id: int, reply: str, tokens: int,
-                      usage: dict[str, Any]) -> None:
-        """Save the finished reply and mark its user message complete, atomically."""
+                      usage: dict[str, Any], *, memory: dict[str, Any] | None = None) -> None:
+        """Save the finished reply and mark its user message complete, atomically (with the
+        conversation's new ``memory`` when the turn changed it)."""
         now = _now()
         with self._transaction() as db:
+            if memory is not None:
+                db.execute("UPDATE conversations SET memory = ? WHERE id = ?",
+                           (json.dumps(memory, ensure_ascii=False), cid))
             db.execute("UPDATE messages SET status = 'complete' WHERE id = ?", (user_id,))
             db.execute(
                 "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
@@ -478,10 +489,17 @@ class Store:
         if fmt == "json":
             return json.dumps({**conversation.to_dict(), "id": info.id, "title": info.title,
                                "persona": info.persona, "model": info.model,
-                               "params": info.params, "created_at": info.created_at},
+                               "params": info.params, "memory": info.memory,
+                               "created_at": info.created_at},
                               ensure_ascii=False, indent=2)
         if fmt == "md":
-            return conversation.to_markdown(info.title or f"Conversation {info.id}")
+            text = conversation.to_markdown(info.title or f"Conversation {info.id}")
+            summary, pins = info.memory.get("summary"), info.memory.get("pins") or []
+            if summary:
+                text += f"\n## Summary of the earlier turns\n\n{summary}\n"
+            if pins:
+                text += f"\nPinned turns: {', '.join(str(p + 1) for p in pins)}\n"
+            return text
         raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
 
     def import_file(self, text: str) -> int:
@@ -499,7 +517,11 @@ class Store:
             fields["params"] = GenerationParams.from_mapping(fields["params"]).explicit()
         if "persona" in fields:
             get_persona(fields["persona"])
-        return self.import_conversation(conversation, **fields)
+        cid = self.import_conversation(conversation, **fields)
+        memory = data.get("memory") if isinstance(data, dict) else None
+        if isinstance(memory, dict) and memory:
+            self.update(cid, memory=check_memory_record(memory, len(conversation.turns)))
+        return cid
 
 
 def _title(text: str) -> str:
@@ -507,7 +529,33 @@ def _title(text: str) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
+def check_memory_record(memory: dict[str, Any], turns: int) -> dict[str, Any]:
+    """A stored or imported memory record, checked: InvalidInput says what is wrong."""
+    mode, summary = memory.get("mode", "none"), memory.get("summary")
+    covers, pins = memory.get("covers", 0), memory.get("pins", [])
+    if mode not in ("none", "summary"):
+        raise InvalidInput(f"memory.mode must be none or summary, got {mode!r}.",
+                           "Fix the file's memory section.")
+    if summary is not None and not isinstance(summary, str):
+        raise InvalidInput("memory.summary must be text.", "Fix the file's memory section.")
+    if not isinstance(covers, int) or not 0 <= covers <= turns:
+        raise InvalidInput(f"memory.covers must be a turn count from 0 to {turns}, got "
+                           f"{covers!r}.", "Fix the file's memory section.")
+    for name in ("pins", "summarized"):
+        value = memory.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(p, int) and 0 <= p < turns
+                                                  for p in value):
+            raise InvalidInput(f"memory.{name} must list turns from 0 to {turns - 1}, got "
+                               f"{value!r}.", "Fix the file's memory section.")
+    record = {"mode": mode, "summary": summary, "covers": covers, "pins": sorted(set(pins))}
+    if "summarized" in memory:
+        record["summarized"] = sorted(set(memory["summarized"]))
+    return record
+
+
 def _info(row: sqlite3.Row) -> ConversationInfo:
+    keys = row.keys()
     return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
                             json.loads(row["params"] or "{}"), row["created_at"],
-                            row["updated_at"], row["turns"], row["owner"])
+                            row["updated_at"], row["turns"], row["owner"],
+                            json.loads(row["memory"] or "{}") if "memory" in keys else {})

@@ -8,6 +8,10 @@ Contract — :meth:`Window.plan` returns a :class:`WindowPlan` such that:
 - it is sticky: it starts from ``first_turn`` (the first turn the previous plan kept), so
   turns already dropped stay dropped and the cached prefix stays valid; when it must drop more,
   it drops down to ``low_water × budget`` so that the next turns append without sliding again.
+- with memory (:mod:`rolechat.memory`): the conversation's summary is in the system message and
+  its pinned turns come right after it, whatever else is dropped; a slide under
+  ``memory="summary"`` leaves room for the summary to grow to its cap, and the plan lists the
+  turns to fold into it (``summarize``), which the chat does before generating.
 It counts tokens by asking the engine; it never tokenizes by itself. The plan carries the
 prompt's token ids when the engine has them (``prompt_ids``), so the engine does not tokenize
 the chosen prompt again, and says whether its counts are estimates (``estimated``). A user
@@ -23,6 +27,7 @@ from typing import Any, Protocol
 
 from .conversation import Conversation, Message
 from .errors import ContextOverflow, InvalidParams
+from .memory import Memory, check_memory, check_template, system_with_summary
 from .params import GenerationParams
 
 
@@ -31,6 +36,8 @@ class TokenCounter(Protocol):
     exact_counts: bool
 
     def count_tokens(self, messages: list[Message]) -> int: ...
+
+    def count_text(self, text: str) -> int: ...
 
     def prompt_ids(self, messages: list[Message]) -> list[int] | None: ...
 
@@ -59,24 +66,46 @@ class WindowPlan:
     prompt_ids: list[int] | None = field(default=None, repr=False, compare=False)
     #: True when the counts are estimates (a remote engine without a local tokenizer).
     estimated: bool = False
+    #: Pinned turns kept before ``first_turn`` (right after the system prompt).
+    pinned: tuple[int, ...] = ()
+    #: The conversation summary in the system message (None: none).
+    memory_summary: str | None = None
+    #: Turns this slide folds into the summary before the reply (summary memory only).
+    summarize: tuple[int, ...] = ()
+    #: Turns the running summary covers.
+    summarized: tuple[int, ...] = ()
+    #: What the summarization cost (its own usage, apart from the reply's).
+    summary_usage: Any = field(default=None, compare=False)
+    #: Why a slide dropped turns without summarizing them (None: it did not).
+    memory_note: str | None = None
 
     @property
     def kept(self) -> list[int]:
-        return list(range(self.first_turn, self.total_turns))
+        return [*self.pinned, *range(self.first_turn, self.total_turns)]
 
     @property
     def dropped(self) -> list[int]:
-        return list(range(self.first_turn))
+        return [i for i in range(self.first_turn) if i not in self.pinned]
 
     def summary(self) -> str:
         kept, dropped = len(self.kept), len(self.dropped)
         about = "~" if self.estimated else ""
         text = (f"{about}{self.prompt_tokens}/{self.budget} prompt tokens"
                 f"{' (estimated)' if self.estimated else ''}, {kept} earlier turn(s) kept")
-        return text + (f", {dropped} oldest dropped" if dropped else "")
+        if self.pinned:
+            text += f" ({len(self.pinned)} pinned)"
+        text += f", {dropped} oldest dropped" if dropped else ""
+        if self.summarized:
+            text += f", {len(self.summarized)} in the summary"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
+        usage = self.summary_usage
         return {"first_turn": self.first_turn, "kept": self.kept, "dropped": self.dropped,
+                "pinned": list(self.pinned), "summary": self.memory_summary,
+                "summarized": list(self.summarized), "summarize": list(self.summarize),
+                "summary_usage": usage.to_dict() if usage is not None else None,
+                "memory_note": self.memory_note,
                 "prompt_tokens": self.prompt_tokens, "budget": self.budget,
                 "context_length": self.context_length, "max_new_tokens": self.max_new_tokens,
                 "estimated": self.estimated}
@@ -88,6 +117,14 @@ class Window:
     low_water: float = 0.75
     #: Keep at most this many of the newest turns (None: as many as fit).
     max_turns: int | None = None
+    #: What happens to dropped turns: ``none`` (forgotten) or ``summary`` (a running summary).
+    memory: str = "none"
+    #: The summary's token cap (None: 1/16 of the context, at least 32).
+    summary_tokens: int | None = None
+    #: The summarization prompt (None: :data:`rolechat.memory.DEFAULT_TEMPLATE`).
+    summary_template: str | None = None
+    #: The longest a summarization may take, in seconds.
+    summary_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.low_water <= 1.0:
@@ -96,25 +133,59 @@ class Window:
         if self.max_turns is not None and self.max_turns < 0:
             raise InvalidParams([("max_turns", f"must be >= 0 (got {self.max_turns!r})")],
                                 what="window settings")
+        check_memory(self.memory)
+        if self.summary_tokens is not None and (
+                not isinstance(self.summary_tokens, int) or self.summary_tokens < 8):
+            raise InvalidParams([("summary_tokens",
+                                  f"must be a whole number >= 8 (got {self.summary_tokens!r})")],
+                                what="window settings")
+        if not self.summary_timeout_s > 0:
+            raise InvalidParams([("summary_timeout_s",
+                                  f"must be > 0 (got {self.summary_timeout_s!r})")],
+                                what="window settings")
+        if self.summary_template is not None:
+            check_template(self.summary_template)
+
+    def summary_cap(self, context_length: int) -> int:
+        """The summary's token cap for a model with this context."""
+        return self.summary_tokens or max(32, context_length // 16)
 
     def plan(self, conversation: Conversation, user: str, engine: TokenCounter,
-             params: GenerationParams, *, first_turn: int = 0) -> WindowPlan:
+             params: GenerationParams, *, first_turn: int = 0,
+             memory: Memory | None = None) -> WindowPlan:
         """Choose the turns for a prompt that ends with ``user``."""
         context = engine.context_length
         budget = check_room(params, context)
-        total = len(conversation.turns)
+        turns = conversation.turns
+        total = len(turns)
+        memory = memory or Memory()
+        pins = sorted(p for p in memory.pins if p < total)
+        summary = memory.summary
+        system = system_with_summary(conversation.system, summary)
         start = min(max(first_turn, 0), total)
         if self.max_turns is not None:
             start = max(start, total - self.max_turns)
 
+        def messages_from(first: int) -> list[Message]:
+            out = [Message("system", system)] if system is not None else []
+            for index in [*(p for p in pins if p < first), *range(first, total)]:
+                out += [Message("user", turns[index].user),
+                        Message("assistant", turns[index].assistant)]
+            return [*out, Message("user", user)]
+
         def count(first: int) -> tuple[list[Message], int, list[int] | None]:
-            messages = conversation.prompt_messages(user, first_turn=first)
+            messages = messages_from(first)
             ids = engine.prompt_ids(messages)
             return messages, len(ids) if ids is not None else engine.count_tokens(messages), ids
 
-        def plan(first: int, counted: tuple[list[Message], int, list[int] | None]) -> WindowPlan:
+        def plan(first: int, counted: tuple[list[Message], int, list[int] | None],
+                 summarize: tuple[int, ...] = ()) -> WindowPlan:
             return WindowPlan(counted[0], first, total, counted[1], budget, context,
-                              params.max_new_tokens, counted[2], not engine.exact_counts)
+                              params.max_new_tokens, counted[2], not engine.exact_counts,
+                              pinned=tuple(p for p in pins if p < first),
+                              memory_summary=summary, summarize=summarize,
+                              summarized=tuple(sorted(t for t in memory.summarized
+                                                      if t < total)) if summary else ())
 
         current = count(start)
         if current[1] <= budget:
@@ -122,18 +193,28 @@ class Window:
         alone = count(total)
         if alone[1] > budget:
             raise ContextOverflow(prompt_tokens=alone[1], available_tokens=budget,
-                                  context_length=context, max_new_tokens=params.max_new_tokens)
+                                  context_length=context, max_new_tokens=params.max_new_tokens,
+                                  pinned=[p for p in pins if p < total])
         target = int(budget * self.low_water)
+        if self.memory == "summary":  # room for the summary to grow to its cap after the slide
+            section = (engine.count_text(system_with_summary("", summary) or "")
+                       if summary else 0)
+            target -= max(0, self.summary_cap(context) + 24 - section)
         if alone[1] > target:
-            return plan(total, alone)
-        # Smallest first turn whose prompt is at or below the low-water mark: tokens only
-        # shrink as turns are dropped, so binary search over (start, total].
-        lo, hi, best = start + 1, total, (total, alone)
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            counted = count(mid)
-            if counted[1] <= target:
-                best, hi = (mid, counted), mid - 1
-            else:
-                lo = mid + 1
-        return plan(best[0], best[1])
+            best = (total, alone)
+        else:
+            # Smallest first turn whose prompt is at or below the low-water mark: tokens only
+            # shrink as turns are dropped, so binary search over (start, total].
+            lo, hi, best = start + 1, total, (total, alone)
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                counted = count(mid)
+                if counted[1] <= target:
+                    best, hi = (mid, counted), mid - 1
+                else:
+                    lo = mid + 1
+        fold: tuple[int, ...] = ()
+        if self.memory == "summary":  # every dropped turn not pinned nor summarized yet
+            fold = tuple(i for i in range(best[0])
+                         if i not in memory.pins and i not in memory.summarized)
+        return plan(best[0], best[1], fold)

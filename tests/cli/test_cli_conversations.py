@@ -218,3 +218,18 @@ def test_chat_no_log_saves_nothing_and_can_read_a_saved_conversation(cli: Cli) -
         assert len(saved.recent(10)) == 1
     finally:
         saved.close()
+
+
+def test_memory_flags_are_saved_with_the_conversation(cli: Cli) -> None:
+    data = cli.ask_json(*FAST, "--memory", "summary", "--summary-tokens", "40", "Hi, I am Ada.")
+    cid = data["conversation_id"]
+    assert data["window"]["summary"] is None and data["window"]["pinned"] == []
+    saved = store(cli)
+    try:
+        assert saved.info(cid).memory["mode"] == "summary"
+    finally:
+        saved.close()
+    error = cli.fails("ask", "--memory", "everything", "hi", code=2)
+    assert "--memory" in error and "'everything' is not one of 'none', 'summary'" in error
+    error = cli.fails("ask", "--summary-tokens", "2", "hi", code=2)
+    assert "--summary-tokens" in error

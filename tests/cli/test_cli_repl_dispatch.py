@@ -339,12 +339,13 @@ def test_window_shows_kept_and_dropped_turns():
     assert lines[0].startswith(f"next prompt: {plan.prompt_tokens}/224 tokens (context 256 - "
                                "max_new_tokens 32)")
     assert f"{len(plan.kept)} turn(s) kept, {len(plan.dropped)} dropped" in lines[0]
-    assert len(lines) == 1 + 6
-    states = [line.split()[2] for line in lines[1:]]
+    assert lines[1] == "memory: none"
+    assert len(lines) == 2 + 6
+    states = [line.split()[2] for line in lines[2:]]
     assert states == ["dropped"] * plan.first_turn + ["kept"] * (6 - plan.first_turn)
     assert "dropped" in states
-    assert lines[1].split()[:2] == ["turn", "1"]
-    assert re.search(r"\b\d+ tokens  message number 0", lines[1])
+    assert lines[2].split()[:2] == ["turn", "1"]
+    assert re.search(r"\b\d+ tokens  message number 0", lines[2])
 
 
 def test_window_with_no_turns():
@@ -601,7 +602,7 @@ def test_window_shows_each_turns_real_share():
         repl.handle(text)
     fresh(out)
     repl.handle("/window")
-    lines = fresh(out).splitlines()[1:]
+    lines = fresh(out).splitlines()[2:]  # after the totals and the memory line
     shares = [int(line.split()[3]) for line in lines]
     # Each turn adds its text and its template once: the fake's ChatML writes 17 byte tokens
     # ("user\n", "\n", "assistant\n", "\n") and 4 control tokens around a user message and
@@ -611,3 +612,43 @@ def test_window_shows_each_turns_real_share():
     whole = engine.count_tokens(messages, add_generation_prompt=False)
     system = engine.count_tokens(messages[:1], add_generation_prompt=False)
     assert sum(shares) == whole - system
+
+
+def test_pin_unpin_and_window_show_the_memory(tmp_path):
+    from fakes import Summarizer
+    from rolechat.window import Window
+
+    engine = Summarizer()
+    store = Store(tmp_path / "s.db")
+    saved = SavedChat.new(engine, store=store, params={"max_new_tokens": 40},
+                          window=Window(memory="summary", summary_tokens=40))
+    out = io.StringIO()
+    repl = Repl(saved, out=out)
+    repl.handle("/pin")
+    assert "error: There is no turn 0" in fresh(out)
+    repl.handle("My name is Ada.")
+    repl.handle("/pin 1")
+    assert "[turn 1 pinned" in fresh(out)
+    assert store.info(saved.cid).memory["pins"] == [0]
+    repl.handle("/pin 9")
+    assert "error: There is no turn 9: the conversation has 1 turn(s)." in fresh(out)
+    repl.handle("/pin first")
+    assert "error: /pin takes a turn number, not 'first'" in fresh(out)
+    slid = ""
+    for i in range(30):
+        repl.handle(f"Question number {i} about the topic?")
+        slid += fresh(out)
+    assert "[the window slid: the dropped turns are in the summary" in slid
+    repl.handle("/window")
+    shown = fresh(out)
+    assert "memory: summary (summary cap 40 tokens); pinned: 1" in shown
+    assert "S" in shown and ": the user asked questions." in shown
+    assert re.search(r"turn 1 +pinned", shown) and re.search(r"turn 2 +summary", shown)
+    repl.handle("/unpin 2")
+    assert "error: Turn 2 is not pinned." in fresh(out)
+    repl.handle("/unpin")
+    assert "error: /unpin needs a turn number." in fresh(out)
+    repl.handle("/unpin 1")
+    assert "[turn 1 unpinned]" in fresh(out)
+    assert store.info(saved.cid).memory["pins"] == []
+    store.close()

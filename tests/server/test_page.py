@@ -52,6 +52,18 @@ def greet(name):
 Inline <img src=y onerror="window.__xss=4"> and ![pic](javascript:window.__xss=5)
 """
 CODE = 'def greet(name):\n    return f"hi {name}"'
+# A conversation with memory (seeded): turns 1-2 are in the summary, turn 1 is pinned.
+MEMORY_TURNS = [("My name is Ada and I live in Lisbon.", "Nice to meet you, Ada."),
+                ("I like green tea.", "Green tea is a fine choice."),
+                ("What is 2 + 2?", "4."),
+                ("And 3 + 3?", "6.")]
+SUMMARY = "The user is Ada. She likes <b>green</b> tea."
+# A conversation whose next message slides the window: its max_new_tokens leaves a prompt
+# budget of 99 tokens (of the 1024-token context), which its turns overflow; the reply stops at
+# its first space, so the slide's summarization is most of the work (about 3 s).
+LONG_TURNS = [(f"Tell me about planet number {i}.",
+               f"Planet number {i} is a cold world far from its star.") for i in range(3)]
+LONG_PARAMS = {"max_new_tokens": 925, "temperature": 0, "stop": [" "]}
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
@@ -72,8 +84,14 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     markdown = store.create(title="Seeded Markdown")
     uid = store.begin_turn(markdown, "Show me some Markdown.")
     store.complete_turn(markdown, uid, MARKDOWN, 60, {})
+    memory = store.import_conversation(Conversation.from_tuples(MEMORY_TURNS, system="Be brief."),
+                                       title="Seeded memory")
+    store.update(memory, memory={"mode": "summary", "summary": SUMMARY, "covers": 2, "pins": [0]})
+    sliding = store.import_conversation(Conversation.from_tuples(LONG_TURNS), title="Seeded long",
+                                        params=LONG_PARAMS)
+    store.update(sliding, memory={"mode": "summary", "summary": None, "covers": 0, "pins": []})
     store.close()
-    return {"home": home, "cid": cid, "markdown": markdown}
+    return {"home": home, "cid": cid, "markdown": markdown, "memory": memory, "sliding": sliding}
 
 
 @pytest.fixture(scope="module")
@@ -542,6 +560,138 @@ def test_delete_conversation(server: str, page: Any) -> None:
     item.wait_for(state="detached")
     listed = [c["id"] for c in api(server, "GET", "/conversations")["data"]]
     assert cid not in listed
+
+
+# ----- memory: the summary, pinned turns, the memory mode ---------------------------------------
+
+def test_memory_plan_pins_and_mode(server: str, seeded: dict[str, Any], page: Any,
+                                   shots: Path) -> None:
+    cid = seeded["memory"]
+    load(page, f"{server}/#c={cid}")
+    replies = page.locator(".msg.assistant")
+    assert replies.count() == len(MEMORY_TURNS)
+    # The stored pin shows: turn 1 is marked (both its messages), its reply offers Unpin.
+    assert page.locator("[data-testid=pin-badge]").count() == 1
+    assert replies.first.locator("[data-testid=pin-badge]").text_content() == "pinned"
+    assert page.locator(".msg.pinned").count() == 2
+    assert "pinned" in (page.locator(".msg.user").first.get_attribute("class") or "")
+    assert page.locator("[data-testid=pin]").all_text_contents() == ["Unpin", "Pin", "Pin", "Pin"]
+
+    # The plan: what is kept, pinned and dropped, and the summary the prompt carries (as text).
+    page.click("#prompt-toggle")
+    page.locator("[data-testid=plan-summary]").wait_for()
+    plan = api(server, "POST", f"/conversations/{cid}/prompt", json={})["plan"]
+    assert (plan["kept_turns"], plan["dropped_turns"], plan["pinned_turns"]) == ([0, 2, 3], [1],
+                                                                                 [0])
+    assert plan["memory"]["summary"] == SUMMARY and plan["memory"]["summarized_turns"] == [1]
+    assert page.text_content("[data-testid=plan-turns]") == (
+        "kept: turns 1, 3, 4 · dropped: turn 2 · pinned: turn 1 · "
+        "memory: summary of dropped turns")
+    assert page.text_content("[data-testid=plan-summary] .plan-label") == "Summary of turn 2"
+    assert page.text_content("[data-testid=plan-summary] .plan-summary-text") == SUMMARY
+    assert page.locator("#plan b, #messages b").count() == 0
+    prompt = page.text_content("#prompt-text") or ""
+    assert f"[Summary of the earlier conversation]\n{SUMMARY}" in prompt
+    assert MEMORY_TURNS[0][0] in prompt and MEMORY_TURNS[1][0] not in prompt
+    page.evaluate("document.getElementById('messages').scrollTop = 0")
+    shot(page, shots, "memory-desktop")
+
+    # Unpin turn 1: the store forgets the pin, the badge goes, the plan drops the turn.
+    replies.first.locator("[data-testid=pin]").click()
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["memory"]["pins"] == []
+    assert page.locator("[data-testid=pin-badge], .msg.pinned").count() == 0
+    assert page.locator("[data-testid=pin]").all_text_contents() == ["Pin"] * 4
+    assert "dropped: turns 1, 2" in (page.text_content("[data-testid=plan-turns]") or "")
+    assert "pinned" not in (page.text_content("[data-testid=plan-turns]") or "")
+    # Turn 1 was pinned when the summary was made, so it is not in it; the next slide folds
+    # it in.
+    assert page.text_content("[data-testid=plan-summary] .plan-label") == "Summary of turn 2"
+    assert MEMORY_TURNS[0][0] not in (page.text_content("#prompt-text") or "")
+
+    # Pin turn 3 instead (PATCH with the whole new list); a reload still shows it.
+    replies.nth(2).locator("[data-testid=pin]").click()
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["memory"]["pins"] == [2]
+    assert replies.nth(2).locator("[data-testid=pin-badge]").count() == 1
+    assert "pinned: turn 3" in (page.text_content("[data-testid=plan-turns]") or "")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    assert page.locator(".msg.assistant").nth(2).locator("[data-testid=pin-badge]").count() == 1
+    assert page.locator("[data-testid=pin]").all_text_contents() == ["Pin", "Pin", "Unpin", "Pin"]
+
+    # The memory switch in the ⋯ menu shows the mode and changes it.
+    toggle = page.locator("[data-testid=memory-toggle]")
+    page.click("[data-testid=menu]")
+    assert toggle.text_content() == "Summarize dropped turns: on"
+    assert toggle.get_attribute("aria-checked") == "true"
+    toggle.click()
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["memory"]["mode"] == "none"
+    assert toggle.text_content() == "Summarize dropped turns: off"
+    page.click("[data-testid=menu]")
+    toggle.click()
+    idle(page)
+    assert api(server, "GET", f"/conversations/{cid}")["memory"]["mode"] == "summary"
+    assert toggle.get_attribute("aria-checked") == "true"
+    assert page.is_hidden("#error")
+
+
+def test_memory_for_a_new_conversation_and_a_slide_note(server: str, seeded: dict[str, Any],
+                                                        page: Any, shots: Path) -> None:
+    # "Remember dropped turns" creates the conversation with summary memory.
+    load(page, server)
+    page.check("[data-testid=memory-new]")
+    page.fill("#max-tokens", "2")
+    page.fill("#input", "Remember that my cat is called Tom.")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .usage")
+    idle(page)
+    cid = page.evaluate("decodeURIComponent(location.hash.slice(3))")
+    conv = api(server, "GET", f"/conversations/{cid}")
+    assert conv["memory"]["mode"] == "summary" and "memory" not in conv["params"]
+    page.click("[data-testid=menu]")
+    assert page.text_content("[data-testid=memory-toggle]") == "Summarize dropped turns: on"
+    page.keyboard.press("Escape")
+
+    # A conversation past its window: the dry run says what the next message folds into the
+    # summary; the reply that slides says what the summary cost, here and after a reload.
+    cid = seeded["sliding"]
+    page.goto("about:blank")  # a new hash alone would not load the page again
+    load(page, f"{server}/#c={cid}")
+    page.click("#prompt-toggle")
+    fold = page.locator("[data-testid=plan-fold]")
+    fold.wait_for()
+    plan = api(server, "POST", f"/conversations/{cid}/prompt", json={})["plan"]
+    folding = plan["memory"]["summarize_turns"]
+    assert folding and folding[0] == 0
+    assert "will be folded into the summary" in (fold.text_content() or "")
+    page.fill("#input", "Which planet was first?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .usage")
+    idle(page)
+    stored = api(server, "GET", f"/conversations/{cid}")
+    reply = page.locator(".msg.assistant").last
+    line = reply.locator("[data-testid=memory-usage]")
+    assert line.count() == 1
+    text = line.text_content() or ""
+    note = stored["messages"][-1]["usage"]["window"]["memory_note"]
+    if stored["memory"]["summary"]:  # the model summarized: the summary covers those turns
+        covers = stored["memory"]["covers"]
+        assert covers >= len(folding) and text.startswith(
+            f"window slid: {covers} turns summarized in ")
+        page.locator("[data-testid=plan-summary]").wait_for()
+        assert stored["memory"]["summary"] in (page.text_content("#plan") or "")
+    else:  # it said nothing: the turns were dropped plainly, and the page says why
+        assert text.startswith("window slid: summarizing took") and note
+    if note:
+        assert note in (reply.locator("[data-testid=memory-note]").text_content() or "")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    reloaded = page.locator(".msg.assistant").last.locator("[data-testid=memory-usage]")
+    assert reloaded.text_content() == text
+    assert page.is_hidden("#error")
+    shot(page, shots, "memory-slide-desktop")
 
 
 # ----- themes, phones, the icon, the key ---------------------------------------------------------

@@ -396,3 +396,40 @@ def test_migration_2_on_a_version_1_database(tmp_path: Path) -> None:
             store.info(old.id, owner="abc")
     finally:
         store.close()
+
+
+def test_summary_memory_and_pins_over_http(c1: httpx.Client) -> None:
+    cid = new(c1, system="Be brief.", params={"temperature": 0, "max_new_tokens": 24,
+                                              "memory": "summary", "summary_tokens": 48})["id"]
+    first = send(c1, cid, "My name is Ada and I live in Lisbon.", pinned=True)
+    assert first["rolechat"]["pinned_turns"] == [] and first["rolechat"]["kept_turns"] == []
+    summarized = None
+    for i in range(14):
+        reply = send(c1, cid, f"Question {i}: " + "tell me more about the sea " * 10)
+        extra = reply["rolechat"]
+        assert reply["usage"]["prompt_tokens"] <= 1024 - 24
+        if extra["dropped_turns"]:
+            assert extra["pinned_turns"] == [0] and 0 in extra["kept_turns"]
+            memory = extra["memory"]
+            if memory["usage"] is not None:  # this reply slid the window
+                summarized = memory
+    assert summarized is not None, "the window never slid"
+    assert summarized["summary"] and summarized["usage"]["generated_tokens"] > 0
+    got = c1.get(f"/conversations/{cid}").json()
+    assert got["memory"]["mode"] == "summary" and got["memory"]["pins"] == [0]
+    assert got["memory"]["summary"] and got["turns"] == 15
+    preview = c1.post(f"/conversations/{cid}/prompt", json={}).json()
+    assert got["memory"]["summary"] in preview["prompt"]
+    assert "[Summary of the earlier conversation]" in preview["prompt"]
+    assert "My name is Ada" in preview["prompt"]  # the pinned turn
+    assert preview["plan"]["memory"]["summary"] == got["memory"]["summary"]
+
+    bad = c1.patch(f"/conversations/{cid}", json={"pins": [99]})
+    assert bad.status_code == 400 and "There is no turn 99" in bad.json()["error"]["message"]
+    bad = c1.patch(f"/conversations/{cid}", json={"memory": "everything"})
+    assert bad.status_code == 400
+    bad = c1.post("/conversations", json={"params": {"memory": "lots"}})
+    assert bad.status_code == 400 and "memory" in bad.json()["error"]["message"]
+    changed = c1.patch(f"/conversations/{cid}", json={"pins": [], "memory": "none"}).json()
+    assert changed["memory"]["pins"] == [] and changed["memory"]["mode"] == "none"
+    assert changed["memory"]["summary"] == got["memory"]["summary"]  # kept

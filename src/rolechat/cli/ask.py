@@ -15,6 +15,7 @@ from .options import (
     err_console,
     generation_options,
     kv_disk_option,
+    memory_options,
     model_options,
     open_chat,
     persona_options,
@@ -30,6 +31,7 @@ from .options import (
 @generation_options
 @model_options
 @kv_disk_option
+@memory_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: response, usage, finish_reason, window.")
 @click.option("--usage", "show_usage", is_flag=True, help="Print token usage and speed to stderr.")

@@ -11,6 +11,7 @@ from . import cli
 from .options import (
     generation_options,
     kv_disk_option,
+    memory_options,
     model_options,
     open_chat,
     persona_options,
@@ -26,6 +27,7 @@ from .repl import run
 @generation_options
 @model_options
 @kv_disk_option
+@memory_options
 @click.option("--render", type=click.Choice(RENDERINGS), default="markdown", show_default=True,
               help="How replies show on a terminal: rendered Markdown, or plain text.")
 @click.option("--no-log", is_flag=True,

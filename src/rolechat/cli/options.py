@@ -25,10 +25,12 @@ from ..engines.snapshots import (
 )
 from ..engines.transformers import HUBS
 from ..errors import InvalidInput
+from ..memory import MEMORIES
 from ..params import GenerationParams
 from ..persona import get_persona
 from ..saved import SavedChat
 from ..store import Store
+from ..window import Window
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -173,6 +175,27 @@ def persona_options(func: F) -> F:
                         help="Persona name (see `rolechat personas`; default: concise).")(func)
 
 
+def memory_options(func: F) -> F:
+    """``--memory`` and ``--summary-tokens``: what the window keeps of the turns it drops."""
+    func = click.option("--summary-tokens", type=click.IntRange(min=8), default=None,
+                        help="The running summary's token cap [default: 1/16 of the context]."
+                        )(func)
+    return click.option("--memory", type=click.Choice(MEMORIES), default=None,
+                        help="What the window keeps of dropped turns: nothing, or a running "
+                        "summary made when it slides [default: the persona's, else none]."
+                        )(func)
+
+
+def window_from(options: dict[str, Any], persona: str | None) -> Window | None:
+    """The window the memory flags (popped from ``options``) ask for, over the persona's
+    ``[window]`` settings; None when no flag is given."""
+    given = {name: value for name in ("memory", "summary_tokens")
+             if (value := options.pop(name, None)) is not None}
+    if not given:
+        return None
+    return Window(**{**get_persona(persona).window, **given})
+
+
 def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> Engine:
     """Load the engine named by the model flags (popped from ``options``). Which flags apply
     to which engine comes from the engines' option schemas."""
@@ -213,6 +236,7 @@ def open_chat(options: dict[str, Any], *, log: bool = True,
     if persona_name is not None:
         get_persona(persona_name)  # fail fast, before loading a model
     system = options.pop("system", None)
+    window = window_from(options, persona_name)
     resume, cid = options.pop("resume", False), options.pop("cid", None)
     store = open_store() if (log or resume or cid is not None) else None
     if store is not None and resume and cid is None:
@@ -226,12 +250,13 @@ def open_chat(options: dict[str, Any], *, log: bool = True,
     engine = open_engine(options)
     if store is not None and cid is not None:
         saved = SavedChat.resume(engine, store, cid, persona=persona_name, system=system,
-                                 params=params, kv_disk=disk, save=log and save_overrides)
+                                 params=params, kv_disk=disk, save=log and save_overrides,
+                                 window=window)
         if not log:
             saved.store = None  # the history came from the store; this exchange stays out
         return saved
     return SavedChat.new(engine, store=store if log else None, persona=persona_name,
-                         system=system, params=params, kv_disk=disk)
+                         system=system, params=params, kv_disk=disk, window=window)
 
 
 def open_store() -> Store:

@@ -142,6 +142,13 @@ class Repl:
             return False
         self.generated += reply.usage.generated_tokens
         self.note(usage_line(reply.usage) + " · " + reply.plan.summary())
+        plan = reply.plan
+        if plan.summary_usage is not None and plan.memory_note is None:
+            self.note(f"[the window slid: the dropped turns are in the summary "
+                      f"({plan.summary_usage.generated_tokens} tokens, "
+                      f"{plan.summary_usage.total_s:.1f} s); /window shows it]", style="dim")
+        if plan.memory_note:
+            self.note(f"[{plan.memory_note}]", style="yellow")
         if reply.finish_reason == "length":
             self.note(f"[the reply stopped at max_new_tokens "
                       f"({reply.params.max_new_tokens if reply.params else '?'}); /continue goes "
@@ -311,7 +318,18 @@ def _window(repl: Repl, argument: str) -> bool:
     repl.say(f"next prompt: {plan.prompt_tokens}/{plan.budget} tokens (context "
              f"{plan.context_length} - max_new_tokens {plan.max_new_tokens}); "
              f"{len(plan.kept)} turn(s) kept, {len(plan.dropped)} dropped")
-    kept = set(plan.kept)
+    kept, pinned = set(plan.kept), set(chat.memory.pins)
+    memory = chat.memory
+    repl.say(f"memory: {chat.window.memory}"
+             + (f" (summary cap {chat.window.summary_cap(plan.context_length)} tokens)"
+                if chat.window.memory == "summary" else "")
+             + (f"; pinned: {', '.join(str(p + 1) for p in sorted(pinned))}" if pinned else ""))
+    if memory.summary:
+        repl.say(f"summary of turns 1-{memory.covers} (pinned ones excepted):")
+        repl.say(f"  {memory.summary}")
+    if plan.summarize:
+        repl.say(f"the next message slides the window: turn(s) "
+                 f"{', '.join(str(i + 1) for i in plan.summarize)} go into the summary first")
     # Each turn's real share of a prompt: what it adds to the prompt before it.
     messages = chat.conversation.prompt_messages()
     start = 1 if chat.system is not None else 0
@@ -320,8 +338,53 @@ def _window(repl: Repl, argument: str) -> bool:
         upto = chat.engine.count_tokens(messages[:start + 2 * (index + 1)],
                                         add_generation_prompt=False)
         tokens, before = upto - before, upto
-        state = "kept" if index in kept else "dropped"
+        state = ("pinned" if index in pinned and index in kept else
+                 "kept" if index in kept else
+                 "summary" if memory.summary and index < memory.covers else "dropped")
         repl.say(f"  turn {index + 1:<3} {state:<8} {tokens:>6} tokens  {_short(turn.user)}")
+    return True
+
+
+def _turn_number(repl: Repl, argument: str, command: str) -> int:
+    """A turn number as the user gives it (from 1, as /history and /window show them)."""
+    try:
+        number = int(argument)
+    except ValueError:
+        raise InvalidInput(f"{command} takes a turn number, not {argument!r}.",
+                           f"For example: {command} 1 (see /history for the numbers)") from None
+    if number < 1:
+        raise InvalidInput(f"Turns are numbered from 1, got {number}.",
+                           "See /history for the numbers.")
+    return number - 1
+
+
+@command("/pin", "Always keep a turn in the prompt (/pin N; without N, the last turn).")
+def _pin(repl: Repl, argument: str) -> bool:
+    turns = len(repl.chat.conversation.turns)
+    index = _turn_number(repl, argument, "/pin") if argument else turns - 1
+    if index >= turns or index < 0:
+        raise InvalidInput(f"There is no turn {index + 1}: the conversation has {turns} "
+                           "turn(s).", "See /history for the numbers.")
+    repl.saved.pin(index)
+    repl.note(f"[turn {index + 1} pinned: the window keeps it]")
+    return True
+
+
+@command("/unpin", "Let the window drop a pinned turn again (/unpin N).")
+def _unpin(repl: Repl, argument: str) -> bool:
+    if not argument:
+        pinned = sorted(repl.chat.memory.pins)
+        raise InvalidInput("/unpin needs a turn number.",
+                           f"Pinned: {', '.join(str(p + 1) for p in pinned)}" if pinned
+                           else "No turn is pinned.")
+    index = _turn_number(repl, argument, "/unpin")
+    if index not in repl.chat.memory.pins:
+        pinned = sorted(repl.chat.memory.pins)
+        raise InvalidInput(f"Turn {index + 1} is not pinned.",
+                           f"Pinned: {', '.join(str(p + 1) for p in pinned)}" if pinned
+                           else "No turn is pinned.")
+    repl.saved.unpin(index)
+    repl.note(f"[turn {index + 1} unpinned]")
     return True
 
 

@@ -14,9 +14,11 @@ from .options import (
     err_console,
     kv_disk,
     kv_disk_option,
+    memory_options,
     model_options,
     open_engine,
     open_store,
+    window_from,
 )
 
 
@@ -32,6 +34,7 @@ from .options import (
               show_default=True, help="Refuse larger request bodies (413).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeat; default: none).")
+@memory_options
 def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: int,
           cors_origins: tuple[str, ...], **options: Any) -> None:
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions)."""
@@ -44,11 +47,12 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
                              "Install the extra: pip install 'rolechat[server]'") from None
     keys = list(server_keys) or [k for k in [os.environ.get("ROLECHAT_API_KEY", "")] if k]
 
+    window = window_from(options, None)
     store = open_store()
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
     engine = open_engine(options, api_key_flag="--remote-api-key")
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
-                     cors_origins=cors_origins, store=store, kv_disk=disk)
+                     cors_origins=cors_origins, store=store, kv_disk=disk, window=window)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
                       + (" (API key required)" if keys else ""), style="dim")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -41,6 +41,7 @@ from ..engines import Engine
 from ..engines.snapshots import DiskTier
 from ..errors import RolechatError
 from ..store import Store
+from ..window import Window
 from . import completions, sessions
 from .completions import model_id
 from .guard import Guard
@@ -53,15 +54,15 @@ log = logging.getLogger("rolechat.server")
 
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
                max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = (),
-               store: Store | None = None, kv_disk: DiskTier | EllipsisType | None = ...
-               ) -> FastAPI:
+               store: Store | None = None, kv_disk: DiskTier | EllipsisType | None = ...,
+               window: Window | None = None) -> FastAPI:
     app = FastAPI(title="rolechat", docs_url=None, redoc_url=None,
                   lifespan=partial(lifespan, engine))
     store = store if store is not None else Store.default()
     app.state.rolechat = ServerState(
         engine=engine, store=store, worker=Worker(),
         kv_disk=DiskTier(store.kv_root) if kv_disk is ... else kv_disk,
-        keyed=bool(api_keys), model_id=model_id(engine.model))
+        keyed=bool(api_keys), model_id=model_id(engine.model), window=window)
     app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -9,8 +9,13 @@ Contract:
   ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
   not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
-- ``PATCH /v1/conversations/{id}``: change its ``title`` and/or ``system`` prompt (an empty
-  system prompt means none); fields left out or null stay as they are.
+- ``PATCH /v1/conversations/{id}``: change its ``title``, ``system`` prompt (an empty system
+  prompt means none), ``pins`` (the turns, from 0, always kept) and/or ``memory`` (``none`` or
+  ``summary``); fields left out or null stay as they are.
+- Memory (:mod:`rolechat.memory`): a session's ``params`` may set ``memory`` and
+  ``summary_tokens`` (over the persona's ``[window]`` and ``serve --memory``); a message with
+  ``"pinned": true`` pins its turn; the plan in every reply and dry run shows the summary, the
+  pins and the dropped turns (``rolechat.memory``, ``pinned_turns``).
 - ``POST /v1/conversations/{id}/prompt``: a dry run (the exact prompt text and the window's
   plan); nothing is generated or stored. With no ``content`` (or ``""``) it shows the prompt the
   next message would get: the conversation so far and an open, empty user turn
@@ -28,8 +33,9 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -40,10 +46,10 @@ from ..conversation import check_text
 from ..engines.snapshots import CacheKey, conversation_snapshot
 from ..errors import RolechatError, UnknownName
 from ..params import GenerationParams
-from ..persona import load_personas
+from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
-from ..window import WindowPlan, check_room
+from ..window import Window, check_room
 from .state import ServerState, state_of
 from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
 from .worker import Job, joined_unless_gone, reply_events
@@ -64,6 +70,8 @@ class NewMessage(BaseModel):
     content: str
     stream: bool = False
     params: dict[str, Any] | None = None
+    #: Pin this turn once it is recorded: the window always keeps it.
+    pinned: bool = False
 
 
 class Retry(BaseModel):
@@ -83,6 +91,10 @@ class ConversationChange(BaseModel):
     title: str | None = None
     #: The new system prompt; "" (or blank) removes it.
     system: str | None = None
+    #: The turns (from 0) to keep pinned: this list replaces the pins.
+    pins: list[int] | None = None
+    #: What the window keeps of dropped turns: "none" or "summary".
+    memory: Literal["none", "summary"] | None = None
 
 
 class ConversationNotFound(UnknownName):
@@ -124,20 +136,28 @@ def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, A
     return params.explicit()
 
 
-def next_message_plan(saved: SavedChat) -> WindowPlan:
-    """The window's plan for the next message before any of it is written: the conversation so
-    far, then an open user turn with no text. ``Chat.plan`` refuses an empty message, as sending
-    one must; a preview has nothing typed yet, so it asks the chat's own window, with the same
-    conversation, parameters and sticky first turn."""
-    chat = saved.chat
-    return chat.window.plan(chat.conversation, "", chat.engine, chat.effective_params(),
-                            first_turn=chat.first_turn)
+#: Window settings a session's ``params`` may carry besides the generation parameters.
+WINDOW_PARAMS = ("memory", "summary_tokens")
+
+
+def window_of(state: ServerState, data: dict[str, Any] | None,
+              persona: str | None) -> tuple[Window | None, dict[str, Any] | None]:
+    """The window a new session asks for (``memory``/``summary_tokens`` in its params, over the
+    persona's ``[window]`` and the server's ``--memory``), and the generation params left."""
+    data = dict(data or {})
+    given = {name: data.pop(name) for name in WINDOW_PARAMS if name in data}
+    if not given and state.window is None:
+        return None, data
+    base = dataclasses.asdict(state.window) if state.window is not None else {}
+    window = Window(**{**base, **get_persona(persona).window, **given})
+    return window, data
 
 
 def conversation_body(state: ServerState, info: ConversationInfo, *,
                       messages: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {"id": info.id, "title": info.title, "persona": info.persona,
                             "system": info.system, "params": info.params,
+                            "memory": info.memory,
                             "created_at": info.created_at, "updated_at": info.updated_at,
                             "turns": info.turns}
     if messages:
@@ -160,10 +180,12 @@ def personas() -> dict[str, Any]:
 @router.post("/conversations", status_code=201)
 def create(body: NewConversation, request: Request) -> dict[str, Any]:
     state = state_of(request)
-    params = GenerationParams.from_mapping(overrides_of(state, body.params))
+    window, rest = window_of(state, body.params, body.persona)
+    params = GenerationParams.from_mapping(overrides_of(state, rest))
     saved = SavedChat.new(state.engine, store=state.store, persona=body.persona,
                           system=body.system, params=params, title=body.title,
-                          owner=owner_of(request), kv_disk=state.kv_disk, lazy=False)
+                          owner=owner_of(request), kv_disk=state.kv_disk, lazy=False,
+                          window=window)
     assert saved.cid is not None
     state.chats.put(saved.cid, saved)
     return conversation_body(state, state.store.info(saved.cid))
@@ -207,12 +229,25 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
     await asyncio.to_thread(owned, state, cid, owner)
     async with state.lock_of(cid):  # not while a reply is being planned or written
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        if body.pins is not None:
+            await asyncio.to_thread(set_pins, saved, body.pins)
+        if body.memory is not None:
+            await asyncio.to_thread(saved.set_memory, body.memory)
         if system is not None:
             await asyncio.to_thread(saved.set_system, system if system.strip() else None)
         if title is not None:
             await asyncio.to_thread(state.store.update, cid, title=" ".join(title.split()))
         info = await asyncio.to_thread(owned, state, cid, owner)
     return conversation_body(state, info)
+
+
+def set_pins(saved: SavedChat, pins: list[int]) -> None:
+    """Pin exactly ``pins`` (each checked before anything changes)."""
+    wanted = {saved.chat._turn_index(p) for p in pins}
+    for index in sorted(saved.chat.memory.pins - wanted):
+        saved.unpin(index)
+    for index in sorted(wanted - saved.chat.memory.pins):
+        saved.pin(index)
 
 
 @router.post("/conversations/{cid}/prompt")
@@ -224,7 +259,7 @@ async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, A
     async with state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         if next_message:
-            plan = await asyncio.to_thread(next_message_plan, saved)
+            plan = await asyncio.to_thread(saved.chat.next_plan)
         else:
             plan = await asyncio.to_thread(saved.plan, text)
         rendered = await asyncio.to_thread(state.engine.render, plan.messages)
@@ -248,7 +283,8 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
     state = state_of(request)
     text = check_text(body.content, "content")
     overrides = overrides_of(state, body.params)
-    return await reply(request, cid, body.stream, lambda saved: saved.stream(text, **overrides))
+    return await reply(request, cid, body.stream,
+                       lambda saved: saved.stream(text, pinned=body.pinned, **overrides))
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)

@@ -21,6 +21,7 @@ from ..engines import Engine
 from ..engines.snapshots import DiskTier
 from ..saved import SavedChat
 from ..store import Store
+from ..window import Window
 from .worker import Worker
 
 K = TypeVar("K")
@@ -69,6 +70,8 @@ class ServerState:
     #: API keys are required (conversations then belong to the key that made them).
     keyed: bool
     model_id: str
+    #: The window new sessions get (``serve --memory``); None: the persona's.
+    window: Window | None = None
     chats: LRU[int, SavedChat] = field(default_factory=lambda: LRU(CHAT_CACHE_SIZE))
     locks: dict[int, asyncio.Lock] = field(default_factory=dict)
 

@@ -115,6 +115,12 @@ def plan_body(plan: WindowPlan) -> dict[str, Any]:
             "context_length": plan.context_length, "max_new_tokens": plan.max_new_tokens}
     if plan.estimated:
         body["estimated"] = True
+    body["pinned_turns"] = list(plan.pinned)
+    if plan.memory_summary is not None or plan.summarize or plan.memory_note:
+        usage = plan.summary_usage
+        body["memory"] = {"summary": plan.memory_summary, "summarized_turns": list(
+            plan.summarized), "summarize_turns": list(plan.summarize), "note": plan.memory_note,
+            "usage": usage.to_dict() if usage is not None else None}
     return body
 
 

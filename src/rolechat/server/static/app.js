@@ -1,14 +1,16 @@
 // rolechat web chat page: the conversation list, the chat, per-message actions (copy,
-// regenerate, edit and resend, undo) and per-conversation ones (rename, system prompt, export,
-// the exact prompt). Plain ES modules, no build step, nothing loaded from elsewhere.
+// regenerate, edit and resend, undo, pin) and per-conversation ones (rename, system prompt,
+// memory, export, the exact prompt and the window's plan). Plain ES modules, no build step,
+// nothing loaded from elsewhere.
 // SAFETY: user text is only ever set through textContent; assistant text only through
 // renderMarkdown (markdown.js: marked, then DOMPurify, always).
 
 import { api, apiKey, conversationPath, errorMessage, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
-import { addLine, addMessage, clearEmpty, keepPartial, loadPartials, markStatus, nearBottom,
-         rawText, savePartials, scrollDown, setText, streamText, usageText } from "./messages.js";
+import { addLine, addMemoryLines, addMessage, clearEmpty, keepPartial, loadPartials, markStatus,
+         nearBottom, rawText, savePartials, scrollDown, setText, streamText, turnList,
+         usageText } from "./messages.js";
 import { act, button, el, els, showError, state } from "./page.js";
 
 // ----- the API key ------------------------------------------------------------------------
@@ -29,10 +31,119 @@ function saveKey() {
   state.keyWaiters.splice(0).forEach((resolve) => resolve(key));
 }
 
+// ----- memory: pinned turns and the running summary ------------------------------------------
+function memoryOf(conv) {
+  return (conv && conv.memory && typeof conv.memory === "object") ? conv.memory : {};
+}
+
+function pinsOf(conv) {
+  const pins = memoryOf(conv).pins;
+  return Array.isArray(pins) ? pins.filter(Number.isInteger) : [];
+}
+
+// The replies of the completed turns on the page, in order (the n-th is turn n, from 0): a
+// reply with no status right after a user message with none. Interrupted, failed and
+// kept-in-this-tab messages are not turns.
+function completedReplies() {
+  return [...els.messages.querySelectorAll(".msg.assistant")].filter((n) => {
+    const asked = n.previousElementSibling;
+    return !n.dataset.status && !n.hidden && asked && asked.dataset.role === "user"
+      && !asked.dataset.status;
+  });
+}
+
+// Pin/Unpin on every completed turn's reply, and the pinned turns marked (a pin badge on the
+// reply, the "pinned" class on both its messages). Only when the page shows exactly the
+// stored turns, so a pin always names the turn it is next to.
+function refreshPins() {
+  els.messages.querySelectorAll(".pin-badge").forEach((n) => n.remove());
+  els.messages.querySelectorAll(".msg.pinned").forEach((n) => n.classList.remove("pinned"));
+  els.messages.querySelectorAll(".msg[data-turn]").forEach((n) => delete n.dataset.turn);
+  if (state.cid === null || state.streaming || !state.conv) return;
+  const replies = completedReplies();
+  if (replies.length !== state.conv.turns) return;
+  const pins = new Set(pinsOf(state.conv));
+  replies.forEach((reply, index) => {
+    const asked = reply.previousElementSibling;
+    reply.dataset.turn = asked.dataset.turn = String(index);
+    const pinned = pins.has(index);
+    const label = "turn " + (index + 1);
+    const pin = button(pinned ? "Unpin" : "Pin", "pin", () => togglePin(index),
+                       pinned ? "Let the window drop " + label + " again"
+                         : "Pin " + label + ": the window always keeps it");
+    pin.setAttribute("aria-pressed", String(pinned));
+    pin.classList.add("turn-action");
+    reply.querySelector(".msg-actions").appendChild(pin);
+    if (pinned) {
+      reply.classList.add("pinned");
+      asked.classList.add("pinned");
+      const badge = el("span", "pin-badge", "pinned");
+      badge.dataset.testid = "pin-badge";
+      badge.title = "Pinned: the window keeps " + label + " in every prompt";
+      reply.insertBefore(badge, reply.firstChild);
+    }
+  });
+}
+
+async function togglePin(index) {
+  if (state.streaming || state.cid === null || !state.conv) return;
+  const pins = new Set(pinsOf(state.conv));
+  if (pins.has(index)) pins.delete(index);
+  else pins.add(index);
+  showError("");
+  try {
+    state.conv = await api(conversationPath(state.cid), {
+      method: "PATCH", body: { pins: [...pins].sort((a, b) => a - b) } });
+  } catch (err) {
+    showError(err.message);
+  }
+  refreshTurnActions();
+  await refreshPrompt();
+}
+
+// The ⋯ menu's "Summarize dropped turns" switch shows the conversation's memory mode.
+function refreshMemory() {
+  const on = memoryOf(state.conv).mode === "summary";
+  els.memoryToggle.disabled = state.cid === null;
+  els.memoryToggle.setAttribute("aria-checked", String(on));
+  els.memoryToggle.textContent = "Summarize dropped turns: " + (on ? "on" : "off");
+}
+
+async function toggleMemory() {
+  closeMenu();
+  if (state.streaming || state.cid === null) return;
+  const on = memoryOf(state.conv).mode === "summary";
+  showError("");
+  try {
+    state.conv = await api(conversationPath(state.cid), {
+      method: "PATCH", body: { memory: on ? "none" : "summary" } });
+  } catch (err) {
+    showError(err.message);
+  }
+  refreshMemory();
+  await refreshPrompt();
+}
+
+// The turns the conversation's summary covered before this reply (to tell the new ones).
+function summarizedBefore() {
+  const memory = memoryOf(state.conv);
+  if (!memory.summary) return new Set();
+  const pins = new Set(pinsOf(state.conv));
+  const covered = [];
+  for (let i = 0; i < (memory.covers || 0); i++) if (!pins.has(i)) covered.push(i);
+  return new Set(covered);
+}
+
+function folded(now, before) {
+  return (Array.isArray(now) ? now : []).filter((i) => !before.has(i)).length;
+}
+
 // Regenerate and Undo on the last complete reply, Edit on the message it answers. These are
-// the stored conversation's last turn (interrupted messages are not part of it).
+// the stored conversation's last turn (interrupted messages are not part of it). Pin/Unpin on
+// every completed turn.
 function refreshTurnActions() {
   els.messages.querySelectorAll(".turn-action").forEach((n) => n.remove());
+  refreshPins();
   if (state.cid === null || state.streaming) return;
   const replies = [...els.messages.querySelectorAll(".msg.assistant")]
     .filter((n) => !n.dataset.status);
@@ -57,15 +168,25 @@ function renderConversation(conv) {
   els.messages.replaceChildren();
   els.title.textContent = conv ? (conv.title || "Untitled conversation") : "New conversation";
   els.rename.disabled = els.exportMd.disabled = els.exportJson.disabled = !conv;
+  refreshMemory();
   if (!conv) {
     els.messages.appendChild(el("p", "empty", "Say something to start a new conversation."));
     return;
   }
   const partials = loadPartials(conv.id);
   const shown = [];
+  let summarized = new Set();  // the turns the summary covered after the previous reply
   for (const m of conv.messages || []) {
     const node = addMessage(m.role, m.content, m.status);
-    if (m.role === "assistant" && m.usage) addLine(node, "usage", usageText(m.usage), "usage");
+    if (m.role === "assistant" && m.usage) {
+      addLine(node, "usage", usageText(m.usage), "usage");
+      const plan = m.usage.window;
+      if (plan && typeof plan === "object") {
+        addMemoryLines(node, plan.summary_usage, plan.memory_note,
+                       folded(plan.summarized, summarized));
+        if (Array.isArray(plan.summarized)) summarized = new Set(plan.summarized);
+      }
+    }
     if (m.role === "user" && (m.status === "interrupted" || m.status === "pending")) {
       const found = partials.find((p) => p.user === m.content && !shown.includes(p));
       if (found) {
@@ -182,6 +303,7 @@ function newParams() {
   if (t !== "") params.temperature = Number(t);
   const m = els.maxTokens.value.trim();
   if (m !== "") params.max_new_tokens = parseInt(m, 10);
+  if (els.memoryNew.checked) params.memory = "summary";
   return params;
 }
 
@@ -215,6 +337,7 @@ async function afterChange() {
     showError(err.message);
   }
   refreshTurnActions();
+  refreshMemory();
   refreshSystem();
   refreshPrompt();
 }
@@ -322,6 +445,7 @@ function setStreaming(on) {
 // on the node (rawText) whatever happens.
 async function streamReply(path, body, node) {
   node.classList.add("streaming");
+  const before = summarizedBefore();
   state.abort = new AbortController();
   let text = "";
   try {
@@ -348,6 +472,11 @@ async function streamReply(path, body, node) {
         }
         addLine(node, "usage", usageText(event.usage,
           Object.assign({ finish_reason: event.finish_reason }, event.rolechat || {})), "usage");
+        const memory = event.rolechat && event.rolechat.memory;
+        if (memory) {
+          addMemoryLines(node, memory.usage, memory.note,
+                         folded(memory.summarized_turns, before));
+        }
       }
     });
     if (!finished) throw new Error("The reply ended early.");
@@ -491,6 +620,46 @@ function fitInput() {
 let promptTimer = null;
 let promptSeq = 0;
 
+// The window's plan, as text (never markup): the numbers line, then which turns are kept,
+// pinned and dropped, the summary the prompt carries, what the next message would fold into
+// it, and why a slide dropped turns without one.
+function renderPlan(plan, next) {
+  els.plan.replaceChildren();
+  if (!plan) return;
+  const line = (cls, text, testid) => {
+    const node = el("div", cls, text);
+    if (testid) node.dataset.testid = testid;
+    els.plan.appendChild(node);
+    return node;
+  };
+  line("plan-line", planText(plan, next));
+  const kept = Array.isArray(plan.kept_turns) ? plan.kept_turns : [];
+  const dropped = Array.isArray(plan.dropped_turns) ? plan.dropped_turns : [];
+  const pinned = [...new Set([...(plan.pinned_turns || []), ...pinsOf(state.conv)])];
+  const memory = plan.memory || {};
+  const mode = memoryOf(state.conv).mode;
+  const parts = [];
+  if (kept.length || dropped.length) {
+    parts.push("kept: " + turnList(kept), "dropped: " + turnList(dropped));
+  }
+  if (pinned.length) parts.push("pinned: " + turnList(pinned));
+  if (mode) parts.push("memory: " + (mode === "summary" ? "summary of dropped turns" : "none"));
+  if (parts.length) line("plan-turns", parts.join(" · "), "plan-turns");
+  if (memory.summary) {
+    const box = line("plan-summary", null, "plan-summary");
+    const covered = memory.summarized_turns || [];
+    box.appendChild(el("div", "plan-label", covered.length
+      ? "Summary of " + turnList(covered) : "Summary of the earlier turns"));
+    box.appendChild(el("div", "plan-summary-text", memory.summary));
+  }
+  const fold = memory.summarize_turns || [];
+  if (fold.length) {
+    line("plan-fold", (next ? "The next message" : "Sending this") + " slides the window: "
+         + turnList(fold) + " will be folded into the summary.", "plan-fold");
+  }
+  if (memory.note) line("plan-note", "⚠ memory: " + memory.note, "plan-note");
+}
+
 function planText(plan, next) {
   if (!plan) return "";
   const kept = Array.isArray(plan.kept_turns) ? plan.kept_turns.length : plan.kept_turns;
@@ -519,7 +688,7 @@ async function refreshPrompt() {
                            { method: "POST", body: { content: draft.trim() ? draft : "" } });
     if (seq !== promptSeq) return;
     els.promptText.textContent = body.prompt;
-    els.plan.textContent = planText(body.plan, body.next_message);
+    renderPlan(body.plan, body.next_message);
   } catch (err) {
     if (seq !== promptSeq) return;
     els.plan.textContent = "";
@@ -574,6 +743,7 @@ function wire() {
   els.renameForm.addEventListener("submit", (ev) => { ev.preventDefault(); act(saveRename)(); });
   els.renameCancel.addEventListener("click", endRename);
   els.titleInput.addEventListener("keydown", (ev) => { if (ev.key === "Escape") endRename(); });
+  on(els.memoryToggle, "click", toggleMemory);
   on(els.exportMd, "click", () => exportConversation("md"));
   on(els.exportJson, "click", () => exportConversation("json"));
   els.systemToggle.addEventListener("click", () => toggleSystem(els.systemPanel.hidden));

@@ -24,10 +24,41 @@ export function usageText(usage, extra) {
     ?? u.cached_tokens;
   if (cached != null) parts.push("cached " + cached);
   if (u.restored_tokens) parts.push("restored from " + u.kv_source);
-  const dropped = Array.isArray(u.dropped_turns) ? u.dropped_turns.length : u.dropped_turns;
+  const turns = u.dropped_turns ?? (u.window && u.window.dropped);  // live, or as stored
+  const dropped = Array.isArray(turns) ? turns.length : turns;
   if (dropped) parts.push("dropped " + dropped + (dropped === 1 ? " turn" : " turns"));
   if (u.finish_reason && u.finish_reason !== "stop") parts.push("finish: " + u.finish_reason);
   return parts.join(" · ");
+}
+
+// Turn indices (from 0) as people number them: 1-based, runs joined ("turns 1, 3–5").
+export function turnList(indices) {
+  const sorted = [...new Set(indices || [])].filter(Number.isInteger).sort((a, b) => a - b);
+  if (!sorted.length) return "none";
+  const runs = [];
+  for (const i of sorted) {
+    const run = runs[runs.length - 1];
+    if (run && i === run[1] + 1) run[1] = i;
+    else runs.push([i, i]);
+  }
+  const text = runs.map(([a, b]) => (a === b ? String(a + 1)
+    : (b === a + 1 ? (a + 1) + ", " + (b + 1) : (a + 1) + "–" + (b + 1)))).join(", ");
+  return (sorted.length === 1 ? "turn " : "turns ") + text;
+}
+
+// The lines a slide of the window leaves under a reply: what its summarization cost
+// (`usage`: its own usage, or null when the window did not summarize), how many turns it
+// folded into the summary, and why turns were dropped without one (`note`, warning colour).
+export function addMemoryLines(node, usage, note, folded) {
+  if (usage) {
+    const secs = fmt(usage.total_s, 1);
+    const took = secs ? " in " + secs + " s" : "";
+    addLine(node, "memory-usage", folded
+      ? "window slid: " + folded + (folded === 1 ? " turn" : " turns") + " summarized" + took
+      : "window slid: summarizing took" + (secs ? " " + secs + " s" : " a while"),
+    "memory-usage");
+  }
+  if (note) addLine(node, "memory-note", "⚠ memory: " + note, "memory-note");
 }
 
 // The text of a message node, rendered: users' as plain text, the assistant's as Markdown.

@@ -16,6 +16,7 @@ export const els = {
   systemPanel: $("system-panel"), systemInput: $("system-input"), systemNote: $("system-note"),
   systemSave: $("system-save"), systemCancel: $("system-cancel"),
   editBanner: $("edit-banner"), editCancel: $("edit-cancel"),
+  memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"),
 };
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)

@@ -242,3 +242,15 @@ def test_a_summary_that_does_not_fit_beside_the_message_is_left_out() -> None:
     assert plan.prompt_tokens <= plan.budget and plan.first_turn == 3
     assert plan.memory_note is not None and "did not fit" in plan.memory_note
     assert chat.memory.summary is None and len(chat.conversation.turns) == 4
+
+
+def test_a_summary_past_its_time_limit_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rolechat.memory
+
+    clock = iter(range(0, 10_000, 5))  # every look at the clock: 5 s later
+    monkeypatch.setattr(rolechat.memory, "monotonic", lambda: float(next(clock)))
+    chat = summary_chat(summary_timeout_s=12)
+    replies = run_turns(chat, 30)
+    slid = [r.plan for r in replies if r.plan.memory_note]
+    assert slid and "took longer than 12 s" in (slid[0].memory_note or "")
+    assert chat.memory.summary is None and slid[0].prompt_tokens <= slid[0].budget

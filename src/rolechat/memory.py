@@ -34,9 +34,9 @@ Contract:
 from __future__ import annotations
 
 import string
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from time import monotonic
 from typing import Any
 
 from .conversation import Message, Turn
@@ -162,7 +162,7 @@ def summarize(engine: Engine, messages: list[Message], *, max_tokens: int,
     """Run the summarization (greedy, at most ``max_tokens`` tokens and ``timeout_s`` seconds).
     Raises :class:`SummaryFailed` with the reason."""
     params = GenerationParams(max_new_tokens=max_tokens, temperature=0.0)
-    deadline = time.monotonic() + timeout_s
+    deadline = monotonic() + timeout_s
     try:
         generation = engine.stream(messages, params)
     except Exception as exc:
@@ -171,7 +171,7 @@ def summarize(engine: Engine, messages: list[Message], *, max_tokens: int,
     try:
         for chunk in generation:
             parts.append(chunk)
-            if time.monotonic() > deadline:
+            if monotonic() > deadline:
                 raise SummaryFailed(f"it took longer than {timeout_s:g} s")
     except SummaryFailed:
         raise

@@ -129,7 +129,8 @@ class ReplSession:
 
     PROMPT = "you ›"
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, columns: int = 200) -> None:
+        self.columns = columns
         env = {**os.environ, "ROLECHAT_HOME": str(home), "TERM": "xterm",
                "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.home = home
@@ -138,8 +139,8 @@ class ReplSession:
             args = ("--render", "plain", *args)
         #: Everything the terminal received (for a terminal emulator to replay).
         self.log = io.StringIO()
-        self.child = pexpect.spawn(str(ROLECHAT), ["chat", *args], env=env, dimensions=(40, 200),
-                                   encoding="utf-8", timeout=30)
+        self.child = pexpect.spawn(str(ROLECHAT), ["chat", *args], env=env,
+                                   dimensions=(40, columns), encoding="utf-8", timeout=30)
         self.child.logfile_read = self.log
         self.banner = self.expect("Ctrl-D to leave")
         #: What was printed between the banner and the first prompt.
@@ -175,8 +176,8 @@ class ReplSession:
 def spawn_repl(rolechat_home: Path) -> Iterator[Any]:
     sessions: list[ReplSession] = []
 
-    def spawn(*args: str) -> ReplSession:
-        session = ReplSession(rolechat_home, *args)
+    def spawn(*args: str, columns: int = 200) -> ReplSession:
+        session = ReplSession(rolechat_home, *args, columns=columns)
         sessions.append(session)
         return session
 

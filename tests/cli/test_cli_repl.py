@@ -195,7 +195,7 @@ def test_resume_the_last_conversation_with_continue(spawn_repl):
 
 def screen_of(repl) -> list[str]:
     """The terminal's screen, as a terminal emulator shows what the REPL wrote."""
-    screen = pyte.Screen(200, 40)
+    screen = pyte.Screen(repl.columns, 40)
     stream = pyte.Stream(screen)
     stream.feed(repl.log.getvalue())
     return [line.rstrip() for line in screen.display]
@@ -253,5 +253,30 @@ def test_a_cut_reply_says_so_and_continue_extends_it(spawn_repl):
     assert after[-1].content.startswith(first) and len(after[-1].content) > len(first)
     shown = repl.send("/prompt", "<|im_start|>system")
     assert f"{after[-1].content}<|im_end|>" in shown  # ...goes on, and into the next prompt
+    repl.child.sendeof()
+    assert repl.finish() == 0
+
+
+def test_plain_replies_wrap_between_words_history_and_persona(spawn_repl):
+    repl = spawn_repl("--render", "plain", "-t", "0", "--max-new-tokens", "40", "--threads",
+                      "1", columns=40)
+    repl.send("Tell me about the sea.", "tok/s")
+    store = Store(repl.home / "rolechat.db")
+    reply = store.messages(store.latest())[-1].content
+    store.close()
+    lines = screen_of(repl)
+    start = max(i for i, line in enumerate(lines) if "about the sea." in line) + 1
+    end = next(i for i, line in enumerate(lines) if "tok/s" in line)
+    shown = lines[start:end]
+    assert len(shown) > 1 and all(len(line) <= 40 for line in shown)
+    # Every word is whole on one line: the screen's words are the reply's words.
+    assert " ".join(shown).split() == reply.split(), (reply, shown)
+
+    history = repl.send("/history", "[1] you ›")
+    assert "[1] you › Tell me about the sea." in history
+
+    assert "own system prompt" not in repl.send("/persona", "concise")
+    repl.send("/system You are a pirate.", "system prompt set")
+    assert "with your own system prompt" in repl.send("/persona", "own system prompt")
     repl.child.sendeof()
     assert repl.finish() == 0

@@ -12,19 +12,22 @@ Contract:
   cache is an :class:`HFKVCache` (the transformers cache object and the ids it holds), cropped to
   the longest common prefix; snapshots copy each layer's keys and values to host memory.
 - Fast decode on CUDA (default there, ``fast_decode=False`` turns it off): a static KV cache
-  sized to the context, and the one-token decode step compiled (``torch.compile``, fixed
-  shapes) and captured in one CUDA graph that is replayed per token, as in pytorch-labs'
-  gpt-fast; decode attention reads the grouped K/V heads in place (:func:`gqa_attention`,
-  installed on the model). It yields the same greedy tokens as the plain path (a dynamic
-  cache, eager SDPA).
+  sized to the context and read in length buckets, with fixed-shape steps per bucket made on
+  first use (the decode step compiled and captured in a CUDA graph, as in pytorch-labs'
+  gpt-fast; a new turn's few prompt tokens padded to a chunk step) — see
+  :mod:`rolechat.engines.buckets`. ``capture`` (or ``$ROLECHAT_CAPTURE``): ``compile``
+  (default), ``graph`` (no torch.compile), ``off`` (the same steps eagerly; the only mode on the
+  CPU, for tests). It yields the same greedy tokens as the plain path (a dynamic cache, eager
+  SDPA).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +45,12 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from .buckets import FastPath
+
 HUBS = ("hf", "modelscope")
 DEFAULT_MAX_CONTEXT = 32768
+#: How the fast path makes its steps when ``capture`` is not given (compile, graph or off).
+CAPTURE_ENV = "ROLECHAT_CAPTURE"
 
 
 def _import_torch() -> Any:
@@ -149,56 +156,9 @@ def generation_defaults(model: Any) -> dict[str, Any]:
     return valid_defaults(values)
 
 
-#: The attention implementation the fast path installs on the model (see gqa_attention).
-GQA_ATTENTION = "rolechat_gqa"
-
-
-def gqa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
-                  attention_mask: Tensor | None, dropout: float = 0.0,
-                  scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """Attention for one decoded token over a static cache without copying the keys.
-
-    SDPA with a mask needs as many key/value heads as query heads, so transformers repeats them
-    (``repeat_kv``): with a static cache that copies the whole cache, 8x for Qwen2.5-3B, every
-    layer and every token — more bytes than the weights at long contexts. Here the query heads
-    are grouped by the key/value head they share, so K and V are read once (on an H200 this took
-    Qwen2.5-3B's shape from 150 to 217 tokens/s; SDPA on the grouped query with an expanded mask
-    fell to its slow path, 58 tokens/s). Prompts (more than one query token) go to
-    transformers' SDPA unchanged.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    import torch
-
-    batch, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    q = query.reshape(batch, kv_heads, groups, dim)  # [B, KV, G, D]
-    scores = q @ key.transpose(-1, -2)  # [B, KV, G, L]
-    scores = scores * (scaling if scaling is not None else dim**-0.5)
-    if attention_mask is not None:  # [B, 1, 1, L]: bool (True = attend) or additive
-        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, length)
-        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                  else scores + mask)
-    probs = scores.float().softmax(-1).to(value.dtype)
-    out = probs @ value  # [B, KV, G, D]
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None  # [B, 1, H, D]
-
-
-def _use_gqa_attention(model: Any) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(GQA_ATTENTION, gqa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(GQA_ATTENTION)
-
-
 class HFKVCache(KVCache):
-    """A transformers cache object (dynamic, or static on the fast path) and the ids in it.
+    """A transformers cache object (dynamic, or on the fast path a static one read in
+    buckets, :class:`~rolechat.engines.buckets.BucketedCache`) and the ids in it.
 
     Snapshots copy each layer's keys and values (``[1, kv_heads, tokens, head_dim]``) to host
     memory; restoring copies them back in place (a static cache keeps its addresses, so a
@@ -234,11 +194,17 @@ class HFKVCache(KVCache):
     def ensure(self) -> Any:
         """The cache object (made on first use)."""
         if self.cache is None:
-            from transformers import DynamicCache, StaticCache
+            from transformers import DynamicCache
 
             config = self._model.config
-            self.cache = (StaticCache(config=config, max_cache_len=self._max_len)
-                          if self._static else DynamicCache(config=config))
+            if self._static:
+                from .buckets import BucketedCache
+
+                self.cache = BucketedCache(self._layers, self._max_len, kv_heads=self._kv_heads,
+                                           head_dim=self._head_dim, dtype=self._dtype,
+                                           device=self._model.device)
+            else:
+                self.cache = DynamicCache(config=config)
         return self.cache
 
     @property
@@ -331,7 +297,8 @@ class TransformersEngine(LocalEngine):
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int | None = None,
                  max_context: int = DEFAULT_MAX_CONTEXT, chat_template: str | None = None,
                  fast_decode: bool | None = None, name: str | None = None,
-                 kv_cache_ram: int = DEFAULT_RAM_BYTES) -> None:
+                 kv_cache_ram: int = DEFAULT_RAM_BYTES, capture: str | None = None,
+                 min_bucket: int | None = None, chunks: Sequence[int] | None = None) -> None:
         super().__init__(kv_cache_ram=kv_cache_ram)
         torch = _import_torch()
         self.torch = torch
@@ -352,18 +319,30 @@ class TransformersEngine(LocalEngine):
         self.encoder = PromptEncoder(hf, self.template)
         self._eog = self._end_of_turn_ids()
         self.model_defaults = generation_defaults(model)
-        self.fast_decode = (self.device.type == "cuda") if fast_decode is None else fast_decode
-        if self.fast_decode and self.device.type != "cuda":
-            raise InvalidInput("fast_decode needs a CUDA device.", "Leave it off on the CPU.")
+        self.fast_decode = _fast_decode(model, self.device, fast_decode)
+        capture = capture or os.environ.get(CAPTURE_ENV) or "compile"
+        if self.fast_decode and capture not in ("compile", "graph", "off"):
+            raise UnknownName("capture mode", capture, ("compile", "graph", "off"))
+        if self.fast_decode and self.device.type != "cuda" and capture != "off":
+            raise InvalidInput("fast_decode needs a CUDA device.",
+                               "Leave it off on the CPU (capture='off' runs its steps eagerly, "
+                               "for tests).")
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either version.
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.kv: HFKVCache = HFKVCache(model, static=self.fast_decode,
                                        max_len=self.context_length, name=self.model)
-        self._decode: Callable[[Tensor], Tensor] | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
+        #: The fast path's buckets and steps (None on the plain path).
+        self.fast: FastPath | None = None
         if self.fast_decode:
-            _use_gqa_attention(model)
+            from .buckets import CHUNKS, MIN_BUCKET, FastPath, use_gqa_attention
+
+            use_gqa_attention(model)
+            self.fast = FastPath(model, self.kv.ensure, context_length=self.context_length,
+                                 capture=capture, cache_arg=self._cache_arg,
+                                 min_bucket=min_bucket or MIN_BUCKET,
+                                 chunks=CHUNKS if chunks is None else chunks)
 
     # ----- loading -----------------------------------------------------------------------
     @classmethod
@@ -423,50 +402,24 @@ class TransformersEngine(LocalEngine):
         :meth:`prefill` chose); return the last position's logits [V]."""
         torch = self.torch
         cache = self.kv.ensure()
-        rest = torch.tensor([prompt_ids[start:]], device=self.device)  # [1, new tokens]
         with torch.no_grad():
-            out = self.hf_model(input_ids=rest, use_cache=True, logits_to_keep=1,
-                                **{self._cache_arg: cache})
+            if self.fast is not None:
+                logits: Tensor = self.fast.prompt(list(prompt_ids[start:]), start)
+            else:
+                rest = torch.tensor([prompt_ids[start:]], device=self.device)  # [1, new tokens]
+                logits = self.hf_model(input_ids=rest, use_cache=True, logits_to_keep=1,
+                                       **{self._cache_arg: cache}).logits[0, -1]  # [V]
         self.kv.held = list(prompt_ids)
-        logits: Tensor = out.logits[0, -1]  # [V]
         return logits
 
     def decode_one(self, token: torch.Tensor) -> torch.Tensor:
         """Evaluate one token (0-d tensor on the device); return the next logits [V]."""
+        position = len(self.kv.held)  # the cache slot this token goes to
         self.kv.held.append(int(token))
-        step = token.view(1, 1)  # [1, 1]
         with self.torch.no_grad():
-            if self.fast_decode:
-                if self._decode is None:
-                    self._decode = self._capture_decode()
-                logits: torch.Tensor = self._decode(step)[0, -1]
-                return logits
-            return self._step(step)[0, -1]
-
-    def _capture_decode(self) -> Callable[[Tensor], Tensor]:
-        """Compile the one-token step (fused kernels, fixed shapes) and capture it in one CUDA
-        graph; return a function that replays it. The static cache's keys, values and length
-        live at fixed addresses, so each replay reads and advances the current position."""
-        torch = self.torch
-        step = torch.compile(self._step, dynamic=False, fullgraph=False)
-        token = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # static input
-        warmups = 3
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile and warm up off the capture
-            for _ in range(warmups):
-                step(token)
-        torch.cuda.current_stream().wait_stream(side)
-        self.kv.ensure().crop(-warmups)  # forget the warm-up tokens (their slots are rewritten)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits: Tensor = step(token)  # recorded, not run: the cache is untouched
-
-        def replay(new_token: Tensor) -> Tensor:
-            token.copy_(new_token)
-            graph.replay()
-            return logits
-        return replay
+            if self.fast is not None:
+                return self.fast.decode(token, position)
+            return self._step(token.view(1, 1))[0, -1]
 
     def _step(self, step: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.hf_model(input_ids=step, use_cache=True, logits_to_keep=1,
@@ -511,7 +464,22 @@ class TransformersEngine(LocalEngine):
         return {**super().describe(), "device": str(self.device),
                 "dtype": str(self.hf_model.dtype).removeprefix("torch."),
                 "fast_decode": self.fast_decode,
+                **({"capture": self.fast.capture} if self.fast is not None else {}),
                 "trained_context_length": self.trained_context_length}
+
+
+def _fast_decode(model: Any, device: torch.device, wanted: bool | None) -> bool:
+    """Whether to take the fast path: asked for, or by default on CUDA when the model's layers
+    all use full attention (the bucketed static cache holds no sliding-window layers)."""
+    from .buckets import bucketable
+
+    if wanted is None:
+        return device.type == "cuda" and bucketable(model.config)
+    if wanted and not bucketable(model.config):
+        raise InvalidInput("fast_decode needs a model whose layers all use full attention "
+                           "(this one has sliding-window or linear-attention layers).",
+                           "Leave fast_decode off for this model.")
+    return wanted
 
 
 def wrap(model: Any, tokenizer: Any) -> TransformersEngine:

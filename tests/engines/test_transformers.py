@@ -440,3 +440,13 @@ def test_cli_device_needs_the_transformers_engine() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "--device" in lines[0] and "transformers engine" in lines[0]
+
+
+def test_cli_shows_the_fast_paths_progress(tiny_folder: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROLECHAT_CAPTURE", "off")  # the fast path's steps, eagerly, on the CPU
+    done = run_cli("ask", "--model", str(tiny_folder), "--fast-decode", "-t", "0",
+                   "--max-new-tokens", "4", "--json", "hi")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["usage"]["generated_tokens"] == 4
+    assert "the decode step for KV bucket" in done.stderr and "ready in" in done.stderr

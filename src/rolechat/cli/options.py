@@ -211,10 +211,15 @@ def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> 
                            "For example: --base-url http://127.0.0.1:8000/v1")
     check_options(name, given, flag=lambda option: flag_of(option, api_key_flag))
     if not err_console.is_terminal:
-        return load_engine(model, engine=name, hub=hub, **given)
-    label = model or given.get("base_url") or "the embedded model"
-    with err_console.status(f"Loading {label}…", spinner="dots"):
-        return load_engine(model, engine=name, hub=hub, **given)
+        loaded = load_engine(model, engine=name, hub=hub, **given)
+    else:
+        label = model or given.get("base_url") or "the embedded model"
+        with err_console.status(f"Loading {label}…", spinner="dots"):
+            loaded = load_engine(model, engine=name, hub=hub, **given)
+    fast = getattr(loaded, "fast", None)
+    if fast is not None:  # a GPU step being compiled or captured says so on stderr
+        fast.progress = lambda text: err_console.print(text, style="dim", markup=False)
+    return loaded
 
 
 def store_options(func: F) -> F:

@@ -60,10 +60,15 @@ dev: $(VENV)/.installed-dev
 chat: $(VENV)/.installed
 	$(BIN)/rolechat chat $(ARGS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time: most
+# of their time is spent waiting for a model, a server or a browser, so two overlap well even
+# on two cores. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/multiturn.py $(ARGS)

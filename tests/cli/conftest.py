@@ -135,6 +135,8 @@ class ReplSession:
                "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.home = home
         env.pop("NO_COLOR", None)
+        for name in ("COLUMNS", "LINES"):  # the pty's own size, as in a terminal (pytest-xdist
+            env.pop(name, None)             # workers have COLUMNS=80)
         if "--render" not in args:  # plain text: each reply is written once, as it comes
             args = ("--render", "plain", *args)
         #: Everything the terminal received (for a terminal emulator to replay).

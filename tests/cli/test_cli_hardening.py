@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -86,16 +85,25 @@ def test_a_locked_store_is_waited_for_visibly(cli, rolechat_home: Path) -> None:
     cli.ask_json("Hello.", *cli.FAST)  # the store exists
     other = sqlite3.connect(rolechat_home / "rolechat.db", isolation_level=None,
                             check_same_thread=False)
-    other.execute("BEGIN EXCLUSIVE")
-    timer = threading.Timer(2.0, lambda: other.execute("ROLLBACK"))
-    timer.start()
+    other.execute("BEGIN EXCLUSIVE")  # held until the command says it is waiting
+    proc = subprocess.Popen([str(ROLECHAT), "ask", "-c", "And now?", *cli.FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli.env,
+                            cwd=cli.tmp)
+    assert proc.stderr is not None
+    said = b""
     try:
-        result = cli.ok("ask", "-c", "And now?", *cli.FAST)
+        while b"waiting for the conversation store" not in said:
+            chunk = proc.stderr.read1(4096)
+            if not chunk:
+                break  # it ended without saying so: the assertion below shows what it said
+            said += chunk
     finally:
-        timer.join()
+        other.execute("ROLLBACK")
         other.close()
-    assert "waiting for the conversation store" in result.err
-    assert result.out.strip()
+    out, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (said + rest).decode()
+    assert "waiting for the conversation store" in said.decode()
+    assert out.decode().strip()  # and then it answered
 
 
 # ----- signals and pipes ---------------------------------------------------------------------

@@ -11,6 +11,8 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import TextIO
 
 from rich.console import Console
@@ -70,6 +72,11 @@ class ReplyView:
         self._rendering = rendering if self._terminal else "raw"
         self._text = ""
         self._live: Live | None = None
+        # The terminal's size now: it may have been resized, and a COLUMNS variable left over
+        # from elsewhere does not count.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if self._terminal:
+                console.width = os.get_terminal_size(out.fileno()).columns
         self._wrap = WordWrap(console.width)
         if self._rendering == "markdown":
             self._live = Live(console=console, refresh_per_second=10, transient=False,

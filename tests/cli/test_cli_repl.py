@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pyte
@@ -215,7 +216,8 @@ def test_markdown_rendering_shows_each_reply_once(spawn_repl):
     # stream was rendered in place, not printed raw and then again.
     found = re.search(".*?".join(re.escape(w) for w in words), shown, re.S)
     assert found, (reply, shown)
-    after = shown.split("with **bold** names.", 1)[1]
+    below = shown.split("with **bold** names.", 1)[1].splitlines()
+    after = "\n".join(itertools.takewhile(lambda line: "tok/s" not in line, below))  # the reply
     assert after.count(words[0]) == reply.count(words[0]), (reply, shown)
     assert sum(1 for line in lines if "tok/s" in line) == 1
     assert not any(set(line.strip()) == {"─"} for line in lines if line.strip())  # no rule
@@ -265,8 +267,8 @@ def test_plain_replies_wrap_between_words_history_and_persona(spawn_repl):
     reply = store.messages(store.latest())[-1].content
     store.close()
     lines = screen_of(repl)
-    start = max(i for i, line in enumerate(lines) if "about the sea." in line) + 1
-    end = next(i for i, line in enumerate(lines) if "tok/s" in line)
+    start = min(i for i, line in enumerate(lines) if "about the sea." in line) + 1
+    end = next(i for i in range(start, len(lines)) if "tok/s" in lines[i])
     shown = lines[start:end]
     assert len(shown) > 1 and all(len(line) <= 40 for line in shown)
     # Every word is whole on one line: the screen's words are the reply's words.

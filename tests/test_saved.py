@@ -61,7 +61,8 @@ def test_an_engine_failure_marks_the_turn_interrupted(store: Store) -> None:
     assert saved.chat.conversation == before
     assert saved.cid is not None
     assert [(m.content, m.status) for m in store.messages(saved.cid)] == [
-        ("one", "complete"), ("first reply", "complete"), ("two", "interrupted")]
+        ("one", "complete"), ("first reply", "complete"), ("two", "interrupted"),
+        ("th", "interrupted")]  # the reply's text until the engine failed, kept, marked
     assert store.conversation(saved.cid).to_tuples() == [("one", "first reply")]
 
 
@@ -76,7 +77,7 @@ def test_closing_a_stream_early_marks_it_interrupted(store: Store) -> None:
     stream.close()
     stream.close()  # twice is harmless
     assert [(m.content, m.status) for m in store.messages(saved.cid)] == [
-        ("tell me", "interrupted")]
+        ("tell me", "interrupted"), ("a", "interrupted")]  # the message and the text so far
     assert saved.chat.conversation.turns == []
 
 

@@ -569,3 +569,26 @@ def test_a_reply_the_locked_store_refuses_is_kept_and_saved_later(db_path: Path,
     user, answer = reopened.messages(saved.cid)
     assert (user.status, answer.status) == ("complete", "complete")
     assert answer.usage is not None and answer.usage["generated_tokens"] == len(reply.text)
+
+
+def test_an_interrupted_reply_keeps_its_text_out_of_every_turn(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    cid = store.create(system="S")
+    done = store.begin_turn(cid, "first")
+    store.complete_turn(cid, done, "one", 1, {})
+    cut = store.begin_turn(cid, "second")
+    store.interrupt_turn(cut, "the reply so f")
+    store.interrupt_turn(cut, "again")  # only a pending message is interrupted, once
+    assert [(m.role, m.status, m.content) for m in store.messages(cid)] == [
+        ("user", "complete", "first"), ("assistant", "complete", "one"),
+        ("user", "interrupted", "second"), ("assistant", "interrupted", "the reply so f")]
+    assert store.conversation(cid).to_tuples() == [("first", "one")]
+    assert store.info(cid).turns == 1 and store.recent()[0].turns == 1
+    store.extend_last_reply(cid, " more", 1, {})  # the complete reply, not the cut one
+    assert store.messages(cid)[1].content == "one more"
+    store.drop_last_turn(cid)  # /undo removes the last complete turn and what came after
+    assert store.messages(cid) == []
+    empty = store.begin_turn(cid, "third")
+    store.interrupt_turn(empty)  # stopped before any text: the message alone
+    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
+    store.close()

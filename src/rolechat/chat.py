@@ -52,7 +52,7 @@ class TurnLog(Protocol):
 
     def completed(self, handle: Any, text: str, reply: Reply) -> None: ...
 
-    def failed(self, handle: Any) -> None: ...
+    def failed(self, handle: Any, partial: str = "") -> None: ...
 
 
 class ReplyStream(Iterator[str]):
@@ -70,6 +70,8 @@ class ReplyStream(Iterator[str]):
         self._handle = (chat.log.started(text, plan, continues=continues)
                         if chat.log is not None else None)
         self._open = True
+        #: The text so far (kept, marked interrupted, if the reply does not complete).
+        self._parts: list[str] = []
         #: The chat's memory after this reply's slide (set when the slide folds turns into the
         #: summary; it becomes the chat's only when the reply completes).
         self._memory: Memory | None = None
@@ -111,7 +113,9 @@ class ReplyStream(Iterator[str]):
 
     def __next__(self) -> str:
         try:
-            return next(self._generation)
+            chunk = next(self._generation)
+            self._parts.append(chunk)
+            return chunk
         except StopIteration:
             completion = self._generation.completion
             assert completion is not None
@@ -136,14 +140,15 @@ class ReplyStream(Iterator[str]):
             raise
 
     def close(self) -> None:
-        """Stop now; the conversation is left as it was before this reply."""
+        """Stop now; the conversation is left as it was before this reply (the log keeps the
+        text so far, marked interrupted)."""
         generation = getattr(self, "_generation", None)
         if generation is not None:
             generation.close()
         if self._open:
             self._open = False
             if self._chat.log is not None:
-                self._chat.log.failed(self._handle)
+                self._chat.log.failed(self._handle, "".join(self._parts))
 
     def __enter__(self) -> ReplyStream:
         return self

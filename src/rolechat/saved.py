@@ -10,7 +10,8 @@ Contract:
   (the server hands out its id).
 - ``stream``/``send`` are the chat's; the store records the turn as it happens: the user's
   message ``pending`` before generation, the reply and the message's ``complete`` status in one
-  transaction when it finishes, ``interrupted`` when it does not.
+  transaction when it finishes, ``interrupted`` when it does not (with the reply's text so far,
+  marked ``interrupted`` too: shown, never sent back to the model).
 - ``undo`` removes the last turn; ``retry`` removes it and generates it again — a retry that
   does not complete puts the old turn back, its usage included. ``set_system``,
   ``set_persona``, ``set_params`` change the chat and the stored row together. ``reset`` starts
@@ -181,7 +182,8 @@ class SavedChat:
         user = reply = None
         if self.store is not None and self._cid is not None:
             stored = self.store.messages(self._cid)
-            answers = [i for i, m in enumerate(stored) if m.role == "assistant"]
+            answers = [i for i, m in enumerate(stored)
+                       if m.role == "assistant" and m.status == "complete"]
             if answers:
                 reply = stored[answers[-1]]
                 user = stored[answers[-1] - 1] if answers[-1] > 0 else None
@@ -238,9 +240,9 @@ class SavedChat:
             log.warning("the conversation store was busy, so this turn was kept in %s; it is "
                         "saved the next time rolechat opens the store (%s)", kept, exc.reason)
 
-    def failed(self, handle: Any) -> None:
+    def failed(self, handle: Any, partial: str = "") -> None:
         if self.store is not None and isinstance(handle, int):
-            self.store.interrupt_turn(handle)
+            self.store.interrupt_turn(handle, partial)
         self._put_back()
 
     def continue_reply(self, **overrides: Any) -> ReplyStream:

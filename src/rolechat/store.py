@@ -337,7 +337,8 @@ class Store:
                              "See `rolechat conversations list`.", missing=True)
         rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            f"m.role = 'assistant') AS turns FROM conversations c WHERE {where}", args)
+            "m.role = 'assistant' AND m.status = 'complete') AS turns FROM conversations c "
+            f"WHERE {where}", args)
         row = rows[0] if rows else None
         if row is None:
             raise StoreError(str(self.path), f"there is no conversation {cid}",
@@ -352,7 +353,8 @@ class Store:
             where, args = "WHERE c.owner IS ? ", [owner, limit]
         rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            f"m.role = 'assistant') AS turns FROM conversations c {where}"
+            "m.role = 'assistant' AND m.status = 'complete') AS turns FROM conversations c "
+            f"{where}"
             "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args)
         return [_info(row) for row in rows]
 
@@ -450,7 +452,8 @@ class Store:
         and the continuation's usage (marked ``continued``)."""
         with self._transaction() as db:
             row = db.execute("SELECT id, usage FROM messages WHERE conversation_id = ? AND "
-                             "role = 'assistant' ORDER BY seq DESC LIMIT 1", (cid,)).fetchone()
+                             "role = 'assistant' AND status = 'complete' ORDER BY seq DESC "
+                             "LIMIT 1", (cid,)).fetchone()
             if row is None:
                 raise InvalidInput("There is no reply to continue.", "Send a message first.")
             db.execute("UPDATE messages SET content = content || ?, tokens = COALESCE(tokens, 0)"
@@ -458,15 +461,25 @@ class Store:
                        (text, tokens, json.dumps({**usage, "continued": True}), row["id"]))
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), cid))
 
-    def interrupt_turn(self, user_id: int) -> None:
-        """The reply did not complete: keep the message, marked, out of every prompt."""
+    def interrupt_turn(self, user_id: int, partial: str = "") -> None:
+        """The reply did not complete: keep the message, and the reply's text so far
+        (``partial``), both marked interrupted and out of every prompt."""
         with self._transaction() as db:
-            db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
-                       "status = 'pending'", (user_id,))
+            changed = db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
+                                 "status = 'pending'", (user_id,)).rowcount
+            row = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
+                             (user_id,)).fetchone()
+            if partial and changed and row is not None:
+                cid = row[0]
+                db.execute(
+                    "INSERT INTO messages (conversation_id, seq, role, content, status,"
+                    " created_at) VALUES (?, ?, 'assistant', ?, 'interrupted', ?)",
+                    (cid, self._next_seq(db, cid), partial, _now()))
 
     def drop_last_turn(self, cid: int) -> None:
         """Delete the newest complete turn (and anything after it): ``/undo``."""
-        stored = [m for m in self.messages(cid) if m.role == "assistant"]
+        stored = [m for m in self.messages(cid)
+                  if m.role == "assistant" and m.status == "complete"]
         if not stored:
             return
         last = stored[-1].seq

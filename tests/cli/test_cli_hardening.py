@@ -118,7 +118,9 @@ def test_sigterm_mid_reply_marks_the_turn_interrupted(cli, rolechat_home: Path) 
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     store = Store(rolechat_home / "rolechat.db")
     (cid,) = [info.id for info in store.recent()]
-    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
+    kept = [(m.role, m.status) for m in store.messages(cid)]
+    assert kept == [("user", "interrupted"), ("assistant", "interrupted")]  # the text so far
+    assert store.messages(cid)[1].content and store.conversation(cid).turns == []
     store.close()
 
 

@@ -106,7 +106,9 @@ def test_ctrl_c_discards_the_reply_and_keeps_the_conversation(spawn_repl):
     cid = int(match.group(1))
     store = Store(repl.home / "rolechat.db")
     statuses = [(m.role, m.status, m.content) for m in store.messages(cid)]
-    assert statuses[-1] == ("user", "interrupted", story)  # kept, marked, never sent back
+    # The message and the reply so far: kept, marked, never sent back.
+    assert statuses[-2] == ("user", "interrupted", story)
+    assert statuses[-1][:2] == ("assistant", "interrupted") and statuses[-1][2]
     assert store.conversation(cid).to_tuples()[-1][0] == FIRST
     store.close()
 

@@ -122,7 +122,7 @@ def test_ctrl_c_during_a_reply_discards_it():
     assert repl.handle("Tell me a story") is True
     text = out.getvalue()
     assert text.startswith("Once upon a time\n")
-    assert "[interrupted — reply discarded, conversation unchanged]" in text
+    assert "[interrupted — the reply is not part of the conversation" in text
     assert "tok/s" not in text
     assert repl.chat.conversation.messages == []
     assert repl.chat.last_reply is None
@@ -136,9 +136,13 @@ def test_ctrl_c_marks_the_stored_message_interrupted(tmp_path):
     repl.handle("Tell me a story")
     cid = saved.cid
     assert cid is not None
-    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
-    assert store.conversation(cid).turns == []
+    # The message and the reply so far are kept, marked, and never part of a prompt.
+    assert [(m.role, m.status, m.content) for m in store.messages(cid)] == [
+        ("user", "interrupted", "Tell me a story"),
+        ("assistant", "interrupted", "Once upon a time")]
+    assert store.conversation(cid).turns == [] and store.info(cid).turns == 0
     assert saved.chat.conversation.messages == []
+    assert saved.undo() is None  # nothing to undo: the interrupted reply is not a turn
 
 
 # ----- commands, with and without a store ------------------------------------------------

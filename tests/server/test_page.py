@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -380,7 +381,8 @@ def test_stop_keeps_the_partial_reply_marked_interrupted(server: str, page: Any,
     assert page.is_enabled("#send") and page.is_hidden("#stop") and page.is_hidden("#error")
     assert page.locator("[data-testid=retry], [data-testid=undo]").count() == 0
 
-    # The server keeps the message, marked interrupted, and no reply.
+    # The server keeps the message and the reply so far (at least what the page got), both
+    # marked interrupted.
     deadline = time.monotonic() + 30
     while True:
         stored = api(server, "GET", f"/conversations/{cid}")["messages"]
@@ -388,15 +390,16 @@ def test_stop_keeps_the_partial_reply_marked_interrupted(server: str, page: Any,
             break
         assert time.monotonic() < deadline, stored
         time.sleep(0.2)
-    assert [(m["role"], m["status"], m["content"]) for m in stored] == [
-        ("user", "interrupted", question)]
+    assert [(m["role"], m["status"]) for m in stored] == [("user", "interrupted"),
+                                                          ("assistant", "interrupted")]
+    assert stored[0]["content"] == question and same_start(stored[1]["content"], partial)
 
-    # After a reload both still show, marked interrupted.
+    # After a reload (or in another tab) both still show, marked interrupted.
     page.reload()
     page.wait_for_selector("body[data-ready='1']:not([data-busy])")
     assert page.locator(".msg.user.interrupted .content").text_content() == question
     kept = page.locator(".msg.assistant.interrupted")
-    assert kept.count() == 1 and kept.locator(".content").text_content() == partial
+    assert kept.count() == 1 and same_start(kept.locator(".content").text_content(), partial)
     assert "interrupted" in (kept.locator(".status").text_content() or "")
     shot(page, shots, "stopped-desktop")
 
@@ -417,7 +420,16 @@ def test_stop_keeps_the_partial_reply_marked_interrupted(server: str, page: Any,
     assert all(m["status"] != "pending" for m in stored["messages"])
     page.locator(".msg.assistant:not(.interrupted)").last.locator("[data-testid=copy]").click()
     assert clipboard(page) == first
-    assert page.locator(".msg.assistant.interrupted .content").first.text_content() == partial
+    assert same_start(page.locator(".msg.assistant.interrupted .content").first.text_content(),
+                      partial)
+
+
+def same_start(text: str | None, partial: str) -> bool:
+    """Whether ``text`` begins as ``partial`` does, letters and digits only (one may be the
+    rendered Markdown of the other, and the server may have generated a little more)."""
+    def letters(value: str | None) -> str:
+        return re.sub(r"\W", "", value or "")
+    return bool(letters(partial)) and letters(text).startswith(letters(partial)[:12])
 
 
 def test_regenerate_edit_undo_and_copy(server: str, page: Any) -> None:

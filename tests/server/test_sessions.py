@@ -345,6 +345,11 @@ def test_concurrent_messages_never_interleave(c1: httpx.Client, server: str) -> 
                                                                 "Say the number 1."}
 
 
+def got_turns(client: httpx.Client, cid: int) -> int:
+    turns: int = client.get(f"/conversations/{cid}").json()["turns"]
+    return turns
+
+
 def test_disconnect_mid_stream_interrupts(c1: httpx.Client) -> None:
     cid = new(c1, params={"temperature": 0.8, "max_new_tokens": 600})["id"]
     with c1.stream("POST", f"/conversations/{cid}/messages",
@@ -359,12 +364,17 @@ def test_disconnect_mid_stream_interrupts(c1: httpx.Client) -> None:
         if messages and messages[0]["status"] != "pending":
             break
         time.sleep(0.1)
-    assert [(m["role"], m["status"]) for m in messages] == [("user", "interrupted")]
+    # The message and the reply so far are kept, marked interrupted.
+    assert [(m["role"], m["status"]) for m in messages] == [("user", "interrupted"),
+                                                            ("assistant", "interrupted")]
+    assert messages[1]["content"] and got_turns(c1, cid) == 0
     reply = send(c1, cid, "Say hi.", params={"max_new_tokens": 8})
     assert reply["message"]["content"]
     messages = c1.get(f"/conversations/{cid}").json()["messages"]
     assert [(m["role"], m["status"]) for m in messages] == [
-        ("user", "interrupted"), ("user", "complete"), ("assistant", "complete")]
+        ("user", "interrupted"), ("assistant", "interrupted"), ("user", "complete"),
+        ("assistant", "complete")]
+    assert got_turns(c1, cid) == 1
     # The interrupted message never reaches the model.
     prompt = c1.post(f"/conversations/{cid}/prompt", json={"content": "More?"}).json()
     assert "dragon" not in prompt["prompt"] and "Say hi." in prompt["prompt"]

@@ -124,7 +124,8 @@ class Repl:
                 view.show(chunk)
         except KeyboardInterrupt:
             view.done()
-            self.note("[interrupted — reply discarded, conversation unchanged]", style="yellow")
+            self.note("[interrupted — the reply is not part of the conversation (saved, marked "
+                      "interrupted)]", style="yellow")
             return False
         except RolechatError as exc:
             view.done()

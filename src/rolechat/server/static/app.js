@@ -176,7 +176,8 @@ function renderConversation(conv) {
   const partials = loadPartials(conv.id);
   const shown = [];
   let summarized = new Set();  // the turns the summary covered after the previous reply
-  for (const m of conv.messages || []) {
+  const messages = conv.messages || [];
+  messages.forEach((m, index) => {
     const node = addMessage(m.role, m.content, m.status);
     if (m.role === "assistant" && m.usage) {
       addLine(node, "usage", usageText(m.usage), "usage");
@@ -187,14 +188,18 @@ function renderConversation(conv) {
         if (Array.isArray(plan.summarized)) summarized = new Set(plan.summarized);
       }
     }
-    if (m.role === "user" && (m.status === "interrupted" || m.status === "pending")) {
+    const next = messages[index + 1];
+    const stored = next && next.role === "assistant" && next.status === "interrupted";
+    if (m.role === "user" && !stored && (m.status === "interrupted" || m.status === "pending")) {
+      // The server keeps a stopped reply's text; a partial kept by this tab covers a reply the
+      // server had not started, or one from before it kept them.
       const found = partials.find((p) => p.user === m.content && !shown.includes(p));
       if (found) {
         shown.push(found);
         addMessage("assistant", found.text, "interrupted", "stopped; kept in this tab only");
       }
     }
-  }
+  });
   savePartials(conv.id, shown);  // forget those whose message is gone
   if (!(conv.messages || []).length) {
     els.messages.appendChild(el("p", "empty", "No messages yet."));
@@ -514,7 +519,7 @@ async function send() {
     if (err.name === "AbortError") {
       markStatus(userNode, "interrupted");
       if (partial) {
-        markStatus(replyNode, "interrupted", "stopped; kept in this tab only");
+        markStatus(replyNode, "interrupted", "stopped");
         keepPartial(state.cid, text, partial);
       } else if (replyNode) {
         replyNode.remove();

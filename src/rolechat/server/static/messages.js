@@ -127,8 +127,8 @@ export function clearEmpty() {
 }
 
 // ----- replies cut off by Stop ----------------------------------------------------------
-// The server keeps the user's message, marked interrupted, but not the partial reply; this tab
-// keeps that (sessionStorage) so it still shows after a reload, marked as such.
+// The server keeps the user's message and the reply so far, both marked interrupted. This tab
+// also keeps what it showed (sessionStorage), for a reply the server had not started yet.
 const PARTIALS = "rolechat.partial.";
 
 export function loadPartials(cid) {

@@ -241,14 +241,15 @@ class Chat:
         if self.conversation.pending is not None:
             raise InvalidInput("The conversation ends with a user message that has no reply.",
                                "Remove it (conversation.pop_turn()) or answer it first.")
-        return self.window.plan(self.conversation, text, self.engine,
-                                self.effective_params(**overrides), first_turn=self.first_turn,
-                                memory=self.memory)
+        return self._window_plan(text, overrides)
 
     def next_plan(self, **overrides: Any) -> WindowPlan:
         """The plan for the next message before any of it is written (a preview): the
         conversation so far, then an open user turn with no text."""
-        return self.window.plan(self.conversation, "", self.engine,
+        return self._window_plan("", overrides)
+
+    def _window_plan(self, text: str, overrides: Mapping[str, Any]) -> WindowPlan:
+        return self.window.plan(self.conversation, text, self.engine,
                                 self.effective_params(**overrides), first_turn=self.first_turn,
                                 memory=self.memory)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,12 @@ class SavedChat:
             store.update(cid, memory=saved.memory_record())
         return saved
 
-    def memory_record(self) -> dict[str, Any]:
-        """What the store keeps of the chat's memory (with the window's memory mode)."""
-        return {"mode": self.chat.window.memory, **self.chat.memory.to_dict()}
+    def memory_record(self, memory: Memory | None = None, mode: str | None = None
+                      ) -> dict[str, Any]:
+        """What the store keeps of ``memory`` (default: the chat's) with the window's memory
+        ``mode`` (default: the chat window's)."""
+        memory = memory if memory is not None else self.chat.memory
+        return {"mode": mode or self.chat.window.memory, **memory.to_dict()}
 
     @property
     def cid(self) -> int | None:
@@ -251,32 +254,39 @@ class SavedChat:
         return self.chat.continue_reply(**overrides)
 
     # ----- memory ------------------------------------------------------------------------
+    def set_pins(self, pins: Iterable[int]) -> set[int]:
+        """Pin exactly the turns ``pins`` (from 0; -1: the last), each checked before anything
+        changes; saved with the conversation. Returns the pinned indices."""
+        chat = self.chat
+        wanted = {chat._turn_index(p) for p in pins}
+        memory = chat.memory.copy()
+        memory.pins = wanted
+        self._save(memory=self.memory_record(memory))
+        chat.memory.pins = set(wanted)
+        return wanted
+
     def pin(self, turn: int = -1) -> int:
         """Keep turn ``turn`` (from 0; -1: the last) in every prompt; saved with the
         conversation. Returns its index."""
         index = self.chat._turn_index(turn)
-        memory = self.chat.memory.copy()
-        memory.pins.add(index)
-        self._save(memory={"mode": self.chat.window.memory, **memory.to_dict()})
-        return self.chat.pin(index)
+        self.set_pins(self.chat.memory.pins | {index})
+        return index
+
+    def unpin(self, turn: int) -> int:
+        """Let the window drop turn ``turn`` again; saved with the conversation."""
+        index = self.chat._turn_index(turn)
+        if index not in self.chat.memory.pins:
+            return self.chat.unpin(index)  # its error says which turns are pinned
+        self.set_pins(self.chat.memory.pins - {index})
+        return index
 
     def set_memory(self, memory: str) -> None:
         """Switch the window's memory (``none`` or ``summary``); saved with the conversation.
         The summary made so far stays; ``none`` makes no more of it."""
         chat = self.chat
         window = dataclasses.replace(chat.window, memory=memory)
-        self._save(memory={"mode": window.memory, **chat.memory.to_dict()})
+        self._save(memory=self.memory_record(mode=window.memory))
         chat.window = window
-
-    def unpin(self, turn: int) -> int:
-        """Let the window drop turn ``turn`` again; saved with the conversation."""
-        chat = self.chat
-        index = chat._turn_index(turn)
-        if index in chat.memory.pins:
-            memory = chat.memory.copy()
-            memory.pins.discard(index)
-            self._save(memory={"mode": chat.window.memory, **memory.to_dict()})
-        return chat.unpin(index)
 
     # ----- role and parameters -----------------------------------------------------------
     def _save(self, **fields: Any) -> None:

@@ -467,10 +467,9 @@ class Store:
         with self._transaction() as db:
             changed = db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
                                  "status = 'pending'", (user_id,)).rowcount
-            row = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
-                             (user_id,)).fetchone()
-            if partial and changed and row is not None:
-                cid = row[0]
+            if partial and changed:
+                cid = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
+                                 (user_id,)).fetchone()[0]
                 db.execute(
                     "INSERT INTO messages (conversation_id, seq, role, content, status,"
                     " created_at) VALUES (?, ?, 'assistant', ?, 'interrupted', ?)",
@@ -567,8 +566,7 @@ def check_memory_record(memory: dict[str, Any], turns: int) -> dict[str, Any]:
 
 
 def _info(row: sqlite3.Row) -> ConversationInfo:
-    keys = row.keys()
     return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
                             json.loads(row["params"] or "{}"), row["created_at"],
                             row["updated_at"], row["turns"], row["owner"],
-                            json.loads(row["memory"] or "{}") if "memory" in keys else {})
+                            json.loads(row["memory"] or "{}"))

@@ -79,15 +79,20 @@ class ReplyView:
                 console.width = os.get_terminal_size(out.fileno()).columns
         self._wrap = WordWrap(console.width)
         if self._rendering == "markdown":
+            # The Markdown is parsed again when the screen refreshes (10 times a second), not
+            # for every token.
             self._live = Live(console=console, refresh_per_second=10, transient=False,
-                              vertical_overflow="visible")
+                              vertical_overflow="visible", get_renderable=self._rendered)
             self._live.start()
+
+    def _rendered(self) -> Markdown | Text:
+        return Markdown(self._text) if self._text.strip() else Text("")
 
     def show(self, chunk: str) -> None:
         self._text += chunk
         if self._live is not None:
-            self._live.update(Markdown(self._text) if self._text.strip() else Text(""))
-        elif self._rendering == "plain":
+            return
+        if self._rendering == "plain":
             self._out.write(self._wrap.push(chunk))
             self._out.flush()
         else:
@@ -97,7 +102,7 @@ class ReplyView:
     def done(self) -> None:
         """The reply ended (or was stopped): leave what is shown, end the line."""
         if self._live is not None:
-            self._live.update(Markdown(self._text) if self._text.strip() else Text(""))
+            self._live.refresh()
             self._live.stop()
             return
         if self._rendering == "plain":

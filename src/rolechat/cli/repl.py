@@ -326,7 +326,8 @@ def _window(repl: Repl, argument: str) -> bool:
                 if chat.window.memory == "summary" else "")
              + (f"; pinned: {', '.join(str(p + 1) for p in sorted(pinned))}" if pinned else ""))
     if memory.summary:
-        repl.say(f"summary of turns 1-{memory.covers} (pinned ones excepted):")
+        covered = ", ".join(str(t + 1) for t in sorted(memory.summarized))
+        repl.say(f"summary of turn(s) {covered}:")
         repl.say(f"  {memory.summary}")
     if plan.summarize:
         repl.say(f"the next message slides the window: turn(s) "
@@ -341,7 +342,7 @@ def _window(repl: Repl, argument: str) -> bool:
         tokens, before = upto - before, upto
         state = ("pinned" if index in pinned and index in kept else
                  "kept" if index in kept else
-                 "summary" if memory.summary and index < memory.covers else "dropped")
+                 "summary" if memory.summary and index in memory.summarized else "dropped")
         repl.say(f"  turn {index + 1:<3} {state:<8} {tokens:>6} tokens  {_short(turn.user)}")
     return True
 

@@ -230,7 +230,7 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
     async with state.lock_of(cid):  # not while a reply is being planned or written
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         if body.pins is not None:
-            await asyncio.to_thread(set_pins, saved, body.pins)
+            await asyncio.to_thread(saved.set_pins, body.pins)
         if body.memory is not None:
             await asyncio.to_thread(saved.set_memory, body.memory)
         if system is not None:
@@ -239,15 +239,6 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
             await asyncio.to_thread(state.store.update, cid, title=" ".join(title.split()))
         info = await asyncio.to_thread(owned, state, cid, owner)
     return conversation_body(state, info)
-
-
-def set_pins(saved: SavedChat, pins: list[int]) -> None:
-    """Pin exactly ``pins`` (each checked before anything changes)."""
-    wanted = {saved.chat._turn_index(p) for p in pins}
-    for index in sorted(saved.chat.memory.pins - wanted):
-        saved.unpin(index)
-    for index in sorted(wanted - saved.chat.memory.pins):
-        saved.pin(index)
 
 
 @router.post("/conversations/{cid}/prompt")

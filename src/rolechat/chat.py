@@ -275,10 +275,15 @@ class Chat:
         plan = self.window.plan(before, last.user, self.engine, params,
                                 first_turn=min(self.first_turn, len(before.turns)),
                                 memory=self.memory)
-        # A slide here drops plainly; the next reply's slide summarizes what it dropped.
-        plan = replace(plan, summarize=())
         ids = self.engine.continuation_ids([*plan.messages,
                                             Message("assistant", last.assistant)])
+        if len(ids) > plan.budget:
+            raise ContextOverflow(prompt_tokens=len(ids), available_tokens=plan.budget,
+                                  context_length=plan.context_length,
+                                  max_new_tokens=params.max_new_tokens)
+        # The plan counts the prompt the model gets: the reply so far, left open. A slide here
+        # drops plainly; the next reply's slide summarizes what it dropped.
+        plan = replace(plan, summarize=(), prompt_ids=ids, prompt_tokens=len(ids))
         return ReplyStream(self, last.user, plan, params, prompt_ids=ids, continues=True)
 
     def _fold(self, plan: WindowPlan, text: str,

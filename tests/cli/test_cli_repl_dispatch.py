@@ -7,10 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fakes import FakeEngine
 from rolechat.cli.render import WordWrap
 from rolechat.cli.repl import BLOCK, COMMANDS, Repl, parse_value, read_message
-from rolechat.conversation import Conversation
+from rolechat.conversation import Conversation, Message
+from rolechat.errors import ContextOverflow
 from rolechat.params import GenerationParams
 from rolechat.saved import SavedChat
 from rolechat.store import Store
@@ -656,3 +659,29 @@ def test_pin_unpin_and_window_show_the_memory(tmp_path):
     assert "[turn 1 unpinned]" in fresh(out)
     assert store.info(saved.cid).memory["pins"] == []
     store.close()
+
+
+def test_continue_counts_the_prompt_it_sends_and_refuses_one_that_does_not_fit():
+    engine = FakeEngine(context_length=200)
+    engine.replies += ["x" * 40, "more"]
+    saved = SavedChat.new(engine, params={"max_new_tokens": 40})
+    saved.send("go")
+    stream = saved.continue_reply()
+    assert stream.plan.prompt_tokens == len(engine.continuation_ids(
+        [*stream.plan.messages, Message("assistant", "x" * 40)]))
+    list(stream)
+    assert stream.reply is not None and stream.reply.plan.prompt_tokens == len(engine.prompts[-1])
+    tight = SavedChat.new(FakeEngine(context_length=400), params={"max_new_tokens": 200})
+    tight.chat.engine.replies.append("y" * 200)  # type: ignore[attr-defined]
+    tight.send("go")  # cut at 200 tokens; with them the prompt no longer leaves 200 free
+    with pytest.raises(ContextOverflow, match="The prompt needs"):
+        tight.continue_reply()
+    assert tight.chat.conversation.to_tuples() == [("go", "y" * 200)]  # unchanged
+
+
+def test_unpin_a_turn_that_does_not_exist():
+    repl, out = make_repl()
+    repl.handle("hello")
+    fresh(out)
+    repl.handle("/unpin 7")
+    assert "error: There is no turn 7: the conversation has 1 turn(s)." in fresh(out)

@@ -380,6 +380,10 @@ def _unpin(repl: Repl, argument: str) -> bool:
                            f"Pinned: {', '.join(str(p + 1) for p in pinned)}" if pinned
                            else "No turn is pinned.")
     index = _turn_number(repl, argument, "/unpin")
+    turns = len(repl.chat.conversation.turns)
+    if index >= turns:
+        raise InvalidInput(f"There is no turn {index + 1}: the conversation has {turns} "
+                           "turn(s).", "See /history for the numbers.")
     if index not in repl.chat.memory.pins:
         pinned = sorted(repl.chat.memory.pins)
         raise InvalidInput(f"Turn {index + 1} is not pinned.",

@@ -37,22 +37,44 @@ $(WHEELHOUSE)/.built: | $(BIN)/python
 	@touch $@
 
 PIP_LLAMA := --find-links $(WHEELHOUSE) --only-binary llama-cpp-python
+PIP       := $(BIN)/pip install --progress-bar off
 
-$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
-	$(BIN)/pip install --progress-bar off --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
-	$(BIN)/pip install --progress-bar off $(PIP_LLAMA) -e .
+# While that wheel builds, everything else is installed beside it (make -j): the requirements
+# that don't need llama-cpp-python, listed by tools/requirements.py. Once both are done, the
+# wheel and rolechat itself go in, and pip checks that nothing is missing. The stamps depend on
+# the Makefile, which holds the build flags.
+$(VENV)/.deps: pyproject.toml tools/requirements.py | $(BIN)/python
+	$(BIN)/python tools/requirements.py > $(VENV)/requirements.txt
+	$(PIP) -r $(VENV)/requirements.txt
 	@touch $@
 
-# The tests also cover the transformers engine. TORCH names the PyTorch build to install first
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
+	$(MAKE) --no-print-directory -j2 $(WHEELHOUSE)/.built $(VENV)/.deps
+	$(PIP) --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
+	$(PIP) $(PIP_LLAMA) -e .
+	@touch $@
+
+# The tests also cover the transformers engine. TORCH names the PyTorch build to install
 # (2.13.0 is a CPU build on this kind of machine; plain `torch` can pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
-# The web page's tests drive Debian's Chromium through Playwright (browsers are not downloaded
-# by `playwright install`): install it when missing (needs root and apt).
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
-	$(BIN)/pip install --progress-bar off '$(TORCH)'
-	$(BIN)/pip install --progress-bar off $(PIP_LLAMA) -e '.[dev,transformers]'
+
+$(VENV)/.deps-dev: pyproject.toml tools/requirements.py $(VENV)/.deps
+	$(BIN)/python tools/requirements.py dev transformers > $(VENV)/requirements-dev.txt
+	$(PIP) '$(TORCH)' -r $(VENV)/requirements-dev.txt
 	@touch $@
+
+# The web page's tests drive Debian's Chromium through Playwright (browsers are not downloaded
+# by `playwright install`): installed when missing (needs root and apt), beside the rest.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+$(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
+	$(MAKE) --no-print-directory -j3 $(WHEELHOUSE)/.built $(VENV)/.deps-dev chromium
+	$(PIP) --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
+	$(PIP) $(PIP_LLAMA) -e '.[dev,transformers]'
+	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -66,7 +88,7 @@ chat: $(VENV)/.installed
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
 	$(BIN)/mypy
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 

@@ -13,25 +13,28 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# llama-cpp-python has no wheel for this platform: it is built from source (about 5 minutes
+# llama-cpp-python has no wheel for this platform: it is built from source (about 4 minutes
 # on 2 cores), once per CPU and set of build flags, and the wheel is kept in WHEELHOUSE. The
-# build targets this CPU (llama.cpp's default), without the multimodal library, and on x86
-# without AMX: its tile instructions fault where the kernel or a sandbox has not enabled them,
-# and llama.cpp would use them on any CPU that advertises AMX. pip's own cache is not used for
-# it, since pip would hand a wheel built for one CPU to another.
+# build targets this CPU (llama.cpp's default); it leaves out the multimodal library and
+# llama.cpp's "common" library (tools/llama-cpp-lean.cmake), which the Python package never
+# loads; and on x86 it leaves out AMX: its tile instructions fault where the kernel or a sandbox
+# has not enabled them, and llama.cpp would use them on any CPU that advertises AMX. pip's own
+# cache is not used for it, since pip would hand a wheel built for one CPU to another.
 LLAMA_CPP   := llama-cpp-python==0.3.36
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF
+LLAMA_LEAN  := tools/llama-cpp-lean.cmake
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 CPU_KEY := $(shell (uname -m; grep -m1 -E '^(flags|Features)' /proc/cpuinfo; \
-	echo '$(LLAMA_CPP) $(LLAMA_CMAKE) $(LLAMA_CFLAGS)'; \
+	echo '$(LLAMA_CPP) $(LLAMA_CMAKE) $(LLAMA_CFLAGS)'; cat $(LLAMA_LEAN); \
 	$(PYTHON) -c 'import sys; print(sys.version_info[:2])') 2>/dev/null | sha256sum | cut -c1-16)
 WHEELHOUSE ?= $(HOME)/.cache/rolechat/wheels/$(CPU_KEY)
 
 $(WHEELHOUSE)/.built: | $(BIN)/python
 	mkdir -p $(WHEELHOUSE)
-	CMAKE_ARGS="$(LLAMA_CMAKE)" CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+	CMAKE_ARGS="$(LLAMA_CMAKE) -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/$(LLAMA_LEAN)" \
+	    CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
 	    $(BIN)/pip wheel --progress-bar off --no-deps --no-cache-dir \
 	    --no-binary llama-cpp-python -w $(WHEELHOUSE) '$(LLAMA_CPP)'
 	@touch $@

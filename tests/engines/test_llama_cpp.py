@@ -119,7 +119,7 @@ def test_the_window_slides_with_the_real_tokenizer(small_engine: LlamaCppEngine,
     """What only a real tokenizer can prove (test_window.py proves the arithmetic exactly with
     the fake engine): real prompts, counted by the model's own tokenizer, never exceed the
     budget while the window slides, and keep their structure."""
-    params = GenerationParams(temperature=0.7, seed=5, max_new_tokens=24)
+    params = GenerationParams(temperature=0.7, seed=5, max_new_tokens=8)
     budget = small_engine.context_length - params.max_new_tokens
     seen: list[list[Message]] = []
     real_stream = small_engine.stream

@@ -14,7 +14,7 @@ from rolechat import Chat, Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.engines.snapshots import CacheKey, DiskTier
 
-GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 4}
 TOPICS = ("the sea", "mountains", "bread", "the moon")
 
 

@@ -219,8 +219,9 @@ def test_stateless_requests_use_no_persona_file_unless_named(tmp_path) -> None:
     with rolechat_serve(home) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         messages = [{"role": "user", "content": "Tell me about the sea."}]
+        # Its first sentence only (no max_tokens: the persona's must not apply).
         plain = client.chat.completions.create(model=model_of(client), messages=messages,
-                                               temperature=0)
+                                               temperature=0, stop=["."])
         assert plain.usage is not None and plain.usage.completion_tokens > 2
         named = client.chat.completions.create(model=model_of(client), messages=messages,
                                                temperature=0,

@@ -18,7 +18,7 @@ from rolechat import Conversation
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from servers import rolechat_serve
 
-GREEDY = {"temperature": 0, "max_new_tokens": 6}
+GREEDY = {"temperature": 0, "max_new_tokens": 4}
 TOPICS = ("the sea", "mountains", "bread", "the moon")
 ROUNDS = 10
 #: The stateless endpoint shares the engine code the sessions prove over 10 rounds.

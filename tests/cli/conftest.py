@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,7 +97,8 @@ class Cli:
     def spawn(self, *args: str) -> pexpect.spawn:
         """``rolechat ARGS`` in a pseudo-terminal (stdin and stdout are a TTY)."""
         child = pexpect.spawn(str(ROLECHAT), list(args), env={**self.env, "TERM": "xterm"},
-                              dimensions=(40, 200), encoding="utf-8", timeout=30)
+                              dimensions=(40, 200), encoding="utf-8", timeout=30,
+                              preexec_fn=terminal_signals)
         self.children.append(child)
         return child
 
@@ -115,6 +117,13 @@ def cli(rolechat_home: Path, tmp_path: Path) -> Iterator[Cli]:
     for child in runner.children:
         if child.isalive():
             child.terminate(force=True)
+
+
+def terminal_signals() -> None:
+    """In the child: Ctrl-C interrupts, as in a terminal. A shell script that starts a job in
+    the background (`make test &`) has it ignore SIGINT, and every process below it inherits
+    that, rolechat included; Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ReplSession:
@@ -142,7 +151,8 @@ class ReplSession:
         #: Everything the terminal received (for a terminal emulator to replay).
         self.log = io.StringIO()
         self.child = pexpect.spawn(str(ROLECHAT), ["chat", *args], env=env,
-                                   dimensions=(40, columns), encoding="utf-8", timeout=30)
+                                   dimensions=(40, columns), encoding="utf-8", timeout=30,
+                                   preexec_fn=terminal_signals)
         self.child.logfile_read = self.log
         self.banner = self.expect("Ctrl-D to leave")
         #: What was printed between the banner and the first prompt.

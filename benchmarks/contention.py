@@ -140,7 +140,7 @@ def main() -> int:
           f"{'PASS' if idle_ratio >= 0.95 else 'MISS'} (target >= 0.95)")
     print(f"  engine idle / its setting's bare loop {idle[ours] / idle[chosen]:.2f}  "
           "(a real reply: sampling and text included)")
-    print(f"  contention / idle               {kept:.2f}  "
+    print(f"  engine contention / engine idle       {kept:.2f}  "
           f"{'PASS' if kept >= 0.25 else 'MISS'} (target >= 0.25)")
     print(f"  llama.cpp's default under contention / idle: "
           f"{contended[default] / idle[default]:.2f}")

@@ -11,6 +11,15 @@ from fakes import FakeEngine
 from rolechat.engines.llama_cpp import LlamaCppEngine
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a test marked ``slow`` run first. pytest-xdist hands out whole files
+    (``--dist loadfile``) in collection order, so the long ones start at once on both workers
+    and the short ones fill in around them, instead of one worker running a long file alone at
+    the end while the other waits."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: file order kept otherwise
+
+
 @pytest.fixture(autouse=True)
 def rolechat_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"

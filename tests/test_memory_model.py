@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rolechat.engines.llama_cpp import LlamaCppEngine
 from rolechat.saved import SavedChat
 from rolechat.store import Store
@@ -14,6 +16,7 @@ from rolechat.window import Window
 TURNS = 60
 
 
+@pytest.mark.slow
 def test_sixty_turns_with_summary_memory(small_engine: LlamaCppEngine, tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     saved = SavedChat.new(small_engine, store=store, system="Be brief.",

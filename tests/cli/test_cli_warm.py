@@ -67,6 +67,7 @@ def flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, flip])
 def test_a_damaged_snapshot_is_ignored_with_a_warning(cli, rolechat_home: Path,
                                                       damage: object) -> None:

@@ -114,6 +114,7 @@ def test_tutorial_inference_on_the_real_model(engine: LlamaCppEngine) -> None:
     assert len(history) == 2
 
 
+@pytest.mark.slow
 def test_the_window_slides_with_the_real_tokenizer(small_engine: LlamaCppEngine,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """What only a real tokenizer can prove (test_window.py proves the arithmetic exactly with

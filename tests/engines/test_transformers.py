@@ -305,6 +305,12 @@ def test_unknown_dtype(tiny_folder: Path) -> None:
         load_engine(tiny_folder, dtype="float8")
 
 
+def test_unknown_capture_mode(tiny_folder: Path) -> None:
+    with pytest.raises(InvalidParams, match=r"transformers engine options: capture: .*'compile', "
+                                            r"'graph' or 'off'"):
+        load_engine(tiny_folder, fast_decode=True, capture="fast")
+
+
 def test_an_option_of_another_engine_is_refused(tiny_folder: Path) -> None:
     with pytest.raises(InvalidInput, match=r"n_gpu_layers only applies to the llama\.cpp "
                                            r"engine, not transformers"):
@@ -422,6 +428,7 @@ def test_cli_ask_picks_the_transformers_engine_for_a_folder(tiny_folder: Path) -
     assert answer["usage"]["cached_tokens"] == 0
 
 
+@pytest.mark.slow
 def test_cli_ask_gguf_through_transformers(smol_gguf: Path) -> None:
     done = run_cli("ask", "--model", str(smol_gguf), "--engine", "transformers", "--device",
                    "cpu", "--dtype", "float32", "-t", "0", "--max-new-tokens", "8", "--json",
@@ -442,11 +449,10 @@ def test_cli_device_needs_the_transformers_engine() -> None:
     assert "--device" in lines[0] and "transformers engine" in lines[0]
 
 
-def test_cli_shows_the_fast_paths_progress(tiny_folder: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ROLECHAT_CAPTURE", "off")  # the fast path's steps, eagerly, on the CPU
-    done = run_cli("ask", "--model", str(tiny_folder), "--fast-decode", "-t", "0",
-                   "--max-new-tokens", "4", "--json", "hi")
+def test_cli_shows_the_fast_paths_progress(tiny_folder: Path) -> None:
+    # --capture off: the fast path's steps, eagerly, on the CPU
+    done = run_cli("ask", "--model", str(tiny_folder), "--fast-decode", "--capture", "off",
+                   "-t", "0", "--max-new-tokens", "4", "--json", "hi")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["usage"]["generated_tokens"] == 4
     assert "the decode step for KV bucket" in done.stderr and "ready in" in done.stderr

@@ -37,6 +37,7 @@ def cold_reply(cold: LlamaCppEngine, conversation: Conversation, text: str) -> s
     return reference(cold, conversation, text, GREEDY)
 
 
+@pytest.mark.slow
 def test_interleaved_conversations_restore_and_match_cold_replies(
         warm: LlamaCppEngine, cold: LlamaCppEngine) -> None:
     warm.reset_cache()

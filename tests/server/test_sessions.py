@@ -206,6 +206,7 @@ def test_undo_and_retry(c1: httpx.Client, c2: httpx.Client) -> None:
     assert c2.post(f"/conversations/{cid}/retry", json={}).status_code == 404
 
 
+@pytest.mark.slow
 def test_window_drops_whole_turns_and_loses_nothing(c1: httpx.Client) -> None:
     cid = new(c1, system="Be brief.", params={"temperature": 0.7, "max_new_tokens": 8})["id"]
     dropped_seen: list[int] = []
@@ -408,6 +409,7 @@ def test_migration_2_on_a_version_1_database(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_summary_memory_and_pins_over_http(c1: httpx.Client) -> None:
     cid = new(c1, system="Be brief.", params={"temperature": 0, "max_new_tokens": 8,
                                               "memory": "summary", "summary_tokens": 48})["id"]

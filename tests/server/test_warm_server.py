@@ -42,6 +42,7 @@ def kv_files(home: Path) -> list[str]:
     return sorted(p.name for p in (home / "kv").glob("*/*.kv"))
 
 
+@pytest.mark.slow
 def test_interleaved_sessions_stay_warm_and_match_cold_replies(
         tmp_path: Path, cold: LlamaCppEngine) -> None:
     home = tmp_path / "home"

@@ -107,10 +107,12 @@ def _engine_flag(name: str, info: Any, api_key_flag: str) -> Callable[[F], F]:
         help_text += f" [default: {shown}]"
     annotation = info.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    literal = next((a for a in (annotation, *args)  # Literal[...], or Literal[...] | None
+                    if typing.get_origin(a) is typing.Literal), None)
     if name == "kv_cache_ram":
         kind: Any = SIZE
-    elif typing.get_origin(annotation) is typing.Literal:
-        kind = click.Choice(typing.get_args(annotation))
+    elif literal is not None:
+        kind = click.Choice(typing.get_args(literal))
     else:
         kind = args[0]
     if kind is bool:

@@ -25,10 +25,10 @@ def load_engine(model: str | Path | None = None, *, engine: str | None = None,
                 hub: str | None = None, **options: Any) -> Engine:
     """Load a model. ``options`` are the engine's (see :mod:`rolechat.engines.options`):
     ``context_length``, ``chat_template`` for all; ``n_threads``, ``kv_cache_ram`` for the
-    local engines; ``n_gpu_layers`` for llama.cpp; ``device``, ``dtype``, ``fast_decode`` for
-    transformers; ``base_url``, ``api_key``, ``tokenizer``, ``timeout``, ``max_retries`` for
-    openai (``model`` is then the served name). ``hub`` ("hf" or "modelscope") downloads
-    ``model`` by id — only when asked."""
+    local engines; ``n_gpu_layers`` for llama.cpp; ``device``, ``dtype``, ``fast_decode``,
+    ``capture`` for transformers; ``base_url``, ``api_key``, ``tokenizer``, ``timeout``,
+    ``max_retries`` for openai (``model`` is then the served name). ``hub`` ("hf" or
+    "modelscope") downloads ``model`` by id — only when asked."""
     name = engine or engine_for(model, hub, options.get("base_url"))
     if hub is not None and name != "transformers":
         raise ModelLoadError(str(model), f"the {name} engine does not download models",

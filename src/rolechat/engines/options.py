@@ -62,6 +62,10 @@ class TransformersOptions(LocalOptions):
         "auto", description="Weights' dtype (auto: the checkpoint's).")
     fast_decode: bool | None = Field(
         None, description="Static KV cache + CUDA graphs (default: on with CUDA).")
+    capture: Literal["compile", "graph", "off"] | None = Field(
+        None, description="How the fast path makes its steps: compile (torch.compile, then a "
+                          "CUDA graph), graph (a CUDA graph, not compiled) or off (eagerly, "
+                          "also on the CPU). Default: $ROLECHAT_CAPTURE, else compile.")
 
 
 class OpenAIOptions(EngineOptions):

@@ -3,7 +3,8 @@
 - ``smol_tokenizer``: the embedded SmolLM2-135M-Instruct tokenizer, built from its GGUF by
   transformers (ChatML template; ``<|im_start|>`` is id 1, ``<|im_end|>`` id 2). Built once.
 - ``smol_hf``: (model, tokenizer) of the embedded model loaded through transformers from the
-  GGUF (dequantized to float32, CPU). Loaded once.
+  GGUF (dequantized to float32, CPU) the way ``rolechat ask --engine transformers --model
+  X.gguf`` loads it (``load_engine``). Loaded once: dequantizing takes seconds.
 - ``tiny_folder``: a model folder as ``save_pretrained`` writes it — a tiny random-weight Llama
   (safetensors) with the SmolLM2 tokenizer and its chat template. Milliseconds per token.
 - ``tiny_no_template``: the same folder with the chat template removed.
@@ -42,11 +43,15 @@ def smol_tokenizer(smol_gguf: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def smol_hf(smol_gguf: Path, smol_tokenizer: Any) -> tuple[Any, Any]:
-    torch, transformers = _hf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smol_gguf.parent), gguf_file=smol_gguf.name, dtype=torch.float32)
-    assert next(model.parameters()).device.type == "cpu"
-    return model, smol_tokenizer
+    torch, _ = _hf()
+    from rolechat.engines import load_engine
+    from rolechat.engines.transformers import TransformersEngine
+
+    engine = load_engine(smol_gguf, engine="transformers", device="cpu", dtype="float32")
+    assert isinstance(engine, TransformersEngine) and engine.model == str(smol_gguf)
+    parameter = next(engine.hf_model.parameters())
+    assert parameter.device.type == "cpu" and parameter.dtype == torch.float32
+    return engine.hf_model, smol_tokenizer
 
 
 def _save_tiny(folder: Path, tokenizer: Any) -> Path:

@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+comma  := ,
 
 .PHONY: chat test install dev bench clean
 
@@ -41,6 +42,9 @@ $(WHEELHOUSE)/.built: | $(BIN)/python
 
 PIP_LLAMA := --find-links $(WHEELHOUSE) --only-binary llama-cpp-python
 PIP       := $(BIN)/pip install --progress-bar off
+# $(call install-rolechat,EXTRAS): the built wheel, then rolechat with EXTRAS (pip checks all).
+install-rolechat = $(PIP) --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)' && \
+	$(PIP) $(PIP_LLAMA) -e '.$(1)'
 
 # While that wheel builds, everything else is installed beside it (make -j): the requirements
 # that don't need llama-cpp-python, listed by tools/requirements.py. Once both are done, the
@@ -53,8 +57,7 @@ $(VENV)/.deps: pyproject.toml tools/requirements.py | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(MAKE) --no-print-directory -j2 $(WHEELHOUSE)/.built $(VENV)/.deps
-	$(PIP) --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
-	$(PIP) $(PIP_LLAMA) -e .
+	$(call install-rolechat,)
 	@touch $@
 
 # The tests also cover the transformers engine. TORCH names the PyTorch build to install
@@ -75,8 +78,7 @@ chromium:
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
 	$(MAKE) --no-print-directory -j3 $(WHEELHOUSE)/.built $(VENV)/.deps-dev chromium
-	$(PIP) --no-deps --force-reinstall $(PIP_LLAMA) '$(LLAMA_CPP)'
-	$(PIP) $(PIP_LLAMA) -e '.[dev,transformers]'
+	$(call install-rolechat,[dev$(comma)transformers])
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -98,9 +98,8 @@ def measure(cases: list[tuple[str, int, dict[str, str]]], repeats: int) -> dict[
     return {key: statistics.median(values) for key, values in speeds.items()}
 
 
-#: rolechat's spin count (importing it sets GOMP_SPINCOUNT here; main() unsets it).
-ROLECHAT_SPIN = OPENMP_SPIN_COUNT
-ROLECHAT_KEY = f"rolechat's engine (spin {ROLECHAT_SPIN}, fitted threads)"
+# (Importing rolechat set GOMP_SPINCOUNT in this process; main() unsets it before measuring.)
+ROLECHAT_KEY = f"rolechat's engine (spin {OPENMP_SPIN_COUNT}, fitted threads)"
 
 
 def main() -> int:
@@ -133,7 +132,7 @@ def main() -> int:
     ours = ROLECHAT_KEY
     default = f"{SPIN_DEFAULT}, {cores} thread(s)"
     # rolechat's setting as a bare eval loop, like the other rows (idle, it uses every core).
-    chosen = f"GOMP_SPINCOUNT={ROLECHAT_SPIN}, {cores} thread(s)"
+    chosen = f"GOMP_SPINCOUNT={OPENMP_SPIN_COUNT}, {cores} thread(s)"
     idle_ratio, kept = idle[chosen] / best_raw, contended[ours] / idle[ours]
     print(f"\n{ours}:")
     print(f"  its setting idle / best idle setting  {idle_ratio:.2f}  "

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from rolechat import InvalidInput, UnknownName, get_persona, load_personas
-from rolechat.persona import BUILTIN, DEFAULT_PERSONA, TUTORIAL_SYSTEM
+from rolechat.persona import BUILTIN, DEFAULT_PERSONA, TUTORIAL_SYSTEM, Persona
+from rolechat.window import Window
 
 
 def test_builtins() -> None:
@@ -83,3 +84,12 @@ def test_persona_window_turns_on_summary_memory(rolechat_home: Path) -> None:
     write(rolechat_home, "tpl", 'system = "x"\n[window]\nsummary_template = "Sum up."\n')
     with pytest.raises(InvalidInput, match=r"no \{turns\} placeholder"):
         get_persona("tpl")
+
+
+def test_window_for_puts_given_over_the_persona_over_the_base() -> None:
+    persona = Persona("p", "Be brief.", window={"memory": "summary", "summary_tokens": 40})
+    assert persona.window_for() == Window(memory="summary", summary_tokens=40)
+    base = Window(memory="none", summary_tokens=64, max_turns=5)
+    assert persona.window_for({"summary_tokens": 32}, base) == Window(
+        memory="summary", summary_tokens=32, max_turns=5)
+    assert Persona("q", "x").window_for(base=base) == base

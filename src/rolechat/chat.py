@@ -182,7 +182,7 @@ class Chat:
             params = GenerationParams.from_mapping(params)
         #: Persona defaults, overridden by what the caller set explicitly.
         self.params = self.persona.params.merged(**params.explicit())
-        self.window = window or Window(**self.persona.window)
+        self.window = window or self.persona.window_for()
         #: What the window keeps of dropped turns: the running summary and the pins.
         self.memory = Memory()
         if conversation is None:

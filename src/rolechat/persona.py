@@ -20,16 +20,21 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conversation import check_text
 from .errors import InvalidInput, InvalidParams, RolechatError, UnknownName
 from .params import GenerationParams
 from .paths import home
+
+if TYPE_CHECKING:
+    from .window import Window
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +57,15 @@ class Persona:
     source: str = "built-in"
     #: Window settings (``memory``, ``summary_tokens``, ``summary_template``).
     window: dict[str, Any] = field(default_factory=dict)
+
+    def window_for(self, given: Mapping[str, Any] | None = None,
+                   base: Window | None = None) -> Window:
+        """The window this persona's chats use: the settings ``given`` (a flag's, a session's
+        params') over the persona's ``[window]`` over ``base``'s (a server's default)."""
+        from .window import Window
+
+        settings = dataclasses.asdict(base) if base is not None else {}
+        return Window(**{**settings, **self.window, **(given or {})})
 
 
 BUILTIN: dict[str, Persona] = {

@@ -111,6 +111,11 @@ class WindowPlan:
                 "estimated": self.estimated}
 
 
+#: The window settings a CLI flag or a session's params may give (a persona's ``[window]`` may
+#: also set ``summary_template``).
+MEMORY_SETTINGS = ("memory", "summary_tokens")
+
+
 @dataclass(frozen=True)
 class Window:
     #: After a slide, the prompt is cut down to this fraction of the budget.

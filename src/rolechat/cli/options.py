@@ -30,7 +30,7 @@ from ..params import GenerationParams
 from ..persona import get_persona
 from ..saved import SavedChat
 from ..store import Store
-from ..window import Window
+from ..window import MEMORY_SETTINGS, Window
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -191,11 +191,9 @@ def memory_options(func: F) -> F:
 def window_from(options: dict[str, Any], persona: str | None) -> Window | None:
     """The window the memory flags (popped from ``options``) ask for, over the persona's
     ``[window]`` settings; None when no flag is given."""
-    given = {name: value for name in ("memory", "summary_tokens")
+    given = {name: value for name in MEMORY_SETTINGS
              if (value := options.pop(name, None)) is not None}
-    if not given:
-        return None
-    return Window(**{**get_persona(persona).window, **given})
+    return get_persona(persona).window_for(given) if given else None
 
 
 def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> Engine:

@@ -33,7 +33,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -49,7 +48,7 @@ from ..params import GenerationParams
 from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
-from ..window import Window, check_room
+from ..window import MEMORY_SETTINGS, Window, check_room
 from .state import ServerState, state_of
 from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
 from .worker import Job, joined_unless_gone, reply_events
@@ -136,21 +135,15 @@ def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, A
     return params.explicit()
 
 
-#: Window settings a session's ``params`` may carry besides the generation parameters.
-WINDOW_PARAMS = ("memory", "summary_tokens")
-
-
 def window_of(state: ServerState, data: dict[str, Any] | None,
               persona: str | None) -> tuple[Window | None, dict[str, Any] | None]:
     """The window a new session asks for (``memory``/``summary_tokens`` in its params, over the
     persona's ``[window]`` and the server's ``--memory``), and the generation params left."""
     data = dict(data or {})
-    given = {name: data.pop(name) for name in WINDOW_PARAMS if name in data}
+    given = {name: data.pop(name) for name in MEMORY_SETTINGS if name in data}
     if not given and state.window is None:
         return None, data
-    base = dataclasses.asdict(state.window) if state.window is not None else {}
-    window = Window(**{**base, **get_persona(persona).window, **given})
-    return window, data
+    return get_persona(persona).window_for(given, state.window), data
 
 
 def conversation_body(state: ServerState, info: ConversationInfo, *,

@@ -294,9 +294,12 @@ class LlamaCppEngine(LocalEngine):
                      if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
     def set_threads(self, n_threads: int) -> None:
-        if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
-            raise InvalidInput(f"threads must be a whole number >= 1 (got {n_threads!r}).",
-                               "Leave it out to use all physical cores.", field="threads")
+        from .options import threads_problem
+
+        problem = threads_problem(n_threads)
+        if problem is not None:
+            raise InvalidInput(f"threads {problem}.", "Leave it out to use all physical cores.",
+                               field="threads")
         import llama_cpp
 
         with self._lock:

@@ -11,19 +11,56 @@ Contract:
   :class:`~rolechat.errors.InvalidParams` listing every bad field; an option the engine does not
   take raises :class:`~rolechat.errors.InvalidInput` saying which engines take it. The CLI
   derives its model flags and the same errors from these schemas.
+- Threads: ``n_threads`` (and :func:`threads_problem`, which every engine's ``set_threads``
+  checks) is a whole number from 1 to the machine's logical CPUs (:func:`logical_cpus`): more
+  threads than that only wait for each other.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInput, InvalidParams, UnknownName
 from .snapshots import DEFAULT_RAM_BYTES
 
 ENGINES = ("llama.cpp", "transformers", "openai")
+
+
+def logical_cpus() -> int:
+    """The machine's logical CPUs: the most threads that can run at once."""
+    return os.cpu_count() or 1
+
+
+def _threads_problem(n_threads: object) -> str | None:
+    """What is wrong with a thread count, or None."""
+    if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
+        return "must be a whole number >= 1"
+    cpus = logical_cpus()
+    if n_threads > cpus:
+        return f"must be at most {cpus}, the number of logical CPUs this machine has"
+    return None
+
+
+def threads_problem(n_threads: object) -> str | None:
+    """What is wrong with a thread count (the value included), or None: it must be a whole
+    number from 1 to :func:`logical_cpus`."""
+    problem = _threads_problem(n_threads)
+    return None if problem is None else f"{problem} (got {n_threads!r})"
+
+
+def check_threads(n_threads: object, hint: str = "Leave it out to use the default.") -> int:
+    """``n_threads`` if :func:`threads_problem` finds nothing wrong; otherwise
+    :class:`~rolechat.errors.InvalidInput` stating the limit and the machine's count."""
+    problem = threads_problem(n_threads)
+    if problem is not None:
+        raise InvalidInput(f"threads {problem}.", hint, field="threads")
+    assert isinstance(n_threads, int)
+    return n_threads
 
 
 class EngineOptions(BaseModel):
@@ -44,8 +81,18 @@ class LocalOptions(EngineOptions):
     kv_cache_ram: int = Field(
         DEFAULT_RAM_BYTES, ge=0, description="Keep conversations' KV state warm in this much "
                                              "RAM (bytes; 0: none).")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all "
-                                                          "physical cores).")
+    n_threads: int | None = Field(None, description="CPU threads, at most the machine's "
+                                                    "logical CPUs (default: all physical "
+                                                    "cores).")
+
+    @field_validator("n_threads")
+    @classmethod
+    def _threads_fit_the_machine(cls, value: int | None) -> int | None:
+        problem = None if value is None else _threads_problem(value)
+        if problem is not None:
+            # PydanticCustomError's message is used as is (a ValueError's gets a prefix).
+            raise PydanticCustomError("threads", problem.replace("{", "{{").replace("}", "}}"))
+        return value
 
 
 class LlamaCppOptions(LocalOptions):
@@ -133,5 +180,7 @@ def check_options(engine: str, options: dict[str, Any],
         problems = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"]) or "options"
-            problems.append((name_of(field), f"{err['msg'].lower()} (got {err['input']!r})"))
+            msg = err["msg"]  # "Input should be ...": only its first letter is lowered
+            problems.append((name_of(field), f"{msg[:1].lower()}{msg[1:]} (got "
+                                             f"{err['input']!r})"))
         raise InvalidParams(problems, what=f"{engine} engine options") from None

@@ -428,10 +428,10 @@ class TransformersEngine(LocalEngine):
 
     def set_threads(self, n_threads: int) -> None:
         """PyTorch's CPU threads (shared by the whole process)."""
-        if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
-            raise InvalidInput(f"threads must be a whole number >= 1 (got {n_threads!r}).",
-                               "Leave it out to keep PyTorch's default.", field="threads")
-        self.torch.set_num_threads(n_threads)
+        from .options import check_threads
+
+        self.torch.set_num_threads(check_threads(n_threads,
+                                                 "Leave it out to keep PyTorch's default."))
 
     # ----- generation --------------------------------------------------------------------
     def _evaluate(self, ids: list[int], start: int) -> None:

@@ -68,3 +68,59 @@ def test_frozen() -> None:
 def test_from_mapping_ignores_none() -> None:
     assert GenerationParams.from_mapping({"seed": None, "top_k": 5}).explicit() == {"top_k": 5}
     assert GenerationParams.from_mapping(None) == GenerationParams()
+
+
+def test_temperature_range_is_openais() -> None:
+    assert GenerationParams(temperature=2).temperature == 2.0
+    with pytest.raises(InvalidParams, match="less than or equal to 2"):
+        GenerationParams(temperature=2.01)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", True, "valid number"),
+    ("top_p", False, "valid number"),
+    ("max_new_tokens", "4", "valid integer"),
+    ("max_new_tokens", True, "valid integer"),
+    ("max_new_tokens", 4.0, "valid integer"),
+    ("top_k", "40", "valid integer"),
+    ("seed", True, "valid integer"),
+    ("temperature", "0.5", "valid number"),
+])
+def test_types_are_strict(field: str, value: object, words: str) -> None:
+    with pytest.raises(InvalidParams) as info:
+        GenerationParams(**{field: value})
+    assert info.value.problems[0][0] == field
+    assert words in str(info.value) and repr(value) in str(info.value)
+
+
+def test_stop_strings_must_be_strings() -> None:
+    with pytest.raises(InvalidParams, match="valid string") as info:
+        GenerationParams(stop=["ok", 1])
+    assert info.value.problems[0][0] == "stop.1"
+
+
+def test_what_json_toml_and_flags_give_is_accepted() -> None:
+    params = GenerationParams.from_mapping(
+        {"temperature": 1, "top_p": 0.5, "max_new_tokens": 64, "seed": 7, "stop": ["a", "b"],
+         "repetition_penalty": 1})
+    assert (params.temperature, params.repetition_penalty, params.stop) == (1.0, 1.0,
+                                                                              ("a", "b"))
+    assert isinstance(params.temperature, float)
+    again = GenerationParams(**params.explicit())  # what the store keeps comes back the same
+    assert again == params
+    assert params.merged(stop="x").stop == ("x",)
+
+
+def test_a_conversation_stored_with_an_old_range_still_resumes(tmp_path) -> None:
+    from fakes import FakeEngine
+    from rolechat.saved import SavedChat
+    from rolechat.store import Store
+
+    store = Store(tmp_path / "rolechat.db")
+    saved = SavedChat.new(FakeEngine(), store=store, params=GenerationParams(max_new_tokens=20))
+    saved.send("one")
+    assert saved.cid is not None
+    store.update(saved.cid, params={"temperature": 5.0, "max_new_tokens": 20})  # the old CLI
+    resumed = SavedChat.resume(FakeEngine(), store, saved.cid)
+    assert resumed.chat.params.explicit() == {"max_new_tokens": 20}
+    store.close()

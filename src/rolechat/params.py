@@ -3,8 +3,11 @@
 Contract: library calls, CLI flags and HTTP bodies all build a :class:`GenerationParams` through
 this module, so every edge agrees on names, defaults, ranges and error wording. Construction
 either succeeds with a frozen, valid object or raises :class:`~rolechat.errors.InvalidParams`
-listing every bad field. Limits that depend on the model (``max_new_tokens`` below the context
-length) are checked where the model is known (the window).
+listing every bad field. Ranges follow OpenAI's (temperature 0–2). Types are strict, as in a
+JSON schema: a number field refuses a bool and a string (``temperature=True``,
+``max_new_tokens="4"``), an integer field refuses a float, a float field takes an int; ``stop``
+takes one string or a list of strings. Limits that depend on the model (``max_new_tokens``
+below the context length) are checked where the model is known (the window).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ class GenerationParams(BaseModel):
     """How one reply is generated. Immutable; use :meth:`merged` to derive a variant."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, strict=True)
 
     max_new_tokens: int = Field(512, gt=0, le=1_048_576,
                                 description="Most tokens the reply may have.")
-    temperature: float = Field(0.9, ge=0.0, le=5.0,
+    temperature: float = Field(0.9, ge=0.0, le=2.0,
                                description="Sampling temperature; 0 means greedy (deterministic).")
     top_p: float = Field(0.95, gt=0.0, le=1.0,
                          description="Nucleus sampling: keep the smallest set of tokens with this "
@@ -70,7 +73,9 @@ class GenerationParams(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_is_a_list(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if isinstance(value, list) else value  # JSON and TOML give lists
 
     @field_validator("stop")
     @classmethod

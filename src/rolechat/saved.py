@@ -38,7 +38,7 @@ from .engines.base import Engine
 from .engines.snapshots import CacheKey, DiskTier, conversation_snapshot
 from .errors import InvalidInput, StoreError
 from .memory import Memory
-from .params import GenerationParams
+from .params import GenerationParams, valid_defaults
 from .persona import get_persona
 from .store import Store, StoredMessage, check_memory_record
 from .window import Window, WindowPlan
@@ -103,7 +103,8 @@ class SavedChat:
         info = store.info(cid)
         overrides = (params if isinstance(params, GenerationParams)
                      else GenerationParams.from_mapping(params))
-        stored = GenerationParams.from_mapping(info.params)
+        # A value stored before a range was narrowed (temperature 5) falls back to the default.
+        stored = GenerationParams(**valid_defaults(info.params))
         conversation = store.conversation(cid)
         record = check_memory_record(info.memory, len(conversation.turns))
         chat = Chat(engine, persona=persona or info.persona,

@@ -3,12 +3,16 @@ once with one error line and its exit code, never a traceback or a hang."""
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import pytest
 
 from conftest import Cli
+from rolechat.engines.llama_cpp import embedded_model_path
 from rolechat.engines.options import logical_cpus
 
-INVALID = 2
+INVALID, MODEL = 2, 4
 
 
 def test_threads_above_the_logical_cpus_are_refused(cli: Cli) -> None:
@@ -22,3 +26,14 @@ def test_threads_above_the_logical_cpus_are_refused(cli: Cli) -> None:
 def test_a_thousand_threads_are_refused(cli: Cli, args: tuple[str, ...]) -> None:
     line = cli.fails(*args, "--threads", "1000", code=INVALID)
     assert "(got 1000)" in line
+
+
+def test_a_damaged_gguf_header_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    # The first key's length (after magic, version and the two counts) becomes 2**63: an
+    # OverflowError traceback before.
+    head = bytearray(embedded_model_path().read_bytes()[:1 << 20])
+    head[24:32] = struct.pack("<Q", 2**63)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(bytes(head))
+    line = cli.fails("ask", "hi", "--model", str(damaged), code=MODEL)
+    assert "the GGUF header is damaged (a string would need 9,223,372,036,854,775,808 bytes" in line

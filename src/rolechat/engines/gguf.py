@@ -3,7 +3,11 @@
 Contract: :func:`read_gguf_info` checks that a path is a GGUF file and returns its
 architecture and trained context length, reading only the metadata header (milliseconds, even
 for large models; the ``gguf`` package parses every tensor and takes seconds). A missing file,
-a folder, or a file that is not GGUF raises :class:`~rolechat.errors.ModelLoadError`.
+a folder, a file that is not GGUF, or a damaged header raises
+:class:`~rolechat.errors.ModelLoadError` naming what is wrong: every length and count is
+checked against the bytes left in the file before it is used, so damage is an error at once,
+never an overflow or a huge allocation (every entry read uses up bytes, so a damaged count ends
+at the end of the file).
 """
 
 from __future__ import annotations
@@ -27,38 +31,70 @@ class GGUFInfo:
     context_length: int | None
 
 
-def _read(f: BinaryIO, fmt: str) -> object:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError
-    return struct.unpack(fmt, data)[0]
+#: Arrays nested deeper than this are damage, not data (the spec's arrays hold scalars or
+#: strings; llama.cpp writes no arrays of arrays at all).
+MAX_NESTING = 8
 
 
-def _string(f: BinaryIO) -> str:
-    n = _read(f, "<Q")
-    assert isinstance(n, int)
-    data = f.read(n)
-    if len(data) != n:
-        raise EOFError
-    return data.decode("utf-8", errors="replace")
+class _Damaged(Exception):
+    """The header contradicts itself or the file's size."""
 
 
-def _value(f: BinaryIO, vtype: int) -> object:
-    if vtype in _SCALAR:
-        return _read(f, _SCALAR[vtype])
-    if vtype == _STRING:
-        return _string(f)
-    if vtype == _ARRAY:
-        etype, count = _read(f, "<I"), _read(f, "<Q")
-        assert isinstance(etype, int) and isinstance(count, int)
-        if etype in _SCALAR:  # skip fixed-size elements in one seek
-            f.seek(struct.calcsize(_SCALAR[etype]) * count, 1)
-        else:
-            for _ in range(count):
-                _value(f, etype)
-        return None
-    raise ValueError(f"unknown GGUF value type {vtype}")
+class _Header:
+    """Reads a GGUF header, checking every length against the bytes left in the file, so a
+    damaged length is an error at once instead of a huge allocation or a long loop."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f = f
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise _Damaged(f"{what} would need {n:,} bytes, but only {self.left():,} are left "
+                           "in the file")
+
+    def read(self, fmt: str) -> int | float | bool:
+        size = struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise _Damaged("the file ends in the middle of its header")
+        value = struct.unpack(fmt, data)[0]
+        assert isinstance(value, (int, float, bool))
+        return value
+
+    def count(self) -> int:
+        value = self.read("<Q")
+        assert isinstance(value, int)
+        return value
+
+    def string(self) -> str:
+        n = self.count()
+        self.need(n, "a string")
+        return self.f.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, depth: int = 0) -> object:
+        if vtype in _SCALAR:
+            return self.read(_SCALAR[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise _Damaged(f"arrays nested more than {MAX_NESTING} deep")
+            etype, count = self.read("<I"), self.count()
+            assert isinstance(etype, int)
+            if etype in _SCALAR:  # skip fixed-size elements in one seek
+                width = struct.calcsize(_SCALAR[etype]) * count
+                self.need(width, f"an array of {count:,} values")
+                self.f.seek(width, 1)
+            else:
+                self.need(count * 8, f"an array of {count:,} items")  # each at least 8 bytes
+                for _ in range(count):
+                    self.value(etype, depth + 1)
+            return None
+        raise _Damaged(f"unknown GGUF value type {vtype}")
 
 
 def read_gguf_info(path: str | Path) -> GGUFInfo:
@@ -75,26 +111,28 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
             if f.read(4) != b"GGUF":
                 raise ModelLoadError(str(path), "not a GGUF file (wrong magic bytes)",
                                      "Pass a .gguf model file.")
-            version = _read(f, "<I")
+            header = _Header(f, path.stat().st_size)
+            version = header.read("<I")
             if version not in (2, 3):
                 raise ModelLoadError(str(path), f"unsupported GGUF version {version}",
                                      "Convert the model with a current llama.cpp.")
-            _read(f, "<Q")  # tensor count
-            kv_count = _read(f, "<Q")
-            assert isinstance(kv_count, int)
+            header.count()  # tensor count
+            kv_count = header.count()
             fields: dict[str, object] = {}
             for _ in range(kv_count):
-                key = _string(f)
-                vtype = _read(f, "<I")
+                key = header.string()
+                vtype = header.read("<I")
                 assert isinstance(vtype, int)
-                fields[key] = _value(f, vtype)
+                fields[key] = header.value(vtype)
                 arch = fields.get("general.architecture")
                 if isinstance(arch, str) and f"{arch}.context_length" in fields:
                     break
-    except (EOFError, ValueError, struct.error, OSError) as exc:
-        why = str(exc) or "the file ends in the middle of its header"
-        raise ModelLoadError(str(path), f"the GGUF header is damaged ({why})",
+    except _Damaged as exc:
+        raise ModelLoadError(str(path), f"the GGUF header is damaged ({exc})",
                              "Download the file again.") from None
+    except OSError as exc:
+        raise ModelLoadError(str(path), f"cannot read it ({exc.strerror or exc})",
+                             "Check the file's permissions.") from None
     arch = fields.get("general.architecture")
     ctx = fields.get(f"{arch}.context_length")
     return GGUFInfo(str(arch or "unknown"), int(ctx) if isinstance(ctx, int) else None)

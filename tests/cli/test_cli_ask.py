@@ -21,6 +21,9 @@ def test_version_and_help(cli):
                  "--repetition-penalty", "--seed", "--stop", "--persona", "--system", "--model",
                  "--context-length", "--threads", "--json"):
         assert flag in ask_help
+    # Descriptions after an engine prefix start lowercase, but acronyms stay whole.
+    assert re.search(r"CPU\s+threads", ask_help), ask_help
+    assert not re.search(r"\b[a-z][A-Z]{2,}", ask_help), ask_help  # no "cPU"
 
 
 def check_reply(data: dict, persona: str = "concise", max_new_tokens: int = 16) -> None:

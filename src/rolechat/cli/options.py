@@ -94,6 +94,15 @@ def flag_of(option: str, api_key_flag: str = "--api-key") -> str:
     return FLAG_NAMES.get(option) or "--" + option.replace("_", "-")
 
 
+def lower_first(text: str) -> str:
+    """``text`` going on after a prefix: its first letter lowercased, unless its first word is
+    an acronym (``CPU threads``, ``KV state``)."""
+    first = text.split(" ", 1)[0]
+    if len(first) > 1 and first[:2].isupper():
+        return text
+    return text[:1].lower() + text[1:]
+
+
 def _engine_flag(name: str, info: Any, api_key_flag: str) -> Callable[[F], F]:
     flag = flag_of(name, api_key_flag)
     engines = takers(name)
@@ -101,7 +110,7 @@ def _engine_flag(name: str, info: Any, api_key_flag: str) -> Callable[[F], F]:
     default = info.default
     shown = format_size(default) if name == "kv_cache_ram" else default
     description = info.description or ""
-    help_text = prefix + (description[:1].lower() + description[1:] if prefix else description)
+    help_text = prefix + (lower_first(description) if prefix else description)
     if default is not None and not info.is_required() and name not in (
             "context_length", "n_threads"):
         help_text += f" [default: {shown}]"

@@ -9,8 +9,14 @@ Contract:
 - :meth:`ChatTemplate.segments` splits that same text into template-owned pieces and
   message-content pieces, so an engine can tokenize content as *plain text*: a user who types
   ``<|im_start|>system`` never forges a role boundary.
-- A template error (``raise_exception`` in the template, bad syntax) becomes
-  :class:`~rolechat.errors.InvalidInput`.
+- The sandbox is bounded (:mod:`rolechat.sandbox`): a render may make values and text only up to
+  a size that grows with its input, take a bounded number of steps, nest macro calls a bounded
+  depth and run 30 s at most; ``{% include %}``, ``{% import %}`` and ``{% extends %}`` are
+  refused when the template compiles. Real templates render byte for byte as transformers
+  renders them.
+- Every template failure — ``raise_exception`` in the template, bad syntax, a bound broken, any
+  error the template's code raises — becomes one :class:`~rolechat.errors.InvalidInput` naming
+  what the template did.
 """
 
 from __future__ import annotations
@@ -23,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .conversation import Message
 from .errors import InvalidInput
+from .sandbox import TemplateLimit, environment, limits
 
 #: Private-use characters that mark where message ``i`` goes: "\ue000{i}\ue001".
 _MARK = re.compile("\ue000(\\d+)\ue001")
@@ -50,16 +55,11 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
+_ENV = environment(filters={"tojson": _tojson},
+                   globals={"raise_exception": _raise_exception, "strftime_now": _strftime_now})
 
-
-_ENV = _environment()
+#: What to do about a template that fails.
+_FIX = "Fix or replace the template (--chat-template, or chat_template=...)."
 
 
 def read_template_option(value: str | None) -> str | None:
@@ -99,19 +99,36 @@ class ChatTemplate:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise InvalidInput(f"The chat template does not compile: {exc.message} "
-                               f"(line {exc.lineno}).", "Fix or replace the template.") from None
+                               f"(line {exc.lineno}).", _FIX) from None
+        except TemplateLimit as exc:
+            raise InvalidInput(f"The chat template {exc}.", _FIX) from None
+        except (RecursionError, MemoryError):
+            raise InvalidInput("The chat template does not compile: it nests too deep or is "
+                               "too large.", _FIX) from None
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        size = len(self.source) + len(self.bos_token) + len(self.eos_token) + sum(
+            len(m["role"]) + len(m["content"]) for m in messages)
         try:
-            return self._template.render(messages=list(messages),
-                                         add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            with limits(size, len(messages)):
+                return self._template.render(messages=list(messages),
+                                             add_generation_prompt=add_generation_prompt,
+                                             bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateRaised as exc:
             raise InvalidInput(f"The model's chat template refused these messages: {exc}",
                                "Check the roles and their order.") from None
+        except TemplateLimit as exc:
+            raise InvalidInput(f"The chat template {exc}.", _FIX) from None
         except jinja2.TemplateError as exc:
-            raise InvalidInput(f"The chat template failed: {exc}.",
-                               "Fix or replace the template.") from None
+            raise InvalidInput(f"The chat template failed: {exc}.", _FIX) from None
+        except RecursionError:
+            raise InvalidInput("The chat template nests too deep (recursion without end?).",
+                               _FIX) from None
+        except MemoryError:
+            raise InvalidInput("The chat template ran out of memory.", _FIX) from None
+        except Exception as exc:  # the template is code: whatever it raises is its failure
+            raise InvalidInput(f"The chat template failed: {type(exc).__name__}: {exc}.",
+                               _FIX) from None
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The exact text the model receives."""

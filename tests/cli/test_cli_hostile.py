@@ -37,3 +37,19 @@ def test_a_damaged_gguf_header_is_one_line(cli: Cli, tmp_path: Path) -> None:
     damaged.write_bytes(bytes(head))
     line = cli.fails("ask", "hi", "--model", str(damaged), code=MODEL)
     assert "the GGUF header is damaged (a string would need 9,223,372,036,854,775,808 bytes" in line
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{{ 'x' * 10**10 }}", "The chat template repeats a string of 1 character 10,000,000,000 "
+                           "times (10,000,000,000 characters)"),  # ran until it was killed
+    ("{% include 'other.jinja' %}", "The chat template uses {% include %} (line 1), but a chat "
+                                    "template cannot load other templates"),  # TypeError
+    ("{% for i in range(10**12) %}{% endfor %}",
+     "The chat template calls range(1000000000000)"),  # OverflowError
+    ("{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
+     "The chat template nests macro calls (or recursive loops) more than"),  # RecursionError
+])
+def test_a_hostile_chat_template_is_one_line(cli: Cli, template: str, expected: str) -> None:
+    line = cli.fails("ask", "hi", "--chat-template", template, "--threads", "1", code=INVALID)
+    assert expected in line
+    assert line.endswith("Fix or replace the template (--chat-template, or chat_template=...).")

@@ -44,7 +44,7 @@ from jinja2.visitor import NodeTransformer
 
 #: Characters (or items) any render may make, whatever its input ...
 SIZE_FLOOR = 1 << 20
-#: ... plus this many per character of input (messages, BOS/EOS text).
+#: ... plus this many per character of input (the template, its messages, BOS/EOS text).
 SIZE_PER_INPUT = 8
 #: Steps (loop iterations, calls, operators, filters) any render may take ...
 STEPS_FLOOR = 1_000_000

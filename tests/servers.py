@@ -1,5 +1,7 @@
 """Real servers for the tests: `rolechat serve` (and any other command) on a free loopback
-port, waited for until it answers, and stopped afterwards."""
+port, waited for until it answers, and stopped afterwards; and :func:`in_process`, an app
+(usually over the fake engine) under uvicorn exactly as `rolechat serve` runs it, in a thread
+of the test process."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -71,3 +74,31 @@ def rolechat_serve(home: Path, *args: str) -> Iterator[str]:
                "--threads", "1", *args]
     with running(command, f"{base}/v1/models", env={**os.environ, "ROLECHAT_HOME": str(home)}):
         yield base
+
+
+@contextmanager
+def in_process(app: Any, **listen: Any) -> Iterator[str]:
+    """``app`` served by uvicorn with `rolechat serve`'s listener (``listen``: the options of
+    :func:`rolechat.server.listen.config`, e.g. ``header_timeout=0.5``) on a loopback socket
+    bound here, in a thread; yields its base URL (``http://127.0.0.1:PORT``)."""
+    import uvicorn
+
+    from rolechat.server.listen import config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    server = uvicorn.Server(config(app, host="127.0.0.1", port=port, **listen))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -1,6 +1,7 @@
 """`rolechat serve`'s JSON against the OpenAPI schemas OpenAI publishes (a trimmed copy in
 openai_schemas.json, its source noted there), and real clients with their default settings:
-LangChain's ChatOpenAI and simonw's `llm` CLI."""
+the official client's models.retrieve, LangChain's ChatOpenAI and simonw's `llm` CLI. Errors
+are checked on the app in-process (the fake engine: they need no model)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from fakes import FakeEngine
+from rolechat.server import create_app
+from rolechat.store import Store
 from servers import rolechat_serve
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -75,17 +81,39 @@ def test_models_match_the_schema(base: str) -> None:
     check(httpx.get(f"{base}/v1/models").json(), "ListModelsResponse")
 
 
+def test_a_model_retrieved_matches_the_schema(base: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0)
+    model = client.models.list().data[0].id
+    assert client.models.retrieve(model).id == model  # the official client's retrieve
+    check(httpx.get(f"{base}/v1/models/{model}").json(), "Model")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app over the fake engine: errors need no model."""
+    store = Store(tmp_path_factory.mktemp("errors") / "rolechat.db")
+    app = create_app(FakeEngine(), store=store, kv_disk=None, max_body_bytes=20000)
+    with TestClient(app) as client:
+        yield client
+    store.close()
+
+
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
     ("POST", "/v1/chat/completions", {"messages": []}, 400),
     ("POST", "/v1/chat/completions", {"messages": HELLO, "model": "nope"}, 404),
     ("GET", "/v1/chat/completions", None, 405),
     ("GET", "/v1/nothing", None, 404),
+    ("GET", "/v1/models/nope", None, 404),
     ("POST", "/v1/chat/completions", {"messages": HELLO, "pad": "x" * 30_000}, 413),
     ("GET", "/v1/conversations/9", None, 404),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
 ])
-def test_errors_match_the_schema(base: str, method: str, path: str, body: Any,
+def test_errors_match_the_schema(in_process: TestClient, method: str, path: str, body: Any,
                                  status: int) -> None:
-    response = httpx.request(method, f"{base}{path}", json=body, timeout=60)
+    response = in_process.request(method, path, json=body)
     assert response.status_code == status, response.text
     check(response.json(), "ErrorResponse")
 

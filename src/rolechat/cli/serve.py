@@ -1,7 +1,9 @@
-"""``rolechat serve``: the OpenAI-compatible HTTP server over one engine."""
+"""``rolechat serve``: the OpenAI-compatible HTTP server over one engine, run by uvicorn with
+the listener's timeouts and connection bound (:mod:`rolechat.server.listen`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 from typing import Any
@@ -34,14 +36,26 @@ from .options import (
               show_default=True, help="Refuse larger request bodies (413).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser requests from this origin (repeat; default: none).")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True,
+              help="Seconds a request's headers may take to arrive (else 408, connection closed).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=20.0,
+              show_default=True,
+              help="Seconds a request's body may take to arrive after its headers (else 408).")
+@click.option("--keep-alive", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Seconds an idle connection stays open between requests.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Open connections at most; one more is answered 503 and closed.")
 @memory_options
 def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: int,
-          cors_origins: tuple[str, ...], **options: Any) -> None:
+          cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float,
+          keep_alive: int, max_connections: int, **options: Any) -> None:
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
         import uvicorn
 
         from ..server import create_app
+        from ..server.listen import config
     except ImportError as exc:
         raise ModelLoadError("server", f"{exc.name} is not installed",
                              "Install the extra: pip install 'rolechat[server]'") from None
@@ -52,7 +66,14 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
     engine = open_engine(options, api_key_flag="--remote-api-key")
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
-                     cors_origins=cors_origins, store=store, kv_disk=disk, window=window)
+                     body_timeout=body_timeout, cors_origins=cors_origins, store=store,
+                     kv_disk=disk, window=window)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
                       + (" (API key required)" if keys else ""), style="dim")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config(app, host=host, port=port, header_timeout=header_timeout,
+                                   body_timeout=body_timeout, keep_alive=keep_alive,
+                                   max_connections=max_connections))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # uvicorn logged why (the port is taken, ...)
+        raise SystemExit(3)

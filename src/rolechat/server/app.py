@@ -11,10 +11,15 @@ Contract:
 - Generation runs on one worker thread (:mod:`rolechat.server.worker`); a client that
   disconnects stops its generation at the next token.
 - With API keys, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
-  time); bodies over ``max_body_bytes`` are refused (413) whatever their transfer encoding
-  (:mod:`rolechat.server.guard`). CORS is off unless origins are given.
-- Under ``/v1``, every error — 400, 401, 404, 405, 413, 500 — is OpenAI's
-  ``{"error": {...}}``; the page's files are served at every other path.
+  time; one such header, parsed once, for the check and for ownership); bodies over
+  ``max_body_bytes`` are refused (413) whatever their transfer encoding, and bodies slower than
+  ``body_timeout`` seconds get 408 (:mod:`rolechat.server.guard`). Slow headers and the number
+  of connections are the listener's (:mod:`rolechat.server.listen`). CORS is off unless origins
+  are given.
+- Nothing redirects: a ``/v1`` path with a trailing slash is served as the path without it.
+- Under ``/v1``, every error — 400, 401, 404, 405, 408, 413, 500 — is OpenAI's
+  ``{"error": {...}}`` whose ``param`` is the field's path as the client sent it
+  (``messages[0].content``); the page's files are served at every other path.
 - Sessions keep their KV snapshots in ``kv_disk`` (default: beside the store, with the default
   budget; None: memory only); on shutdown the engine finishes writing its snapshot files.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -46,24 +52,32 @@ from . import completions, sessions
 from .completions import model_id
 from .guard import Guard
 from .state import ServerState
-from .wire import ErrorJSON, error_body, error_response
+from .wire import ErrorJSON, error_body, error_response, field_path
 from .worker import Worker
 
 log = logging.getLogger("rolechat.server")
 
+#: Seconds a request's whole body may take to arrive (``serve --body-timeout``).
+BODY_TIMEOUT = 20.0
+#: What pydantic puts in an error's location for the member of a union it tried (``str``,
+#: ``list[str]``, a model's name): not part of the client's field path.
+UNION_TAG = re.compile(r"^(str|int|float|bool|none|bytes|[a-z]+(-[a-z]+)*\[.*\]|[A-Z]\w*)$")
+
 
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
-               max_body_bytes: int = 1_000_000, cors_origins: Sequence[str] = (),
-               store: Store | None = None, kv_disk: DiskTier | EllipsisType | None = ...,
+               max_body_bytes: int = 1_000_000, body_timeout: float = BODY_TIMEOUT,
+               cors_origins: Sequence[str] = (), store: Store | None = None,
+               kv_disk: DiskTier | EllipsisType | None = ...,
                window: Window | None = None) -> FastAPI:
-    app = FastAPI(title="rolechat", docs_url=None, redoc_url=None,
+    app = FastAPI(title="rolechat", docs_url=None, redoc_url=None, redirect_slashes=False,
                   lifespan=partial(lifespan, engine))
     store = store if store is not None else Store.default()
     app.state.rolechat = ServerState(
         engine=engine, store=store, worker=Worker(),
         kv_disk=DiskTier(store.kv_root) if kv_disk is ... else kv_disk,
         keyed=bool(api_keys), model_id=model_id(engine.model), window=window)
-    app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -107,8 +121,8 @@ async def invalid_body(request: Request, exc: RequestValidationError) -> JSONRes
     field as the client sent it."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    where_in, field = (loc[0], ".".join(loc[1:])) if loc else ("body", "")
+    loc = [part for part in first.get("loc", ()) if not UNION_TAG.match(str(part))]
+    where_in, field = (str(loc[0]), field_path(loc[1:])) if loc else ("body", "")
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "not valid JSON")
         message = f"The body is not valid JSON: {reason}."
@@ -142,8 +156,15 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         message, code = f"{method} is not allowed on {path} (use {allowed}).", "method_not_allowed"
     elif exc.status_code == 413:
         message, code = str(exc.detail), "request_too_large"
+    elif exc.status_code == 408:
+        message, code = str(exc.detail), "request_timeout"
+    elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        message, code = ("The body's JSON is nested too deeply to read. Send flatter JSON "
+                         "(a chat request needs only a few levels)."), "invalid_value"
+    elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        message, code = "The body is not valid UTF-8. Send JSON encoded as UTF-8.", "invalid_value"
     elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
-        message, code = "The body is not valid UTF-8 JSON.", "invalid_value"
+        message, code = "The body could not be read as JSON. Send a JSON object.", "invalid_value"
     else:
         message, code = str(exc.detail), None
     return ErrorJSON(error_body(message, code=code), status_code=exc.status_code,

@@ -1,21 +1,25 @@
-"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models`` and
-``GET /v1/status``.
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}`` and ``GET /v1/status``.
 
 Contract:
 - ``/v1/chat/completions`` takes the OpenAI request (:class:`ChatRequest`, OpenAI's types and
   ranges); it uses exactly the request's messages and parameters — no persona file applies
   unless the request names one (``"rolechat": {"persona": "expert"}``). Fields rolechat does
-  not act on are accepted when neutral (penalties are real; ``logprobs`` false, ``tools``
-  empty, ``response_format`` text, ``metadata``, ``store``, ``service_tier``, ``user`` are
-  ignored) and refused with a 400 naming the field otherwise. Messages are read by
+  not act on are accepted when neutral (penalties are real; ``n`` 1 or null, ``logprobs``
+  false, ``tools`` empty, ``response_format`` text, ``metadata``, ``store``,
+  ``service_tier``, ``user``, ``prompt_cache_key``, ``prompt_cache_retention``,
+  ``safety_identifier`` are ignored, and so are ``reasoning_effort`` and ``verbosity``: the
+  models rolechat serves do not reason) and refused with a 400 naming the field otherwise.
+  Messages are checked where the client put them, then read by
   :func:`~rolechat.server.wire.openai_messages`. Errors name the parameters as the client did
-  (``max_tokens``). Streaming sends OpenAI chunks (with
+  (``max_tokens``, ``messages[0].content``). Streaming sends OpenAI chunks (with
   ``stream_options.include_usage``); the non-streaming response is a join over the same
   events. A prompt that does not fit gets ``context_length_exceeded``, unless the request opts
   in to the window (``"rolechat": {"window": true}``): then whole turns are dropped, oldest
   first, and the response says which.
-- ``/v1/models`` lists the one model served; ``/v1/status`` shows the engine and what it keeps
-  warm (live KV cache, snapshots in memory and on disk).
+- ``/v1/models`` lists the one model served and ``/v1/models/{id}`` is that model (any other
+  id: 404 ``model_not_found``); ``/v1/status`` shows the engine and what it keeps warm (live KV
+  cache, snapshots in memory and on disk).
 - Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
 """
 
@@ -26,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -41,6 +45,8 @@ from ..window import Window
 from .state import ServerState, state_of
 from .wire import (
     DONE,
+    check_openai_messages,
+    check_stops,
     openai_messages,
     openai_names,
     rolechat_body,
@@ -65,8 +71,10 @@ class RolechatOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    #: Random padding against length side channels; rolechat's streams carry none.
+    include_obfuscation: bool | None = None
 
 
 class ChatRequest(BaseModel):
@@ -89,8 +97,15 @@ class ChatRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = None
-    n: int = 1
+    n: int | None = None
     user: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    safety_identifier: str | None = None
+    # For reasoning models; the models rolechat serves do not reason, so they change nothing:
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
     # Accepted when they ask for nothing rolechat would have to do:
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -108,7 +123,7 @@ class ChatRequest(BaseModel):
     def check_neutral(self) -> None:
         """Refuse, naming the field, what asks for something rolechat does not do."""
         refused: list[tuple[str, str]] = []
-        if self.n != 1:
+        if self.n not in (None, 1):
             refused.append(("n", "only one choice per request (n = 1)"))
         if self.logprobs or self.top_logprobs:
             refused.append(("logprobs", "log probabilities are not returned"))
@@ -123,13 +138,11 @@ class ChatRequest(BaseModel):
                                                "\"text\"})"))
         if self.modalities is not None and set(self.modalities) - {"text"}:
             refused.append(("modalities", "only text"))
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4:
-            refused.append(("stop", f"at most 4 stop sequences (got {len(stops)})"))
         if refused:
             field, why = refused[0]
             raise InvalidInput(f"{field}: {why}; rolechat cannot do that.",
                                f"Leave {field} out (or at its default).", field=field)
+        check_stops(self.stop)
 
     def params(self) -> GenerationParams:
         try:
@@ -148,12 +161,23 @@ def model_id(engine_model: str) -> str:
     return Path(engine_model).name or engine_model
 
 
+def model_body(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "rolechat",
+            "context_length": state.engine.context_length}
+
+
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [model_body(state_of(request))]}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, request: Request) -> dict[str, Any]:
+    """The model served, by the id ``/v1/models`` lists (or the engine's own name for it)."""
     state = state_of(request)
-    return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
-                                        "owned_by": "rolechat",
-                                        "context_length": state.engine.context_length}]}
+    if model not in (state.model_id, state.engine.model):
+        raise UnknownName("model", model, [state.model_id])
+    return model_body(state)
 
 
 @router.get("/status")
@@ -176,6 +200,7 @@ def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
     if body.model not in (None, state.model_id, engine.model):
         raise UnknownName("model", body.model, [state.model_id])
     body.check_neutral()
+    check_openai_messages(body.messages)
     conversation = Conversation.from_openai(openai_messages(body.messages))
     text = conversation.pending
     if text is None:

@@ -12,6 +12,12 @@ Contract:
 - ``PATCH /v1/conversations/{id}``: change its ``title``, ``system`` prompt (an empty system
   prompt means none), ``pins`` (the turns, from 0, always kept) and/or ``memory`` (``none`` or
   ``summary``); fields left out or null stay as they are.
+- Request bodies are checked as strictly as completions': JSON types exactly (``"yes"`` is not
+  a boolean), no unknown fields, at most 4 stop strings, errors naming the field's path
+  (``params.temperature``, ``pins[1]``) and turns as the API numbers them (from 0). A system
+  prompt (at ``POST`` or ``PATCH``) must fit the context beside ``max_new_tokens``: else 400,
+  saying how many tokens it has room for. Titles lose control characters (NUL, ...) and
+  bidirectional-override characters, and runs of whitespace become one space.
 - Memory (:mod:`rolechat.memory`): a session's ``params`` may set ``memory`` and
   ``summary_tokens`` (over the persona's ``[window]`` and ``serve --memory``); a message with
   ``"pinned": true`` pins its turn; the plan in every reply and dry run shows the summary, the
@@ -33,6 +39,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -41,23 +48,33 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..chat import Reply, ReplyStream
-from ..conversation import check_text
+from ..conversation import Message, check_text
 from ..engines.snapshots import CacheKey, conversation_snapshot
-from ..errors import RolechatError, UnknownName
+from ..errors import InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
 from ..window import MEMORY_SETTINGS, Window, check_room
 from .state import ServerState, state_of
-from .wire import DONE, bearer_key, owner_id, plan_body, rolechat_body, sse, sse_error, usage_body
+from .wire import (
+    DONE,
+    bearer_key,
+    check_stops,
+    owner_id,
+    plan_body,
+    rolechat_body,
+    sse,
+    sse_error,
+    usage_body,
+)
 from .worker import Job, joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
 
 class NewConversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     persona: str | None = None
     system: str | None = None
     params: dict[str, Any] | None = None
@@ -65,7 +82,7 @@ class NewConversation(BaseModel):
 
 
 class NewMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     content: str
     stream: bool = False
     params: dict[str, Any] | None = None
@@ -74,19 +91,19 @@ class NewMessage(BaseModel):
 
 
 class Retry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     stream: bool = False
     params: dict[str, Any] | None = None
 
 
 class PromptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     #: The draft message; "" (nothing typed yet) previews the next message's prompt.
     content: str = ""
 
 
 class ConversationChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     title: str | None = None
     #: The new system prompt; "" (or blank) removes it.
     system: str | None = None
@@ -103,6 +120,65 @@ class ConversationNotFound(UnknownName):
         self.kind, self.name, self.valid = "conversation", str(cid), []
         RolechatError.__init__(self, f"There is no conversation {cid}.",
                                "List yours with GET /v1/conversations.")
+
+
+# ----- checks ----------------------------------------------------------------------------------
+
+#: Characters that reorder the text around them (RLO and its kin): never kept in a title.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                          "\u2066\u2067\u2068\u2069")
+
+
+def text_of(value: Any, field: str, what: str, *, allow_blank: bool = False) -> str:
+    """:func:`~rolechat.conversation.check_text`, its error naming the body's field."""
+    try:
+        return check_text(value, what, allow_blank=allow_blank)
+    except InvalidInput as exc:
+        raise InvalidInput(exc.message, exc.hint, field=field) from None
+
+
+def clean_title(title: str) -> str:
+    """A title as shown in a list: control and bidirectional-override characters removed,
+    whitespace runs (newlines, tabs) one space, no space at either end."""
+    kept = "".join(" " if c.isspace() else c for c in title
+                   if c.isspace() or (unicodedata.category(c) != "Cc"
+                                      and c not in BIDI_CONTROLS))
+    return " ".join(kept.split())
+
+
+def in_params(exc: InvalidParams) -> InvalidParams:
+    """The same error, each field named by its path in the body (``params.temperature``)."""
+    return InvalidParams([(f"params.{field}", why) for field, why in exc.problems])
+
+
+def check_pins(saved: SavedChat, pins: list[int]) -> None:
+    """Each pin names a completed turn, from 0 (-1: the last), as the API numbers them."""
+    total = len(saved.chat.conversation.turns)
+    for index, pin in enumerate(pins):
+        if not -total <= pin < total:
+            raise InvalidInput(f"There is no turn {pin}: the conversation has {total} completed "
+                               "turn(s).", "Turns are numbered from 0 (-1 is the last)."
+                               if total else "Pin a turn once it has a reply.",
+                               field=f"pins[{index}]")
+
+
+def check_system_fits(state: ServerState, saved: SavedChat, system: str) -> None:
+    """The system prompt alone (with an empty message) must leave ``max_new_tokens`` of the
+    context: else every message would fail until it changed."""
+    engine = state.engine
+    max_new = saved.chat.effective_params().max_new_tokens
+    budget = engine.context_length - max_new
+    needed = engine.count_tokens([Message("system", system), Message("user", "")])
+    if needed <= budget:
+        return
+    own = engine.count_text(system)
+    room = max(budget - (needed - own), 0)
+    raise InvalidInput(
+        f"The system prompt is {own} tokens, but this conversation has room for {room}: the "
+        f"context length {engine.context_length} - max_new_tokens {max_new} - "
+        f"{needed - own} for the chat template around it.",
+        f"Shorten the system prompt to at most {room} tokens, or lower max_new_tokens.",
+        field="system")
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -129,9 +205,13 @@ def saved_chat(state: ServerState, cid: int, owner: str | None) -> SavedChat:
 
 
 def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, Any]:
-    params = GenerationParams.from_mapping(data)
-    if "max_new_tokens" in params.explicit():
-        check_room(params, state.engine.context_length)
+    check_stops((data or {}).get("stop"), "params.stop")
+    try:
+        params = GenerationParams.from_mapping(data)
+        if "max_new_tokens" in params.explicit():
+            check_room(params, state.engine.context_length)
+    except InvalidParams as exc:
+        raise in_params(exc) from None
     return params.explicit()
 
 
@@ -143,7 +223,10 @@ def window_of(state: ServerState, data: dict[str, Any] | None,
     given = {name: data.pop(name) for name in MEMORY_SETTINGS if name in data}
     if not given and state.window is None:
         return None, data
-    return get_persona(persona).window_for(given, state.window), data
+    try:
+        return get_persona(persona).window_for(given, state.window), data
+    except InvalidParams as exc:
+        raise in_params(exc) from None
 
 
 def conversation_body(state: ServerState, info: ConversationInfo, *,
@@ -173,12 +256,16 @@ def personas() -> dict[str, Any]:
 @router.post("/conversations", status_code=201)
 def create(body: NewConversation, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    system = None if body.system is None else text_of(body.system, "system", "system prompt")
+    title = clean_title(text_of(body.title, "title", "title", allow_blank=True))
     window, rest = window_of(state, body.params, body.persona)
     params = GenerationParams.from_mapping(overrides_of(state, rest))
     saved = SavedChat.new(state.engine, store=state.store, persona=body.persona,
-                          system=body.system, params=params, title=body.title,
-                          owner=owner_of(request), kv_disk=state.kv_disk, lazy=False,
-                          window=window)
+                          system=system, params=params, title=title,
+                          owner=owner_of(request), kv_disk=state.kv_disk, window=window)
+    if saved.chat.system is not None:
+        check_system_fits(state, saved, saved.chat.system)  # the persona's too
+    saved.ensure()
     assert saved.cid is not None
     state.chats.put(saved.cid, saved)
     return conversation_body(state, state.store.info(saved.cid))
@@ -208,7 +295,6 @@ async def delete(cid: int, request: Request) -> dict[str, Any]:
         await asyncio.to_thread(state.store.delete, cid)  # its snapshot files too
         key = CacheKey(conversation_snapshot(cid), state.kv_disk)
         await asyncio.to_thread(state.engine.forget, key)
-    state.locks.pop(cid, None)
     return {"id": cid, "deleted": True}
 
 
@@ -216,12 +302,17 @@ async def delete(cid: int, request: Request) -> dict[str, Any]:
 async def change(cid: int, body: ConversationChange, request: Request) -> dict[str, Any]:
     """Rename the conversation and/or change its system prompt (the next reply uses it)."""
     state, owner = state_of(request), owner_of(request)
-    title = None if body.title is None else check_text(body.title, "title", allow_blank=True)
-    system = None if body.system is None else check_text(body.system, "system",
-                                                             allow_blank=True)
+    title = None if body.title is None else text_of(body.title, "title", "title",
+                                                    allow_blank=True)
+    system = None if body.system is None else text_of(body.system, "system", "system prompt",
+                                                      allow_blank=True)
     await asyncio.to_thread(owned, state, cid, owner)
     async with state.lock_of(cid):  # not while a reply is being planned or written
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        if body.pins is not None:
+            check_pins(saved, body.pins)
+        if system is not None and system.strip():
+            await asyncio.to_thread(check_system_fits, state, saved, system)
         if body.pins is not None:
             await asyncio.to_thread(saved.set_pins, body.pins)
         if body.memory is not None:
@@ -229,7 +320,7 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
         if system is not None:
             await asyncio.to_thread(saved.set_system, system if system.strip() else None)
         if title is not None:
-            await asyncio.to_thread(state.store.update, cid, title=" ".join(title.split()))
+            await asyncio.to_thread(state.store.update, cid, title=clean_title(title))
         info = await asyncio.to_thread(owned, state, cid, owner)
     return conversation_body(state, info)
 
@@ -238,7 +329,7 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
 async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, Any]:
     state, owner = state_of(request), owner_of(request)
     next_message = body.content == ""
-    text = "" if next_message else check_text(body.content, "content")
+    text = "" if next_message else text_of(body.content, "content", "content")
     await asyncio.to_thread(owned, state, cid, owner)
     async with state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
@@ -265,7 +356,7 @@ async def undo(cid: int, request: Request) -> dict[str, Any]:
 @router.post("/conversations/{cid}/messages", response_model=None)
 async def message(cid: int, body: NewMessage, request: Request) -> Any:
     state = state_of(request)
-    text = check_text(body.content, "content")
+    text = text_of(body.content, "content", "content")
     overrides = overrides_of(state, body.params)
     return await reply(request, cid, body.stream,
                        lambda saved: saved.stream(text, pinned=body.pinned, **overrides))

@@ -8,10 +8,15 @@ Contract:
   :func:`rolechat_body` (rolechat's own extension: the window plan and where reused tokens came
   from).
 - :func:`sse`: one Server-Sent Events ``data:`` frame; :data:`DONE` ends a stream.
-- :func:`bearer_key`: the key of an ``Authorization: Bearer KEY`` header; :func:`owner_id`: the
-  SHA-256 an owner is stored under.
+- Auth parsing: :func:`parse_authorization` reads a request's ``Authorization`` headers once
+  (the guard calls it; more than one header is refused); the key it found travels in the ASGI
+  scope, where :func:`bearer_key` reads it for the routes, so the key that was checked is the
+  key that owns. :func:`owner_id`: the SHA-256 an owner is stored under.
+- :func:`field_path`: a validation error's location as the client's field path
+  (``messages[0].content``), the form every error's ``param`` takes.
 - :func:`openai_messages` is how OpenAI messages are read (``developer`` is ``system``, system
-  messages anywhere join the system prompt, consecutive same-role messages are joined);
+  messages anywhere join the system prompt, consecutive same-role messages are joined), after
+  :func:`check_openai_messages` checked each one where the client put it;
   :func:`openai_names` puts the client's parameter names back into an error.
 """
 
@@ -19,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..chat import Reply
+from ..conversation import check_text
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..window import WindowPlan
 
@@ -32,6 +39,10 @@ from ..window import WindowPlan
 DONE = "data: [DONE]\n\n"
 #: GenerationParams names → the OpenAI names a client sent.
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+#: Where the guard leaves the bearer key it checked, for the routes (an ASGI scope key).
+API_KEY_SCOPE = "rolechat.api_key"
+#: OpenAI's limit on stop sequences, for completions and sessions alike.
+MAX_STOPS = 4
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -39,10 +50,19 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def field_path(loc: Sequence[str | int]) -> str:
+    """``("messages", 0, "content")`` → ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
 def error_status(exc: RolechatError) -> tuple[int, dict[str, Any]]:
     """The HTTP status and OpenAI error body of a library error."""
     if isinstance(exc, ContextOverflow):
-        return 400, error_body(str(exc), param="messages", code="context_length_exceeded")
+        return 400, error_body(overflow_message(exc), param="messages",
+                               code="context_length_exceeded")
     if isinstance(exc, InvalidParams):
         field = exc.problems[0][0] if exc.problems else None
         return 400, error_body(str(exc), param=OPENAI_NAMES.get(field or "", field),
@@ -52,6 +72,25 @@ def error_status(exc: RolechatError) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, UnknownName):
         return 404, error_body(str(exc), param=exc.kind, code=f"{exc.kind}_not_found")
     return 500, error_body(str(exc), type_="server_error")
+
+
+def overflow_message(exc: ContextOverflow) -> str:
+    """A prompt that does not fit, said as the API numbers turns (from 0)."""
+    if not exc.pinned:
+        return str(exc)
+    names = ", ".join(str(p) for p in exc.pinned)
+    return (f"The prompt needs {exc.prompt_tokens} tokens with the pinned turn(s) {names}, but "
+            f"only {exc.available_tokens} are available (context length {exc.context_length} - "
+            f"max_new_tokens {exc.max_new_tokens}). Unpin a turn (PATCH the conversation's "
+            "pins), shorten the message, or lower max_new_tokens.")
+
+
+def check_stops(stop: Any, param: str = "stop") -> None:
+    """At most :data:`MAX_STOPS` stop sequences (OpenAI's rule, for every route)."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, (list, tuple)) else []
+    if len(stops) > MAX_STOPS:
+        raise InvalidInput(f"{param}: at most {MAX_STOPS} stop sequences (got {len(stops)}).",
+                           f"Send {MAX_STOPS} or fewer.", field=param)
 
 
 class ErrorJSON(JSONResponse):
@@ -72,6 +111,41 @@ def openai_names(exc: InvalidParams) -> InvalidParams:
     renamed = [(OPENAI_NAMES.get(field, field), why.replace("max_new_tokens", "max_tokens"))
                for field, why in exc.problems]
     return InvalidParams(renamed)
+
+
+#: The roles a client may send (``developer`` is read as ``system``).
+OPENAI_ROLES = ("system", "developer", "user", "assistant")
+
+
+def check_openai_messages(messages: Any) -> None:
+    """Each message as the client sent it (before :func:`openai_messages` merges any): an
+    object with a known role and text content; an error's field is the path to the bad part
+    (``messages[2].content``)."""
+    if not isinstance(messages, list):
+        return  # Conversation.from_openai says what messages must be
+    for index, item in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidInput(f"{where} must be an object with role and content.",
+                               'Use {"role": "user", "content": "..."}.', field=where)
+        role = item.get("role")
+        if role not in OPENAI_ROLES:
+            raise InvalidInput(f"{where} has unknown role {role!r}.",
+                               f"Use one of: {', '.join(OPENAI_ROLES)}.", field=f"{where}.role")
+        content = item.get("content")
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise InvalidInput(f"{where}.content[{part_index}]: only text content "
+                                       "parts are supported.",
+                                       'Use {"type": "text", "text": "..."} parts.',
+                                       field=f"{where}.content[{part_index}]")
+            content = "".join(part["text"] for part in content)
+        try:
+            check_text(content, f"{role} message ({where})", allow_blank=role == "assistant")
+        except InvalidInput as exc:
+            raise InvalidInput(exc.message, exc.hint, field=f"{where}.content") from None
 
 
 def openai_messages(messages: Any) -> Any:
@@ -149,10 +223,26 @@ def sse_error(exc: RolechatError) -> str:
     return sse(error_status(exc)[1])
 
 
-def bearer_key(request: Request) -> str:
-    """The key in ``Authorization: Bearer KEY`` ('' when there is none)."""
-    header = request.headers.get("authorization", "")
+class DuplicateAuthorization(ValueError):
+    """A request with more than one ``Authorization`` header (which one would count?)."""
+
+
+def parse_authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The key in a request's one ``Authorization: Bearer KEY`` header ('' when there is none
+    or it is not a bearer key). Raises :class:`DuplicateAuthorization` for two or more."""
+    found = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(found) > 1:
+        raise DuplicateAuthorization(len(found))
+    header = found[0].decode("latin-1") if found else ""
     return header[7:] if header[:7].lower() == "bearer " else ""
+
+
+def bearer_key(request: Request) -> str:
+    """The bearer key the guard checked for this request ('' when there is none)."""
+    key = request.scope.get(API_KEY_SCOPE)
+    if key is None:  # no guard in front (an app assembled without it): parse it here
+        key = parse_authorization(request.scope.get("headers", []))
+    return str(key)
 
 
 def owner_id(key: str) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 import pexpect
 import pytest
 
+from screens import Terminal
+
 ROLECHAT = Path(sys.executable).parent / "rolechat"
 
 #: Short, greedy, single-threaded generation for fast and deterministic runs.
@@ -154,7 +156,7 @@ class ReplSession:
                                    dimensions=(40, columns), encoding="utf-8", timeout=30,
                                    preexec_fn=terminal_signals)
         self.child.logfile_read = self.log
-        self.banner = self.expect("Ctrl-D to leave")
+        self.banner = self.expect("leave")  # the end of the banner, wrapped at any width
         #: What was printed between the banner and the first prompt.
         self.intro = self.wait_prompt()
 
@@ -197,3 +199,17 @@ def spawn_repl(rolechat_home: Path) -> Iterator[Any]:
     for session in sessions:
         if session.child.isalive():
             session.child.terminate(force=True)
+
+
+@pytest.fixture
+def terminal() -> Iterator[Any]:
+    """``terminal(columns, rows=24)``: a :class:`Terminal`, closed after the test."""
+    opened: list[Terminal] = []
+
+    def open_terminal(columns: int, rows: int = 24) -> Terminal:
+        opened.append(Terminal(columns, rows))
+        return opened[-1]
+
+    yield open_terminal
+    for term in opened:
+        term.close()

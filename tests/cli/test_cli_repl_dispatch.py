@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from fakes import FakeEngine
-from rolechat.cli.render import WordWrap
 from rolechat.cli.repl import BLOCK, COMMANDS, Repl, parse_value, read_message
 from rolechat.conversation import Conversation, Message
 from rolechat.errors import ContextOverflow
@@ -438,56 +437,6 @@ def test_reset_with_a_store_starts_a_new_conversation(tmp_path):
     assert store.conversation(old).to_tuples() == [("remember me", "echo")]
 
 
-def strip_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", text)
-
-
-class TtyOut(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_markdown_reply_is_rendered_once_on_a_terminal():
-    engine = FakeEngine()
-    engine.replies += ["**Bold** answer\n\n- one\n- two", "plain answer"]
-    out = TtyOut()
-    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 64}), out=out)
-    repl.handle("q1")
-    text = strip_ansi(fresh(out))
-    assert "**" not in text and "Bold answer" in text  # rendered while it streamed...
-    assert "─" not in text  # ...with no rule and no second copy after it
-    assert "• one" in text and "• two" in text
-    repl.handle("q2")
-    assert "plain answer" in strip_ansi(fresh(out))
-
-
-def test_plain_rendering_wraps_words_on_a_terminal():
-    engine = FakeEngine()
-    words = " ".join(f"word{i:02d}" for i in range(30))
-    engine.replies.append(words)
-    out = TtyOut()
-    repl = Repl(SavedChat.new(engine, params={"max_new_tokens": 400}), out=out,
-                rendering="plain")
-    repl.console.width = 40
-    repl.handle("q")
-    lines = strip_ansi(fresh(out)).splitlines()
-    reply = [line for line in lines if line.startswith("word")]
-    assert " ".join(" ".join(reply).split()) == words  # every word, none broken
-    assert all(len(line) <= 40 for line in reply) and len(reply) > 1
-
-
-def test_word_wrap_never_breaks_a_word_and_keeps_newlines():
-    wrap = WordWrap(12)
-    text = "alpha beta gamma delta\nepsilon zeta averyveryverylongword end"
-    out = "".join(wrap.push(piece) for piece in (text[:5], text[5:17], text[17:])) + wrap.finish()
-    lines = out.split("\n")
-    assert all(len(line) <= 12 for line in lines), lines
-    assert out.replace("\n", " ").split() == \
-        ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "averyveryver", "ylongword",
-         "end"]
-    assert "delta\nepsilon" in out.replace(" \n", "\n")  # the reply's own newline stays
-
-
 def test_reply_cut_at_max_new_tokens_says_so_and_continue_extends_it(tmp_path):
     engine = FakeEngine()
     engine.replies += ["abcdefgh", "ijklmnopqrstuvwxyz"]
@@ -685,3 +634,31 @@ def test_unpin_a_turn_that_does_not_exist():
     fresh(out)
     repl.handle("/unpin 7")
     assert "error: There is no turn 7: the conversation has 1 turn(s)." in fresh(out)
+
+
+def test_prompt_without_text_shows_the_summary_the_next_prompt_holds(tmp_path):
+    from fakes import Summarizer
+    from rolechat.window import Window
+
+    saved = SavedChat.new(Summarizer(), store=Store(tmp_path / "s.db"),
+                          params={"max_new_tokens": 40},
+                          window=Window(memory="summary", summary_tokens=40))
+    out = io.StringIO()
+    repl = Repl(saved, out=out)
+    for i in range(30):
+        repl.handle(f"Question number {i} about the topic?")
+    assert saved.chat.memory.summary
+    fresh(out)
+
+    def system_of(shown: str) -> str:
+        return shown.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
+
+    repl.handle("/prompt")
+    alone = fresh(out)
+    repl.handle("/prompt next one")
+    with_text = fresh(out)
+    assert ": the user asked questions." in system_of(alone)  # the summary section...
+    assert system_of(alone) == system_of(with_text)  # ...as the next message's prompt has it
+    # The turns the next prompt keeps, and no more: the summarized ones are left out.
+    assert alone.rstrip("\n") in with_text
+    assert "Question number 0 about" not in alone

@@ -33,7 +33,7 @@ from ..params import GenerationParams
 from ..saved import SavedChat
 from ..window import check_room
 from .options import usage_line
-from .render import ReplyView
+from .render import ReplyView, wrapped
 
 Command = Callable[["Repl", str], bool]
 COMMANDS: dict[str, tuple[Command, str]] = {}
@@ -70,7 +70,9 @@ class Repl:
     rendering: str = "markdown"
 
     def __post_init__(self) -> None:
-        self.console = Console(file=self.out, highlight=False, soft_wrap=True)
+        # Lines are wrapped between words before they are printed (render.wrapped); rich
+        # must not wrap or crop them again, nor turn :codes: into emoji.
+        self.console = Console(file=self.out, highlight=False, soft_wrap=True, emoji=False)
         #: Parameters the user chose (flags, /set) rather than the persona: kept by /persona.
         persona_params = self.chat.persona.params.explicit()
         self.user_params: dict[str, Any] = {
@@ -85,13 +87,13 @@ class Repl:
 
     # ----- output ------------------------------------------------------------------------
     def note(self, text: str, style: str = "dim") -> None:
-        self.console.print(text, style=style, markup=False)
+        self.console.print(wrapped(text, self.out), style=style, markup=False)
 
     def error(self, text: str | Exception) -> None:
         self.note(f"error: {text}", style="red")
 
-    def say(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)
+    def say(self, text: str, end: str = "\n") -> None:
+        self.console.print(wrapped(text, self.out), markup=False, highlight=False, end=end)
 
     # ----- the loop ----------------------------------------------------------------------
     def dispatch(self, line: str) -> bool:
@@ -118,7 +120,7 @@ class Repl:
         except RolechatError as exc:
             self.error(exc)
             return False
-        view = ReplyView(self.out, self.console, self.rendering)
+        view = ReplyView(self.out, self.rendering)
         try:
             for chunk in chunks:
                 view.show(chunk)
@@ -299,16 +301,17 @@ def _params(repl: Repl, argument: str) -> bool:
     return True
 
 
-@command("/prompt", "Show the exact text the model receives (/prompt TEXT: for that message).")
+@command("/prompt", "Show the exact text the model receives: what the next prompt starts with "
+         "(/prompt TEXT: all of it, for that message).")
 def _prompt(repl: Repl, argument: str) -> bool:
     chat = repl.chat
     if argument:
         text = chat.prompt(argument)
-    else:
-        messages = chat.conversation.prompt_messages(first_turn=chat.first_turn)
+    else:  # the next message's plan (summary, kept turns) without its open user turn
+        messages = chat.next_plan().messages[:-1]
         text = chat.engine.template.render(messages, add_generation_prompt=False)
-    repl.console.print(text, markup=False, highlight=False, end="")
-    repl.console.print()
+    repl.say(text, end="")
+    repl.say("")
     return True
 
 

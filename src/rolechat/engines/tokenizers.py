@@ -12,17 +12,26 @@ Contract:
 - :class:`PromptEncoder` renders messages with a :class:`~rolechat.template.ChatTemplate` and
   tokenizes them piece by piece: template text may hold control tokens, message content never
   does. Pieces are memoized, so a new turn tokenizes only its new text.
+- Thread safety: one encoder serves the engine's worker thread and the planners of other
+  conversations at once. Its memos are cachetools LRUs under a lock (tokenizing happens outside
+  it), and every call into a Hugging Face tokenizer holds that tokenizer's one lock
+  (:func:`hf_lock`, shared with whatever else decodes with it): a fast tokenizer used by two
+  threads at once raises "Already borrowed", or tokenizes content with the other thread's
+  ``split_special_tokens``.
 - Engine modules import this module, never each other.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from cachetools import LRUCache
 
 from ..conversation import Message
 from ..errors import InvalidInput, ModelLoadError
@@ -102,16 +111,35 @@ class GGUFVocab:
         self.llm.close()
 
 
+_HF_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_HF_LOCKS_LOCK = threading.Lock()
+
+
+def hf_lock(tokenizer: Any) -> threading.RLock:
+    """The one lock of a Hugging Face tokenizer object: hold it for every call into it."""
+    with _HF_LOCKS_LOCK:
+        try:
+            lock = _HF_LOCKS.get(tokenizer)
+            if lock is None:
+                lock = _HF_LOCKS[tokenizer] = threading.RLock()
+        except TypeError:  # not weakly referable: a lock for this caller alone
+            lock = threading.RLock()
+        return lock
+
+
 class HFTokenizer:
-    """A Hugging Face (transformers) tokenizer."""
+    """A Hugging Face (transformers) tokenizer, one call at a time."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
+        #: Held for every call into ``tokenizer`` (:func:`hf_lock`).
+        self.lock = hf_lock(tokenizer)
         self.bos_text = tokenizer.bos_token or ""
         self.eos_text = tokenizer.eos_token or ""
         self.template_source = getattr(tokenizer, "chat_template", "") or ""
-        plain = tokenizer("a", add_special_tokens=False).input_ids
-        with_special = tokenizer("a").input_ids
+        with self.lock:
+            plain = tokenizer("a", add_special_tokens=False).input_ids
+            with_special = tokenizer("a").input_ids
         bos = tokenizer.bos_token_id
         # The tokenizer puts a BOS first by itself: the prompt needs it too.
         self.bos_id: int | None = (bos if bos is not None
@@ -134,8 +162,9 @@ class HFTokenizer:
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         if not text:
             return []
-        return list(self.hf(text, add_special_tokens=False,
-                            split_special_tokens=not special).input_ids)
+        with self.lock:  # split_special_tokens is a setting of the shared Rust tokenizer
+            return list(self.hf(text, add_special_tokens=False,
+                                split_special_tokens=not special).input_ids)
 
 
 def load_tokenizer(path: Path) -> GGUFVocab | HFTokenizer:
@@ -161,25 +190,25 @@ PROMPT_MEMO = 8
 
 
 class PromptEncoder:
-    """Messages → prompt token ids, through the chat template, piece by piece."""
+    """Messages → prompt token ids, through the chat template, piece by piece. Safe to use
+    from several threads at once."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate) -> None:
         self.tokenizer = tokenizer
         self.template = template
-        self._pieces: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
-        self._prompts: OrderedDict[tuple[Message | bool, ...], list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # guards the memos only, never held while tokenizing
+        self._pieces: LRUCache[tuple[str, bool], list[int]] = LRUCache(PIECE_MEMO)
+        self._prompts: LRUCache[tuple[Message | bool, ...], list[int]] = LRUCache(PROMPT_MEMO)
 
     def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """The prompt's token ids (a fresh list the caller may keep)."""
         key: tuple[Message | bool, ...] = (*messages, add_generation_prompt)
-        ids = self._prompts.get(key)
+        with self._lock:
+            ids = self._prompts.get(key)
         if ids is None:
             ids = self._encode(messages, add_generation_prompt)
-            self._prompts[key] = ids
-            if len(self._prompts) > PROMPT_MEMO:
-                self._prompts.popitem(last=False)
-        else:
-            self._prompts.move_to_end(key)
+            with self._lock:
+                self._prompts[key] = ids
         return list(ids)
 
     def open_ids(self, messages: Sequence[Message]) -> list[int]:
@@ -227,12 +256,12 @@ class PromptEncoder:
         return ids
 
     def _piece(self, text: str, special: bool) -> list[int]:
+        """The ids of one piece (the memo's list: callers copy, never change it)."""
         key = (text, special)
-        ids = self._pieces.get(key)
+        with self._lock:
+            ids = self._pieces.get(key)
         if ids is None:
-            ids = self._pieces[key] = self.tokenizer.tokenize(text, special=special)
-            if len(self._pieces) > PIECE_MEMO:
-                self._pieces.popitem(last=False)
-        else:
-            self._pieces.move_to_end(key)
+            ids = self.tokenizer.tokenize(text, special=special)
+            with self._lock:
+                self._pieces[key] = ids
         return ids

@@ -39,7 +39,7 @@ from ..template import read_template_option
 from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
 from .local import LocalEngine
 from .snapshots import DEFAULT_RAM_BYTES
-from .tokenizers import HFTokenizer, PromptEncoder, template_for
+from .tokenizers import HFTokenizer, PromptEncoder, hf_lock, template_for
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +93,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        self._lock = hf_lock(tokenizer)  # planners on other threads tokenize with it
         self._ids: list[int] = []
         self._prefix = 0  # start of the window that gives context for the next piece
         self._read = 0  # ids before this have been emitted
@@ -100,8 +101,9 @@ class IncrementalDetokenizer:
     def push(self, token: int) -> str:
         self._ids.append(token)
         decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        now = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        with self._lock:
+            before = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+            now = decode(self._ids[self._prefix:], skip_special_tokens=True)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
             return str(now[len(before):])

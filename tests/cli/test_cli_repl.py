@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import re
 
-import pyte
+import pytest
+from wcwidth import wcswidth
 
 from rolechat.cli.repl import COMMANDS
 from rolechat.store import Store
+from screens import screen_lines
 
 SHORT = ("-t", "0", "--max-new-tokens", "24", "--threads", "1")
 FIRST = "What is the capital of France?"
@@ -197,11 +199,45 @@ def test_resume_the_last_conversation_with_continue(spawn_repl):
 
 
 def screen_of(repl) -> list[str]:
-    """The terminal's screen, as a terminal emulator shows what the REPL wrote."""
-    screen = pyte.Screen(repl.columns, 40)
-    stream = pyte.Stream(screen)
-    stream.feed(repl.log.getvalue())
-    return [line.rstrip() for line in screen.display]
+    """The terminal's lines, scrollback first, as a terminal emulator shows what the REPL
+    wrote."""
+    return screen_lines(repl.log.getvalue(), repl.columns, 40)
+
+
+def words_of(text: str) -> list[str]:
+    """Latin words and numbers, and each Chinese character; Markdown's syntax (emphasis,
+    bullets) and punctuation left out."""
+    return re.findall(r"[A-Za-z0-9']+|[\u4e00-\u9fff]", text)
+
+
+LONG = {"english": "Write two long paragraphs about the history of the ocean and ships.",
+        "chinese": "用中文写两段关于海洋和船只历史的长文章。"}
+
+
+@pytest.mark.parametrize(("language", "columns", "rendering"), [
+    ("english", 120, "markdown"), ("english", 40, "plain"),
+    ("chinese", 120, "plain"), ("chinese", 40, "markdown")])
+def test_a_long_reply_shows_every_stored_word(spawn_repl, language, columns, rendering):
+    repl = spawn_repl("--render", rendering, "-t", "0", "--max-new-tokens", "160", "--threads",
+                      "1", columns=columns)
+    repl.send(LONG[language], "tok/s")
+    store = Store(repl.home / "rolechat.db")
+    message = store.messages(store.latest())[-1]
+    store.close()
+    reply = message.content
+    assert message.tokens is not None and message.tokens >= 150, reply
+    lines = screen_of(repl)
+    start = next(i for i, line in enumerate(lines) if line.startswith("you ›"))
+    start += -(-wcswidth("you › " + LONG[language]) // columns) - 1  # the message's last line
+    end = next(i for i in range(start, len(lines)) if re.match(r"\d+ tokens · ", lines[i]))
+    shown = lines[start + 1:end]
+    assert len(shown) > 1 and all(len(line) <= columns for line in shown), shown
+    if language == "chinese" and rendering == "markdown":  # rich may fold a Latin word here
+        assert "".join(words_of("\n".join(shown))) == "".join(words_of(reply)), (reply, shown)
+    else:  # every word of the stored reply, once, in order
+        assert words_of("\n".join(shown)) == words_of(reply), (reply, shown)
+    repl.child.sendeof()
+    assert repl.finish() == 0
 
 
 def test_markdown_rendering_shows_each_reply_once(spawn_repl):

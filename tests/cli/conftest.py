@@ -22,7 +22,7 @@ from typing import Any
 import pexpect
 import pytest
 
-from screens import Terminal
+from screens import Terminal, screen_lines
 
 ROLECHAT = Path(sys.executable).parent / "rolechat"
 
@@ -103,6 +103,21 @@ class Cli:
                               preexec_fn=terminal_signals)
         self.children.append(child)
         return child
+
+    def on_terminal(self, *args: str, columns: int = 40,
+                    timeout: float = 60) -> tuple[int, list[str]]:
+        """Run ``rolechat ARGS`` in a pseudo-terminal ``columns`` wide, to the end: (exit
+        status, the lines a terminal shows, scrollback first)."""
+        child = pexpect.spawn(str(ROLECHAT), list(args), env={**self.env, "TERM": "xterm"},
+                              dimensions=(24, columns), encoding="utf-8", timeout=timeout,
+                              preexec_fn=terminal_signals)
+        self.children.append(child)
+        log = io.StringIO()
+        child.logfile_read = log
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus is not None, f"killed by signal {child.signalstatus}"
+        return child.exitstatus, screen_lines(log.getvalue(), columns, 24)
 
     def ask_json(self, *args: str, stdin: str | None = None) -> dict[str, Any]:
         data = self.ok("ask", "--json", *args, stdin=stdin).json()

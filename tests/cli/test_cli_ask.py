@@ -6,6 +6,8 @@ import re
 
 import pexpect
 
+from rolechat.store import Store
+
 QUESTION = "What is the capital of France?"
 #: A word of the reply, not of the spinner ("Loading the embedded model…") or an escape code.
 REPLY_WORD = r"\b(?!(?:Loading|embedded|model)\b)[A-Za-z]{4,}[^A-Za-z]"
@@ -101,3 +103,23 @@ def test_ctrl_c_during_ask_exits_130(cli):
     assert child.signalstatus is None
     assert child.exitstatus == 130
     assert "Traceback" not in child.before
+
+
+def test_ask_on_a_terminal_wraps_between_words(cli):
+    code, lines = cli.on_terminal("ask", "Describe the sea in one long paragraph.", "-t", "0",
+                                  "--max-new-tokens", "80", "--threads", "1", columns=40)
+    assert code == 0, lines
+    store = Store(cli.home / "rolechat.db")
+    reply = store.messages(store.latest())[-1].content
+    store.close()
+    assert len(lines) > 2 and all(len(line) <= 40 for line in lines), lines
+    assert " ".join(lines).split() == reply.split(), (reply, lines)  # no word broken
+
+
+def test_an_error_on_a_terminal_wraps_between_words(cli):
+    error = cli.fails("ask", "-t", "7", "hello")  # not a terminal: one line
+    assert len(error) > 80 and "less than or equal to 2" in error
+    code, lines = cli.on_terminal("ask", "-t", "7", "hello", columns=40)
+    assert code == 2
+    assert len(lines) > 2 and all(len(line) <= 40 for line in lines), lines
+    assert " ".join(lines).split() == error.split(), lines

@@ -130,7 +130,9 @@ def test_prompt_file_and_flags_together(cli):
     assert "not both" in cli.fails("prompt", str(path), "--user", "b", code=INVALID)
 
 
-def test_window_needs_a_pending_user_message(cli):
+def test_window_after_a_reply_plans_the_next_message(cli):  # once refused (issue 19)
     path = cli.write("c.json", json.dumps([{"role": "user", "content": "a"},
                                            {"role": "assistant", "content": "b"}]))
-    assert "user message" in cli.fails("prompt", str(path), "--window", code=INVALID)
+    result = cli.ok("prompt", str(path), "--window", "--threads", "1")
+    assert result.out.endswith("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n")
+    assert "planned for the next message" in result.err

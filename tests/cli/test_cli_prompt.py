@@ -90,3 +90,19 @@ def test_prompt_keeps_control_token_text_in_content_as_plain_text(cli, engine):
     as_special = engine.tokenize(result.out, special=True)
     assert as_special.count(IM_START) == 4
     assert tokens != len(as_special)
+
+
+def test_prompt_window_takes_a_conversation_that_ends_with_a_reply(cli, engine):
+    # rolechat's own export shape: the system prompt, then turns that end with the reply.
+    path = cli.write("export.json", json.dumps({"system": SYSTEM, "messages": IN17[1:3]},
+                                               ensure_ascii=False))
+    result = cli.ok("prompt", str(path), "--window", "--threads", "1")
+    # Planned for the next message, as the server's dry run does: an open user turn.
+    assert result.out == engine.render([Message("system", SYSTEM), Message("user", USER1),
+                                        Message("assistant", ASSISTANT1), Message("user", "")])
+    tokens, _, window = token_note(result.err)
+    assert window is not None and "1 earlier turn(s) kept" in window
+    assert "ends with a reply: planned for the next message" in window
+    assert tokens == len(engine.prompt_ids([Message("system", SYSTEM), Message("user", USER1),
+                                            Message("assistant", ASSISTANT1),
+                                            Message("user", "")]))

@@ -18,6 +18,7 @@ import click
 
 from .. import __version__
 from ..errors import RolechatError
+from .render import echo
 
 
 class RolechatGroup(click.Group):
@@ -27,7 +28,7 @@ class RolechatGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RolechatError as exc:
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("", err=True)
@@ -69,7 +70,7 @@ def main() -> None:
         _stdout_gone()
     except click.ClickException as exc:
         where = getattr(getattr(exc, "ctx", None), "command_path", "rolechat")
-        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("", err=True)

@@ -1,4 +1,9 @@
-"""``rolechat ask``: one question, one streamed answer (or JSON for scripts)."""
+"""``rolechat ask``: one question, one streamed answer (or JSON for scripts).
+
+The answer streams to stdout as it comes; on a terminal it is wrapped between words at the
+terminal's width (:class:`~rolechat.cli.render.WordWrap`), in a pipe or a file it is the text
+as it is.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from .options import (
     store_options,
     usage_line,
 )
+from .render import WordWrap, terminal_size
 
 
 @cli.command()
@@ -57,9 +63,15 @@ def ask(text: tuple[str, ...], as_json: bool, show_usage: bool, no_log: bool,
             "conversation_id": saved.cid,
         }, ensure_ascii=False, indent=2))
         return
-    with saved.stream(question) as chunks:
-        for chunk in chunks:
-            click.echo(chunk, nl=False)
+    size = terminal_size(sys.stdout)
+    wrap = WordWrap(size.columns) if size is not None else None
+    try:
+        with saved.stream(question) as chunks:
+            for chunk in chunks:
+                click.echo(wrap.push(chunk) if wrap is not None else chunk, nl=False)
+    finally:  # what was held back (the last word), even when the reply stopped
+        if wrap is not None:
+            click.echo(wrap.finish(), nl=False)
     click.echo()
     if show_usage and chunks.reply is not None:
         err_console.print(usage_line(chunks.reply.usage), style="dim")

@@ -1,7 +1,10 @@
 """``rolechat prompt``: print the exact text the model receives for a conversation.
 
-The rendered text goes to stdout byte for byte (no added newline); the token count goes to
-stderr, so ``rolechat prompt conv.json > prompt.txt`` captures exactly the model's input.
+The rendered text goes to stdout byte for byte (no added newline; on a terminal, wrapped between
+words at its width); the token count goes to stderr, so ``rolechat prompt conv.json >
+prompt.txt`` captures exactly the model's input. With ``--window``, a conversation that ends
+with a reply (rolechat's own exports) is planned for the next message, as the server's dry run
+does: the conversation so far and an open user turn; the note on stderr says so.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..persona import get_persona
 from ..window import Window
 from . import cli
 from .options import generation_options, model_options, open_engine, params_from
+from .render import echo, wrapped
 
 
 def _from_arguments(system: str | None, users: tuple[str, ...], assistants: tuple[str, ...],
@@ -67,19 +71,22 @@ def prompt(file: Any, system: str | None, persona: str | None, users: tuple[str,
     note = ""
     if apply_window:
         pending = conversation.pending
-        if pending is None:
-            raise InvalidInput("The window needs a conversation that ends with a user message.",
-                               "Add the next user message.")
-        history = Conversation(conversation.system, conversation.messages[:-1])
+        if pending is None:  # it ends with a reply: the next message, not written yet
+            history, pending = conversation, ""
+        else:
+            history = Conversation(conversation.system, conversation.messages[:-1])
         plan = Window().plan(history, pending, engine, params)
         messages, note = plan.messages, f" · window: {plan.summary()}"
+        if conversation.pending is None:
+            note += (" · the conversation ends with a reply: planned for the next message "
+                     "(an open user turn)")
     ends_with_user = bool(messages) and messages[-1].role == "user"
     text = engine.template.render(messages, add_generation_prompt=ends_with_user)
-    sys.stdout.write(text)
+    sys.stdout.write(wrapped(text, sys.stdout))
     sys.stdout.flush()
     tokens = engine.count_tokens(messages, add_generation_prompt=ends_with_user)
     budget = engine.context_length - params.max_new_tokens
     if tokens > budget and not apply_window:
         note += (f" · does not fit: {tokens} > {budget} (context - max_new_tokens); "
                  "--window shows what would be sent")
-    click.echo(f"\n[{tokens} tokens · context {engine.context_length}{note}]", err=True)
+    echo(f"\n[{tokens} tokens · context {engine.context_length}{note}]", err=True)

@@ -404,6 +404,9 @@ class TransformersEngine(LocalEngine):
         :meth:`prefill` chose); return the last position's logits [V]."""
         torch = self.torch
         cache = self.kv.ensure()
+        # keep() empties a cache it cannot crop (a sliding-window layer past its window): then
+        # the whole prompt is evaluated, never the rest of it at the wrong positions.
+        start = min(start, len(self.kv.held))
         with torch.no_grad():
             if self.fast is not None:
                 logits: Tensor = self.fast.prompt(list(prompt_ids[start:]), start)

@@ -23,9 +23,9 @@ numbers; a ``max_new_tokens`` that leaves no room raises
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from .conversation import Conversation, Message
+from .conversation import Conversation, Message, Turn
 from .errors import ContextOverflow, InvalidParams
 from .memory import Memory, check_memory, check_template, system_with_summary
 from .params import GenerationParams
@@ -159,67 +159,121 @@ class Window:
              params: GenerationParams, *, first_turn: int = 0,
              memory: Memory | None = None) -> WindowPlan:
         """Choose the turns for a prompt that ends with ``user``."""
-        context = engine.context_length
-        budget = check_room(params, context)
-        turns = conversation.turns
-        total = len(turns)
-        memory = memory or Memory()
-        pins = sorted(p for p in memory.pins if p < total)
-        summary = memory.summary
-        system = system_with_summary(conversation.system, summary)
-        start = min(max(first_turn, 0), total)
+        draft = _Draft.of(conversation, user, engine, params, memory or Memory())
+        start = min(max(first_turn, 0), draft.total)
         if self.max_turns is not None:
-            start = max(start, total - self.max_turns)
+            start = max(start, draft.total - self.max_turns)
+        current = draft.count(start)
+        if current.tokens <= draft.budget:
+            return draft.plan(start, current)
+        alone = draft.count(draft.total)
+        if alone.tokens > draft.budget:
+            raise ContextOverflow(prompt_tokens=alone.tokens, available_tokens=draft.budget,
+                                  context_length=draft.context,
+                                  max_new_tokens=params.max_new_tokens,
+                                  pinned=[p for p in draft.pins if p < draft.total])
+        first, counted = self._slide(draft, start, alone)
+        return draft.plan(first, counted, self._to_fold(draft, first))
 
-        def messages_from(first: int) -> list[Message]:
-            out = [Message("system", system)] if system is not None else []
-            for index in [*(p for p in pins if p < first), *range(first, total)]:
-                out += [Message("user", turns[index].user),
-                        Message("assistant", turns[index].assistant)]
-            return [*out, Message("user", user)]
-
-        def count(first: int) -> tuple[list[Message], int, list[int] | None]:
-            messages = messages_from(first)
-            ids = engine.prompt_ids(messages)
-            return messages, len(ids) if ids is not None else engine.count_tokens(messages), ids
-
-        def plan(first: int, counted: tuple[list[Message], int, list[int] | None],
-                 summarize: tuple[int, ...] = ()) -> WindowPlan:
-            return WindowPlan(counted[0], first, total, counted[1], budget, context,
-                              params.max_new_tokens, counted[2], not engine.exact_counts,
-                              pinned=tuple(p for p in pins if p < first),
-                              memory_summary=summary, summarize=summarize,
-                              summarized=tuple(sorted(t for t in memory.summarized
-                                                      if t < total)) if summary else ())
-
-        current = count(start)
-        if current[1] <= budget:
-            return plan(start, current)
-        alone = count(total)
-        if alone[1] > budget:
-            raise ContextOverflow(prompt_tokens=alone[1], available_tokens=budget,
-                                  context_length=context, max_new_tokens=params.max_new_tokens,
-                                  pinned=[p for p in pins if p < total])
-        target = int(budget * self.low_water)
+    def _target(self, draft: _Draft) -> int:
+        """The most tokens a prompt may have after a slide: the low-water mark, less the room
+        the summary may still grow into."""
+        target = int(draft.budget * self.low_water)
         if self.memory == "summary":  # room for the summary to grow to its cap after the slide
-            section = (engine.count_text(system_with_summary("", summary) or "")
+            summary = draft.memory.summary
+            section = (draft.engine.count_text(system_with_summary("", summary) or "")
                        if summary else 0)
-            target -= max(0, self.summary_cap(context) + 24 - section)
-        if alone[1] > target:
-            best = (total, alone)
-        else:
-            # Smallest first turn whose prompt is at or below the low-water mark: tokens only
-            # shrink as turns are dropped, so binary search over (start, total].
-            lo, hi, best = start + 1, total, (total, alone)
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                counted = count(mid)
-                if counted[1] <= target:
-                    best, hi = (mid, counted), mid - 1
-                else:
-                    lo = mid + 1
-        fold: tuple[int, ...] = ()
-        if self.memory == "summary":  # every dropped turn not pinned nor summarized yet
-            fold = tuple(i for i in range(best[0])
-                         if i not in memory.pins and i not in memory.summarized)
-        return plan(best[0], best[1], fold)
+            target -= max(0, self.summary_cap(draft.context) + 24 - section)
+        return target
+
+    def _slide(self, draft: _Draft, start: int, alone: _Counted) -> tuple[int, _Counted]:
+        """The smallest first turn after ``start`` whose prompt is at or below the target (the
+        user message alone when none is), and its count."""
+        target = self._target(draft)
+        best = (draft.total, alone)
+        if alone.tokens > target:
+            return best
+        # Tokens only shrink as turns are dropped, so binary search over (start, total].
+        lo, hi = start + 1, draft.total
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            counted = draft.count(mid)
+            if counted.tokens <= target:
+                best, hi = (mid, counted), mid - 1
+            else:
+                lo = mid + 1
+        return best
+
+    def _to_fold(self, draft: _Draft, first: int) -> tuple[int, ...]:
+        """The turns a slide to ``first`` folds into the summary: every dropped turn not pinned
+        nor summarized yet (none without summary memory)."""
+        if self.memory != "summary":
+            return ()
+        memory = draft.memory
+        return tuple(i for i in range(first) if i not in memory.pins and
+                     i not in memory.summarized)
+
+
+class _Counted(NamedTuple):
+    """A candidate prompt and its size."""
+
+    messages: list[Message]
+    tokens: int
+    ids: list[int] | None
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """What one :meth:`Window.plan` works from: the conversation's turns, the pins and summary
+    that stay, the budget, and how to count a prompt that starts at a given turn."""
+
+    turns: list[Turn]
+    user: str
+    engine: TokenCounter
+    params: GenerationParams
+    memory: Memory
+    pins: list[int]
+    system: str | None
+    budget: int
+
+    @classmethod
+    def of(cls, conversation: Conversation, user: str, engine: TokenCounter,
+           params: GenerationParams, memory: Memory) -> _Draft:
+        budget = check_room(params, engine.context_length)
+        turns = list(conversation.turns)
+        return cls(turns, user, engine, params, memory,
+                   pins=sorted(p for p in memory.pins if p < len(turns)),
+                   system=system_with_summary(conversation.system, memory.summary),
+                   budget=budget)
+
+    @property
+    def total(self) -> int:
+        return len(self.turns)
+
+    @property
+    def context(self) -> int:
+        return self.engine.context_length
+
+    def messages_from(self, first: int) -> list[Message]:
+        """System prompt, pinned turns before ``first``, turns from ``first``, the user."""
+        out = [Message("system", self.system)] if self.system is not None else []
+        for index in [*(p for p in self.pins if p < first), *range(first, self.total)]:
+            out += [Message("user", self.turns[index].user),
+                    Message("assistant", self.turns[index].assistant)]
+        return [*out, Message("user", self.user)]
+
+    def count(self, first: int) -> _Counted:
+        messages = self.messages_from(first)
+        ids = self.engine.prompt_ids(messages)
+        return _Counted(messages, len(ids) if ids is not None
+                        else self.engine.count_tokens(messages), ids)
+
+    def plan(self, first: int, counted: _Counted, summarize: tuple[int, ...] = ()) -> WindowPlan:
+        memory, total = self.memory, self.total
+        return WindowPlan(counted.messages, first, total, counted.tokens, self.budget,
+                          self.context, self.params.max_new_tokens, counted.ids,
+                          not self.engine.exact_counts,
+                          pinned=tuple(p for p in self.pins if p < first),
+                          memory_summary=memory.summary, summarize=summarize,
+                          summarized=tuple(sorted(t for t in memory.summarized if t < total))
+                          if memory.summary else ())

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from rolechat import Conversation, InvalidInput, Message, Turn
+from rolechat.conversation import close_fences, read_messages, render_markdown
 
 HISTORY = [("hi", "hello!"), ("how are you?", "fine")]
 
@@ -99,3 +100,74 @@ def test_bad_json() -> None:
 def test_blank_system_prompt_is_an_error() -> None:
     with pytest.raises(InvalidInput, match="system prompt is empty"):
         Conversation(system="  ")
+
+
+# ----- interrupted messages in files -------------------------------------------------------------
+
+def test_interrupted_messages_are_read_but_never_part_of_a_turn() -> None:
+    messages = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "cut", "status": "interrupted"},
+                {"role": "assistant", "content": "so far", "status": "interrupted"},
+                {"role": "user", "content": "alone", "status": "pending"},
+                {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
+    system, entries = read_messages(messages)
+    assert system is None
+    assert [(m.content, status) for m, status in entries] == [
+        ("u1", "complete"), ("a1", "complete"), ("cut", "interrupted"),
+        ("so far", "interrupted"), ("alone", "interrupted"), ("u2", "complete"),
+        ("a2", "complete")]
+    conv = Conversation.from_dict({"messages": messages})
+    assert conv.to_tuples() == [("u1", "a1"), ("u2", "a2")] and conv.pending is None
+
+
+@pytest.mark.parametrize(("messages", "match"), [
+    ([{"role": "user", "content": "u", "status": "done"}], r"messages\[0\] has unknown status"),
+    ([{"role": "assistant", "content": "a", "status": "interrupted"}],
+     r"messages\[0\]: an interrupted assistant message cannot stand here"),
+    ([{"role": "user", "content": "u"}, {"role": "user", "content": "c", "status": "interrupted"}],
+     r"messages\[1\]: an interrupted user message cannot stand here"),
+    ([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+      {"role": "assistant", "content": "c", "status": "interrupted"}],
+     r"messages\[2\]: an interrupted assistant"),
+    ([{"role": "user", "content": "", "status": "interrupted"}], "empty"),
+])
+def test_bad_interrupted_messages(messages: list, match: str) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        read_messages(messages)
+
+
+def test_json_nested_too_deeply_is_one_error() -> None:
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        Conversation.from_json("[" * 100_000 + "]" * 100_000)
+
+
+# ----- Markdown: code fences closed -------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "closed"), [
+    ("```python\nprint(1)", "```python\nprint(1)\n```"),
+    ("```python\nprint(1)\n", "```python\nprint(1)\n```"),
+    ("~~~\ncode\n```\nstill code", "~~~\ncode\n```\nstill code\n~~~"),
+    ("````\n```\nstill code\n```", "````\n```\nstill code\n```\n````"),
+    ("```\ncode\n``` not a close", "```\ncode\n``` not a close\n```"),
+    ("  ```\nindented fence", "  ```\nindented fence\n```"),
+    ("```\none\n```\n\n~~~~~\ntwo", "```\none\n```\n\n~~~~~\ntwo\n~~~~~"),
+])
+def test_an_open_fence_is_closed(text: str, closed: str) -> None:
+    assert close_fences(text) == closed
+
+
+@pytest.mark.parametrize("text", [
+    "no code at all", "```\nclosed\n```", "~~~\nclosed\n~~~~", "    ```\nan indented code line",
+    "``` inline ``` code on one line", "```\ncode\n   ```  ", "a ``` in the middle",
+])
+def test_a_closed_or_absent_fence_is_left_alone(text: str) -> None:
+    assert close_fences(text) == text
+
+
+def test_to_markdown_closes_fences_and_leaves_a_pending_message_out() -> None:
+    conv = Conversation.from_tuples([("code?", "```\nx = 1")], system="s")
+    conv.messages.append(Message("user", "pending"))
+    assert conv.to_markdown("T") == ("# T\n\n**System:** s\n\n### You\n\ncode?\n\n"
+                                     "### Assistant\n\n```\nx = 1\n```\n")
+    labelled = render_markdown("T", None, [(Message("user", "cut"), "interrupted")])
+    assert labelled == "# T\n\n### You (interrupted: not answered)\n\ncut\n"

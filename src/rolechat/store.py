@@ -10,10 +10,23 @@ Contract:
   *before* generation; the reply is written and the user message marked ``complete`` in one
   transaction *when the reply completes*; an interrupted reply marks its user message
   ``interrupted``. Opening the store marks ``interrupted`` the pending messages of processes
-  that no longer run (killed mid-reply); another live process's pending turn is left alone.
+  that no longer run (killed mid-reply, a zombie not yet reaped, a reused pid), and every read
+  of a conversation's messages checks its other writers' pending messages again, so a store
+  opened before such a process died never shows its message pending either. Another live
+  process's pending turn is left alone.
+- ``Store(path, read_only=True)`` (the CLI's list, show and export) opens the file with
+  SQLite's ``mode=ro``: no folder is made, no migration, recovery or any other write runs, so
+  a read-only file or folder, or a full disk, can still be read (a missing file reads as an
+  empty store). Writes on a read-only store or a full disk fail with one line that says so.
+- A row whose ``params`` or ``memory`` is damaged (not a JSON object) is still listed, with
+  ``ConversationInfo.damaged`` naming the field; :meth:`Store.info` refuses to open it with a
+  StoreError that names the conversation and the field and says what to do (export, import
+  again, delete). Its messages can still be shown and exported.
 - Reads take the same lock as writes, so a thread never reads inside another thread's open
   transaction on the shared connection. Only complete turns are ever loaded back into a
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
+- Imports (:mod:`rolechat.transfer` checks the whole file first) are written in one
+  transaction: all of it or, on any failure, nothing.
 - A conversation's KV snapshot files live beside the database (``kv/``, see
   :mod:`rolechat.engines.snapshots`); deleting the conversation deletes them.
 - Errors (unknown id, unreadable or locked database, corrupt import) raise
@@ -41,8 +54,26 @@ from typing import Any
 from .conversation import Conversation, check_text
 from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
-from .params import GenerationParams
-from .persona import get_persona
+from .store_db import (
+    BUSY_STEP_S,
+    connect,
+    newer_schema,
+    open_read_only,
+    process_alive,
+    process_id,
+    store_error,
+)
+from .transfer import (
+    ImportPlan,
+    check_memory_record,
+    export_json,
+    export_markdown,
+    plan_conversation,
+    read_import,
+)
+
+__all__ = ["MIGRATIONS", "ConversationInfo", "Store", "StoredMessage", "check_memory_record",
+           "process_alive", "process_id"]
 
 #: Schema migrations; migration i brings ``user_version`` from i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -90,29 +121,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def process_id(pid: int | None = None) -> str:
-    """A process's identity that survives pid reuse: ``"pid:start time"``."""
-    import psutil
-
-    pid = os.getpid() if pid is None else pid
-    return f"{pid}:{psutil.Process(pid).create_time():.2f}"
-
-
-def process_alive(writer: str | None) -> bool:
-    """Whether the process a pending message names still runs."""
-    if not writer:
-        return False
-    try:
-        pid = int(writer.split(":", 1)[0])
-        return process_id(pid) == writer
-    except (ValueError, OSError, LookupError):
-        return False
-    except Exception:  # psutil.NoSuchProcess / AccessDenied
-        return False
-
-
-#: How long SQLite waits for a lock in one try, and how long a write tries in all (seconds).
-BUSY_STEP_S = 0.25
+#: How long a write tries in all to get another process's lock (seconds).
 LOCK_TIMEOUT_S = 30.0
 
 
@@ -136,6 +145,8 @@ class ConversationInfo:
     owner: str | None = None
     #: The window's memory (``mode``, ``summary``, ``covers``, ``pins``; see rolechat.memory).
     memory: dict[str, Any] = field(default_factory=dict)
+    #: Fields whose stored value is damaged (read as empty): ``{"params": "not valid JSON"}``.
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,10 @@ class StoredMessage:
 class Store:
     """Conversations in one SQLite file. Safe to open from several processes."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        #: Opened with ``mode=ro``: reads only, nothing written, not even recovery.
+        self.read_only = read_only
         # One connection shared by threads (the server's worker and handlers): one transaction
         # at a time.
         self._lock = threading.RLock()
@@ -162,28 +175,32 @@ class Store:
         #: Called once when a write starts waiting for another process's lock (the CLI shows
         #: a line, so that a wait is never silent).
         self.on_wait: Callable[[str], None] | None = None
+        #: Turns saved from recovery files, and dead processes' turns marked interrupted.
+        self.restored = self.recovered = 0
+        self._writer = process_id()
         try:
+            if read_only:
+                self._db = open_read_only(self.path, MIGRATIONS, upgrade=self._upgrade)
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_STEP_S * 1000)}")
+            self._db = connect(str(self.path))
             if self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 self._db.execute("PRAGMA journal_mode = DELETE")
             self._migrate()
-            self._writer = process_id()
-            #: Turns saved from recovery files, and dead processes' turns marked interrupted.
             self.restored = self._restore_kept_turns()
-            self.recovered = self._recover()
+            self.recovered = len(self._recover())
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(str(self.path), str(exc)) from None
+            raise store_error(self.path, exc) from None
+
+    def _upgrade(self) -> None:
+        """Bring an older schema up to date with a read-write open (for a read-only one)."""
+        Store(self.path).close()
 
     @classmethod
-    def default(cls) -> Store:
+    def default(cls, *, read_only: bool = False) -> Store:
         from .paths import home
 
-        return cls(home() / "rolechat.db")
+        return cls(home() / "rolechat.db", read_only=read_only)
 
     def close(self) -> None:
         self._db.close()
@@ -200,13 +217,12 @@ class Store:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(str(self.path), str(exc)) from None
+                raise store_error(self.path, exc) from None
 
     def _migrate(self) -> None:
         current = self.version
         if current > len(MIGRATIONS):
-            raise StoreError(str(self.path), f"schema version {current} is newer than this "
-                             f"rolechat knows ({len(MIGRATIONS)})", "Upgrade rolechat.")
+            raise newer_schema(self.path, current, len(MIGRATIONS))
         for version in range(current, len(MIGRATIONS)):
             try:  # one transaction per migration: the schema and its version move together
                 self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} "
@@ -216,25 +232,30 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _recover(self) -> int:
-        """Mark ``interrupted`` the pending messages whose process has died (killed in the
-        middle of a reply); a live process's pending turn is left alone. How many."""
-        dead = [row["id"] for row in self._read(
-            "SELECT id, writer FROM messages WHERE status = 'pending'")
-            if not process_alive(row["writer"])]
-        if dead:
-            try:
-                with self._transaction() as db:
+    def _recover(self, cid: int | None = None) -> set[int]:
+        """The pending messages (of conversation ``cid``, or all) whose process has died
+        (killed in the middle of a reply), marked ``interrupted`` where the store can be
+        written; a live process's pending turn is left alone. Their ids."""
+        where, args = ("AND conversation_id = ?", (cid,)) if cid is not None else ("", ())
+        dead = {row["id"] for row in self._read(
+            f"SELECT id, writer FROM messages WHERE status = 'pending' {where}", args)
+            if row["writer"] != self._writer and not process_alive(row["writer"])}
+        if dead and not self.read_only and not self._db.in_transaction:
+            try:  # a read does not wait for another process's lock to write this
+                with self._transaction(wait=cid is None) as db:
                     db.executemany("UPDATE messages SET status = 'interrupted' WHERE id = ? "
                                    "AND status = 'pending'", [(i,) for i in dead])
-            except StoreError:  # a read-only or busy database: they stay out of prompts anyway
-                return 0
-        return len(dead)
+            except StoreError:  # busy: they read interrupted anyway, and stay out of prompts
+                pass
+        return dead
 
-    def _begin(self) -> None:
+    def _begin(self, wait: bool = True) -> None:
         """BEGIN IMMEDIATE, waiting (with one notice) while another process holds the lock, up
-        to ``lock_timeout``."""
-        deadline = time.monotonic() + self.lock_timeout
+        to ``lock_timeout`` (not at all without ``wait``)."""
+        if self.read_only:
+            raise StoreError(str(self.path), "it was opened read-only",
+                             "Open it with Store(path) to change it.")
+        deadline = time.monotonic() + (self.lock_timeout if wait else 0)
         told = False
         while True:
             try:
@@ -252,18 +273,21 @@ class Store:
                 time.sleep(BUSY_STEP_S / 2)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                self._begin()
+                self._begin(wait)
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back already
+                        self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StoreError(str(self.path), str(exc)) from None
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise store_error(self.path, exc) from None
 
     # ----- turns that could not be written -------------------------------------------------
     @property
@@ -326,9 +350,12 @@ class Store:
                 (title, persona, system, model, json.dumps(params or {}), now, now, owner))
         return int(cursor.lastrowid or 0)
 
-    def info(self, cid: int, *, owner: str | EllipsisType | None = ...) -> ConversationInfo:
+    def info(self, cid: int, *, owner: str | EllipsisType | None = ...,
+             damaged_ok: bool = False) -> ConversationInfo:
         """Conversation ``cid``; with ``owner`` given, only if it belongs to that owner (a
-        conversation of another owner is reported missing, like one that does not exist)."""
+        conversation of another owner is reported missing, like one that does not exist). A
+        conversation with a damaged field is refused (a StoreError that says what to do)
+        unless ``damaged_ok``: then it comes with the field read as empty."""
         where, args = "c.id = ?", list[Any]([cid])
         if owner is not ...:
             where, args = "c.id = ? AND c.owner IS ?", [cid, owner]
@@ -343,7 +370,15 @@ class Store:
         if row is None:
             raise StoreError(str(self.path), f"there is no conversation {cid}",
                              "See `rolechat conversations list`.", missing=True)
-        return _info(row)
+        info = _info(row)
+        if info.damaged and not damaged_ok:
+            name, why = next(iter(info.damaged.items()))
+            raise StoreError(
+                str(self.path), f"conversation {cid} is damaged: its {name} field {why}",
+                f"Export what it holds with `rolechat conversations export {cid} -o copy.json`"
+                f" (the damaged {name} is left out) and import that file, or delete it with "
+                f"`rolechat conversations delete {cid}`.")
+        return info
 
     def recent(self, limit: int = 50, *,
                owner: str | EllipsisType | None = ...) -> list[ConversationInfo]:
@@ -370,7 +405,7 @@ class Store:
         if unknown:
             raise InvalidInput(f"Unknown conversation fields {sorted(unknown)}.",
                                f"Use {sorted(allowed)}.")
-        self.info(cid)
+        self.info(cid, damaged_ok=True)  # a damaged field can be written again
         for name in ("title", "system"):
             if fields.get(name) is not None:
                 check_text(fields[name], name, allow_blank=True)
@@ -384,7 +419,7 @@ class Store:
 
     def delete(self, cid: int) -> None:
         """Delete conversation ``cid``, its messages and its KV snapshot files."""
-        self.info(cid)
+        self.info(cid, damaged_ok=True)
         with self._transaction() as db:
             db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
         delete_conversation_files(self.kv_root, cid)
@@ -396,10 +431,14 @@ class Store:
 
     # ----- messages ----------------------------------------------------------------------
     def messages(self, cid: int) -> list[StoredMessage]:
-        self.info(cid)
+        """Every message, in order. A pending message whose process has died reads (and is
+        marked, where the store can be written) ``interrupted``."""
+        self.info(cid, damaged_ok=True)
+        dead = self._recover(cid)
         rows = self._read("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))
-        return [StoredMessage(r["id"], r["seq"], r["role"], r["content"], r["status"],
-                              r["tokens"], json.loads(r["usage"]) if r["usage"] else None)
+        return [StoredMessage(r["id"], r["seq"], r["role"], r["content"],
+                              "interrupted" if r["id"] in dead else r["status"], r["tokens"],
+                              _usage(r["usage"]))
                 for r in rows]
 
     def conversation(self, cid: int) -> Conversation:
@@ -408,7 +447,8 @@ class Store:
         stored = self.messages(cid)
         turns = []
         for user, reply in pairwise(stored):
-            if (user.role, reply.role) == ("user", "assistant") and user.status == "complete":
+            if ((user.role, reply.role) == ("user", "assistant")
+                    and user.status == reply.status == "complete"):
                 turns.append((user.content, reply.content))
         return Conversation.from_tuples(turns, system=info.system)
 
@@ -486,54 +526,47 @@ class Store:
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq >= ?",
                        (cid, last - 1))
 
-    def import_conversation(self, conversation: Conversation, **fields: Any) -> int:
-        cid = self.create(system=conversation.system, **fields)
-        for turn in conversation.turns:
-            user_id = self.begin_turn(cid, turn.user)
-            self.complete_turn(cid, user_id, turn.assistant, 0, {})
-        return cid
+    # ----- files -------------------------------------------------------------------------
+    def import_file(self, text: str) -> int:
+        """Import an OpenAI message list or rolechat's own JSON (checked in full first, see
+        :func:`rolechat.transfer.read_import`); returns the new id."""
+        return self.write_import(read_import(text))
 
+    def import_conversation(self, conversation: Conversation, *, owner: str | None = None,
+                            **fields: Any) -> int:
+        """Store ``conversation`` (title, persona, model, params in ``fields``); its id."""
+        return self.write_import(plan_conversation(conversation, **fields), owner=owner)
+
+    def write_import(self, plan: ImportPlan, *, owner: str | None = None) -> int:
+        """Write a checked import in one transaction: the conversation and every message, or
+        (on any failure) nothing. Returns the new id."""
+        now = _now()
+        first = next((content for role, content, _ in plan.entries if role == "user"), "")
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, persona, system, model, params, memory, "
+                "created_at, updated_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (plan.title or _title(first), plan.persona, plan.system, plan.model,
+                 json.dumps(plan.params, ensure_ascii=False),
+                 json.dumps(plan.memory, ensure_ascii=False), now, now, owner))
+            cid = int(cursor.lastrowid or 0)
+            # A complete reply gets the token count and usage a live one has (none measured).
+            db.executemany(
+                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, "
+                "usage, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ((cid, seq, role, content, status,
+                  *((0, "{}") if (role, status) == ("assistant", "complete") else (None, None)),
+                  now) for seq, (role, content, status) in enumerate(plan.entries)))
+        return cid
 
     def export(self, cid: int, fmt: str) -> str:
-        """The conversation as ``json`` (rolechat's own, re-importable) or ``md``."""
-        info = self.info(cid)
-        conversation = self.conversation(cid)
-        if fmt == "json":
-            return json.dumps({**conversation.to_dict(), "id": info.id, "title": info.title,
-                               "persona": info.persona, "model": info.model,
-                               "params": info.params, "memory": info.memory,
-                               "created_at": info.created_at},
-                              ensure_ascii=False, indent=2)
-        if fmt == "md":
-            text = conversation.to_markdown(info.title or f"Conversation {info.id}")
-            summary, pins = info.memory.get("summary"), info.memory.get("pins") or []
-            if summary:
-                text += f"\n## Summary of the earlier turns\n\n{summary}\n"
-            if pins:
-                text += f"\nPinned turns: {', '.join(str(p + 1) for p in pins)}\n"
-            return text
-        raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
-
-    def import_file(self, text: str) -> int:
-        """Import an OpenAI message list or rolechat's own JSON; returns the new id."""
-        conversation = Conversation.from_json(text)
-        if conversation.pending is not None:
-            conversation.messages.pop()  # a question without its answer is not a turn
-        data = json.loads(text)
-        fields: dict[str, Any] = {}
-        if isinstance(data, dict):
-            fields = {k: data[k] for k in ("title", "persona", "model", "params")
-                      if isinstance(data.get(k), (str, dict))}
-        # What the file carries must resume later, so it is checked as the CLI would.
-        if "params" in fields:
-            fields["params"] = GenerationParams.from_mapping(fields["params"]).explicit()
-        if "persona" in fields:
-            get_persona(fields["persona"])
-        cid = self.import_conversation(conversation, **fields)
-        memory = data.get("memory") if isinstance(data, dict) else None
-        if isinstance(memory, dict) and memory:
-            self.update(cid, memory=check_memory_record(memory, len(conversation.turns)))
-        return cid
+        """The conversation as ``json`` (rolechat's own, re-importable) or ``md``, every
+        message included (interrupted ones marked); a damaged field is left out."""
+        if fmt not in ("json", "md"):
+            raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
+        info = self.info(cid, damaged_ok=True)
+        messages = self.messages(cid)
+        return (export_json if fmt == "json" else export_markdown)(info, messages)
 
 
 def _title(text: str) -> str:
@@ -541,32 +574,37 @@ def _title(text: str) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
-def check_memory_record(memory: dict[str, Any], turns: int) -> dict[str, Any]:
-    """A stored or imported memory record, checked: InvalidInput says what is wrong."""
-    mode, summary = memory.get("mode", "none"), memory.get("summary")
-    covers, pins = memory.get("covers", 0), memory.get("pins", [])
-    if mode not in ("none", "summary"):
-        raise InvalidInput(f"memory.mode must be none or summary, got {mode!r}.",
-                           "Fix the file's memory section.")
-    if summary is not None and not isinstance(summary, str):
-        raise InvalidInput("memory.summary must be text.", "Fix the file's memory section.")
-    if not isinstance(covers, int) or not 0 <= covers <= turns:
-        raise InvalidInput(f"memory.covers must be a turn count from 0 to {turns}, got "
-                           f"{covers!r}.", "Fix the file's memory section.")
-    for name in ("pins", "summarized"):
-        value = memory.get(name, [])
-        if not isinstance(value, list) or not all(isinstance(p, int) and 0 <= p < turns
-                                                  for p in value):
-            raise InvalidInput(f"memory.{name} must list turns from 0 to {turns - 1}, got "
-                               f"{value!r}.", "Fix the file's memory section.")
-    record = {"mode": mode, "summary": summary, "covers": covers, "pins": sorted(set(pins))}
-    if "summarized" in memory:
-        record["summarized"] = sorted(set(memory["summarized"]))
-    return record
-
-
 def _info(row: sqlite3.Row) -> ConversationInfo:
+    damaged: dict[str, str] = {}
+    params = _object(row["params"], "params", damaged)
+    memory = _object(row["memory"], "memory", damaged)
+    if "memory" not in damaged:
+        try:
+            check_memory_record(memory, None)
+        except InvalidInput as exc:
+            damaged["memory"], memory = f"is not a memory record ({exc.message})", {}
     return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
-                            json.loads(row["params"] or "{}"), row["created_at"],
-                            row["updated_at"], row["turns"], row["owner"],
-                            json.loads(row["memory"] or "{}"))
+                            params, row["created_at"], row["updated_at"], row["turns"],
+                            row["owner"], memory, damaged)
+
+
+def _object(text: Any, name: str, damaged: dict[str, str]) -> dict[str, Any]:
+    """A JSON object column; a damaged one reads as empty and is named in ``damaged``."""
+    try:
+        value = json.loads(text or "{}")
+    except (ValueError, TypeError, RecursionError):
+        damaged[name] = f"is not valid JSON ({str(text)[:40]!r})"
+        return {}
+    if not isinstance(value, dict):
+        damaged[name] = f"is not a JSON object ({str(text)[:40]!r})"
+        return {}
+    return value
+
+
+def _usage(text: str | None) -> dict[str, Any] | None:
+    """A message's usage; damaged, it reads as unknown (None)."""
+    try:
+        value = json.loads(text) if text else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -3,10 +3,17 @@ and resuming a piped ``rolechat chat``, through the real installed command."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Cli
+from conftest import ROLECHAT, Cli, Result
 from rolechat.conversation import Conversation
 from rolechat.store import Store
 
@@ -146,13 +153,21 @@ def test_import_an_openai_list_from_a_file_and_stdin(cli: Cli) -> None:
                 {"role": "assistant", "content": "Arr!"},
                 {"role": "user", "content": "unanswered"}]
     path = cli.write("openai.json", json.dumps(messages))
-    cid = int(cli.ok("conversations", "import", str(path)).out)
+    result = cli.ok("conversations", "import", str(path))
+    cid = int(result.out)
     conversation = store(cli).conversation(cid)
     assert conversation.system == "You are a pirate."
     assert conversation.to_tuples() == [("Hello", "Arr!")]
+    # The unanswered question is kept, not dropped, and the command says so.
+    assert "last message has no reply; it is kept as an unanswered message" in result.err
+    assert [(m.content, m.status) for m in store(cli).messages(cid)][-1] == ("unanswered",
+                                                                          "interrupted")
+    shown = cli.ok("conversations", "show", str(cid)).out
+    assert "### You (interrupted: not answered)\n\nunanswered" in shown
 
-    piped = int(cli.ok("conversations", "import", "-", stdin=json.dumps(messages[:3])).out)
-    assert store(cli).conversation(piped) == conversation
+    piped = cli.ok("conversations", "import", "-", stdin=json.dumps(messages[:3]))
+    assert store(cli).conversation(int(piped.out)) == conversation
+    assert "no reply" not in piped.err
 
 
 def test_a_bad_import_fails_cleanly(cli: Cli) -> None:
@@ -163,6 +178,15 @@ def test_a_bad_import_fails_cleanly(cli: Cli) -> None:
     assert "should be an assistant message" in cli.fails("conversations", "import", str(twice),
                                                          code=2)
     cli.fails("conversations", "import", str(cli.tmp / "missing.json"), code=2)
+    empty = cli.write("empty.json", "[]")
+    assert "there is nothing to import" in cli.fails("conversations", "import", str(empty),
+                                                     code=2)
+    deep = cli.write("deep.json", "[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in cli.fails("conversations", "import", str(deep), code=2)
+    memory = cli.write("memory.json", json.dumps({
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "memory": {"mode": "summary", "pins": [3]}}))
+    assert "memory.pins" in cli.fails("conversations", "import", str(memory), code=2)
     assert store(cli).recent() == []
 
 
@@ -233,3 +257,127 @@ def test_memory_flags_are_saved_with_the_conversation(cli: Cli) -> None:
     assert "--memory" in error and "'everything' is not one of 'none', 'summary'" in error
     error = cli.fails("ask", "--summary-tokens", "2", "hi", code=2)
     assert "--summary-tokens" in error
+
+
+# ----- interrupted turns, damaged rows, read-only and full stores -------------------------------
+
+def test_show_and_export_keep_interrupted_turns(cli: Cli) -> None:
+    cid = seeded(cli, [("Show me code", "Sure.")])
+    saved = store(cli)
+    try:
+        cut = saved.begin_turn(cid, "Write a loop")
+        saved.interrupt_turn(cut, "Here:\n\n```python\nfor i in range(3):\n")
+    finally:
+        saved.close()
+    shown = cli.ok("conversations", "show", str(cid)).out
+    assert "### You (interrupted)\n\nWrite a loop" in shown
+    assert ("### Assistant (interrupted: the reply was cut off here)\n\nHere:\n\n```python\n"
+            "for i in range(3):\n```\n") in shown
+    exported = cli.ok("conversations", "export", str(cid)).json()
+    assert exported["messages"][2:] == [
+        {"role": "user", "content": "Write a loop", "status": "interrupted"},
+        {"role": "assistant", "content": "Here:\n\n```python\nfor i in range(3):\n",
+         "status": "interrupted"}]
+    path = cli.write("again.json", json.dumps(exported))
+    again = int(cli.ok("conversations", "import", str(path)).out)
+    assert store(cli).conversation(again).to_tuples() == [("Show me code", "Sure.")]
+    assert cli.ok("conversations", "show", str(again)).out == shown.replace(
+        f"Conversation {cid}", f"Conversation {again}")
+
+
+def test_a_damaged_row_leaves_the_list_usable(cli: Cli) -> None:
+    seeded(cli, [("A healthy one", "yes")])
+    bad = seeded(cli, [("A damaged one", "still here")])
+    worse = seeded(cli, [("Bad memory", "here too")])
+    db = sqlite3.connect(cli.home / "rolechat.db")
+    with db:
+        db.execute("UPDATE conversations SET params = '{oops' WHERE id = ?", (bad,))
+        db.execute("UPDATE conversations SET memory = '[1,2]' WHERE id = ?", (worse,))
+    db.close()
+
+    listed = cli.ok("conversations", "list")
+    assert "A healthy one" in listed.out
+    assert "A damaged one [damaged: params]" in listed.out
+    assert "Bad memory [damaged: memory]" in listed.out
+    assert f"conversation(s) {worse}, {bad} are damaged" in listed.err
+
+    line = cli.fails("ask", *NO_MODEL, "--cid", str(bad), "hello", code=6)
+    assert f"conversation {bad} is damaged: its params field is not valid JSON" in line
+    assert f"rolechat conversations export {bad} -o copy.json" in line
+    line = cli.fails("chat", *NO_MODEL, "--cid", str(worse), code=6, stdin="hi\n")
+    assert f"conversation {worse} is damaged: its memory field is not a JSON object" in line
+
+    shown = cli.ok("conversations", "show", str(bad))
+    assert "still here" in shown.out and "is damaged" in shown.err
+    copy = cli.tmp / "copy.json"
+    cli.ok("conversations", "export", str(bad), "-o", str(copy))
+    fixed = int(cli.ok("conversations", "import", str(copy)).out)
+    assert store(cli).conversation(fixed).to_tuples() == [("A damaged one", "still here")]
+    cli.ok("conversations", "delete", str(bad))
+    assert cli.ok("conversations", "list").out.count("[damaged") == 1
+
+
+def without_file_permission_override() -> None:
+    """In the child: root loses the capabilities that ignore file permissions, so a read-only
+    file or folder is read-only for it too (another user needs nothing)."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def with_a_full_disk() -> None:
+    """In the child: no file may grow (a full disk, as far as this process can tell)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def run_limited(cli: Cli, limit: Callable[[], None], *args: str) -> Result:
+    proc = subprocess.run([str(ROLECHAT), "conversations", *args], env=cli.env, cwd=cli.tmp,
+                          capture_output=True, preexec_fn=limit, timeout=60, check=False)
+    return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def test_a_read_only_store_can_be_read(cli: Cli) -> None:
+    """A read-only file in a read-only folder, without a WAL file: list, show and export
+    work (they used to open the store for writing); writes fail with one line."""
+    cid = seeded(cli, [("Why is the sky blue?", "Rayleigh scattering.")])
+    expected = cli.ok("conversations", "show", str(cid)).out
+    database = cli.home / "rolechat.db"
+    database.chmod(0o444)
+    cli.home.chmod(0o555)
+    try:
+        listed = run_limited(cli, without_file_permission_override, "list")
+        assert listed.code == 0, listed.describe()
+        assert "Why is the sky blue?" in listed.out
+        shown = run_limited(cli, without_file_permission_override, "show", str(cid))
+        assert (shown.code, shown.out) == (0, expected), shown.describe()
+        exported = run_limited(cli, without_file_permission_override, "export", str(cid))
+        assert exported.code == 0 and json.loads(exported.out)["id"] == cid
+        for write in (("delete", str(cid)), ("import", str(cli.write("in.json", "[{\"role\": "
+                                                                   "\"user\", \"content\": "
+                                                                   "\"hi\"}]")))):
+            refused = run_limited(cli, without_file_permission_override, *write)
+            assert refused.code == 6, refused.describe()
+            (line,) = refused.err.splitlines()
+            assert line.startswith("error: ") and "it cannot be written" in line
+            assert "list, show and export still work" in line
+    finally:
+        cli.home.chmod(0o755)
+        database.chmod(0o644)
+    assert [c.id for c in store(cli).recent()] == [cid]
+
+
+def test_a_full_disk_does_not_stop_reads(cli: Cli) -> None:
+    cid = seeded(cli, [("Why is the sky blue?", "Rayleigh scattering.")])
+    expected = cli.ok("conversations", "show", str(cid)).out
+    shown = run_limited(cli, with_a_full_disk, "show", str(cid))
+    assert (shown.code, shown.out) == (0, expected), shown.describe()
+    listed = run_limited(cli, with_a_full_disk, "list")
+    assert listed.code == 0 and "Why is the sky blue?" in listed.out, listed.describe()
+    refused = run_limited(cli, with_a_full_disk, "delete", str(cid))
+    assert refused.code == 6 and len(refused.err.splitlines()) == 1, refused.describe()
+    assert refused.err.startswith("error: Conversation store")
+    assert [c.id for c in store(cli).recent()] == [cid]

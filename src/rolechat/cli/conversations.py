@@ -1,4 +1,12 @@
-"""``rolechat conversations``: list, show, export, import and delete saved conversations."""
+"""``rolechat conversations``: list, show, export, import and delete saved conversations.
+
+Contract: ``list``, ``show`` and ``export`` only read: they open the store read-only, so they
+work on a read-only or full store, and never change it. ``show`` and ``export`` include every
+message (interrupted ones marked). ``import`` checks the whole file before writing anything and
+writes it in one transaction; a last user message without a reply is kept, marked interrupted,
+and said so on stderr. A damaged conversation is listed (flagged) and can be shown, exported and
+deleted; what cannot be read of it is said on stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,26 @@ from typing import BinaryIO
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import InvalidInput
+from ..store import Store
+from ..transfer import read_import
 from . import cli
 from .options import open_store
+
+
+def read_store() -> Store:
+    """The store, opened read-only: nothing a reading command does can change it."""
+    return Store.default(read_only=True)
+
+
+def damage_note(store: Store, cid: int) -> None:
+    """One stderr line when conversation ``cid`` has a damaged field (left out of the output)."""
+    damaged = store.info(cid, damaged_ok=True).damaged
+    if damaged:
+        fields = "; ".join(f"its {name} field {why}" for name, why in damaged.items())
+        click.echo(f"note: conversation {cid} is damaged ({fields}); left out here", err=True)
 
 
 @cli.group()
@@ -26,17 +50,29 @@ def list_(limit: int) -> None:
     table = Table()
     for column in ("id", "title", "turns", "persona", "updated"):
         table.add_column(column)
-    for info in open_store().recent(limit):
-        table.add_row(str(info.id), info.title, str(info.turns), info.persona or "",
+    damaged = []
+    for info in read_store().recent(limit):
+        title = info.title
+        if info.damaged:
+            damaged.append(info.id)
+            title = f"{title} [damaged: {', '.join(info.damaged)}]".lstrip()
+        table.add_row(str(info.id), Text(title), str(info.turns), info.persona or "",
                       info.updated_at[:19].replace("T", " "))
     Console(width=None if Console().is_terminal else 160).print(table)
+    if damaged:
+        names = ", ".join(map(str, damaged))
+        click.echo(f"note: conversation(s) {names} are damaged and cannot be continued; "
+                   f"`rolechat conversations show ID` shows what they hold", err=True)
 
 
 @conversations.command()
 @click.argument("cid", type=int)
 def show(cid: int) -> None:
-    """Print conversation CID as Markdown."""
-    click.echo(open_store().export(cid, "md"))
+    """Print conversation CID as Markdown (every message; interrupted ones marked)."""
+    store = read_store()
+    text = store.export(cid, "md")
+    damage_note(store, cid)
+    click.echo(text)
 
 
 @conversations.command()
@@ -47,7 +83,9 @@ def show(cid: int) -> None:
               help="Write to this file instead of stdout.")
 def export(cid: int, fmt: str, output: Path | None) -> None:
     """Export conversation CID (json can be imported again)."""
-    text = open_store().export(cid, fmt)
+    store = read_store()
+    text = store.export(cid, fmt)
+    damage_note(store, cid)
     if output is None:
         click.echo(text)
     else:
@@ -58,7 +96,9 @@ def export(cid: int, fmt: str, output: Path | None) -> None:
 @conversations.command("import")
 @click.argument("file", type=click.File("rb"))
 def import_(file: BinaryIO) -> None:
-    """Import FILE (an OpenAI message list or rolechat's JSON; - for stdin)."""
+    """Import FILE (an OpenAI message list or rolechat's JSON; - for stdin). The whole file is
+    checked first, then written at once; a last message without a reply is kept, marked
+    interrupted."""
     raw = file.read()
     try:
         text = raw.decode("utf-8")
@@ -66,8 +106,13 @@ def import_(file: BinaryIO) -> None:
         raise InvalidInput(f"{file.name} is not UTF-8 text: byte {raw[exc.start]:#04x} at "
                            f"offset {exc.start} cannot be decoded.",
                            "Save the file as UTF-8 (rolechat export writes UTF-8).") from None
-    cid = open_store().import_file(text)
+    plan = read_import(text)  # checked in full before the store is even opened
+    cid = open_store().write_import(plan)
     click.echo(cid)
+    if plan.unanswered:
+        click.echo("note: the file's last message has no reply; it is kept as an unanswered "
+                   "message, marked interrupted (shown and exported, not part of a turn)",
+                   err=True)
     click.echo(f"imported as conversation {cid}; continue it with `rolechat chat --cid {cid}`",
                err=True)
 

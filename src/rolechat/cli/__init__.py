@@ -4,80 +4,43 @@ Contract: commands mirror library nouns (``ask``, ``chat``, ``prompt``, ``person
 no logic the library lacks. A :class:`~rolechat.errors.RolechatError` becomes one line on
 stderr (``error: what was wrong. What to do.``) and the error's exit code; Ctrl-C exits 130,
 SIGTERM and SIGHUP 143 and 129 (a reply in progress is stored ``interrupted``), and a closed
-stdout (``| head``) ends quietly with 0.
+stdout (``| head``) ends quietly with 0. The group lives in :mod:`rolechat.cli.group`, its
+commands in the modules :mod:`rolechat.cli.commands` registers; this module imports them only
+when :func:`main` runs, so that Ctrl-C at any moment of start-up, while they are still being
+imported, exits 130 too, with no traceback.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-from typing import Any
 
-import click
+TYPE_CHECKING = False  # not typing's: importing typing takes a while, and Ctrl-C may come
+if TYPE_CHECKING:
+    from typing import Any
 
-from .. import __version__
-from ..errors import RolechatError
-from .render import echo
-
-
-class RolechatGroup(click.Group):
-    """Translates library errors into a one-line message and an exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except RolechatError as exc:
-            echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            sys.exit(130)
-        except BrokenPipeError:
-            _stdout_gone()
-
-
-@click.group(cls=RolechatGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="rolechat")
-def cli() -> None:
-    """Chat with a local language model: personas, history, a sliding window, KV-cache reuse."""
-
-
-class Terminated(SystemExit):
-    """SIGTERM or SIGHUP: leave like Ctrl-C does (a reply in progress is marked interrupted,
-    snapshot files are finished), with the conventional exit status."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
-def _stdout_gone() -> None:
-    """The reader of stdout went away (``rolechat ask ... | head -1``): stop quietly."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
-    sys.exit(0)
+    from .group import cli as cli
 
 
 def main() -> None:
-    """Entry point: click's own usage errors become one ``error:`` line too."""
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _terminate)
+    """The ``rolechat`` console script."""
     try:
-        code = cli.main(standalone_mode=False)
-    except BrokenPipeError:
-        _stdout_gone()
-    except click.ClickException as exc:
-        where = getattr(getattr(exc, "ctx", None), "command_path", "rolechat")
-        echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("", err=True)
+        from . import commands  # noqa: F401  (they register)
+        from .group import run
+
+        run()
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
 
 
-from . import ask, chat, conversations, personas, prompt, serve  # noqa: E402  (they register)
+def __getattr__(name: str) -> Any:
+    """``cli`` (the click group), imported when it is first asked for."""
+    if name == "cli":
+        from . import commands  # noqa: F401  (they register)
+        from .group import cli
 
-__all__ = ["ask", "chat", "cli", "conversations", "main", "personas", "prompt", "serve"]
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["cli", "main"]

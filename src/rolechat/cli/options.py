@@ -3,13 +3,18 @@
 Contract: generation flags are generated from :class:`~rolechat.params.GenerationParams`' own
 fields (names, help), and their values are validated by that same schema, so the CLI can never
 disagree with the library about names, ranges or error wording. Loading a model shows a
-spinner on a terminal (stderr) and nothing otherwise.
+spinner on a terminal (stderr) and nothing otherwise; Ctrl-C during the load always stops it
+(:func:`interrupt_kept`), and nothing is sent or saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -220,15 +225,53 @@ def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> 
                            "For example: --base-url http://127.0.0.1:8000/v1")
     check_options(name, given, flag=lambda option: flag_of(option, api_key_flag))
     if not err_console.is_terminal:
-        loaded = load_engine(model, engine=name, hub=hub, **given)
+        with interrupt_kept():
+            loaded = load_engine(model, engine=name, hub=hub, **given)
     else:
         label = model or given.get("base_url") or "the embedded model"
-        with err_console.status(f"Loading {label}…", spinner="dots"):
+        with err_console.status(f"Loading {label}…", spinner="dots"), interrupt_kept():
             loaded = load_engine(model, engine=name, hub=hub, **given)
     fast = getattr(loaded, "fast", None)
     if fast is not None:  # a GPU step being compiled or captured says so on stderr
         fast.progress = lambda text: err_console.print(text, style="dim", markup=False)
     return loaded
+
+
+@contextlib.contextmanager
+def interrupt_kept() -> Iterator[None]:
+    """Ctrl-C while this runs ends it with KeyboardInterrupt, always. Native code calls back
+    into Python (llama.cpp's log callback runs all through a model load); a KeyboardInterrupt
+    raised inside such a ctypes callback is printed and dropped, and the load would go on as if
+    nothing had happened. Here the signal is noted when it arrives and raised again once the
+    native code returns (the dropped one is not printed)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # only the main thread gets signals; SIG_IGN: Ctrl-C does nothing here
+        return
+    pressed: list[int] = []
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        previous(signum, frame)  # Python's own handler: raises KeyboardInterrupt
+
+    def unraisable(info: Any) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
+    hook = sys.unraisablehook
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except Exception:
+        if pressed:  # whatever the interrupted code made of it, it was Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def store_options(func: F) -> F:

@@ -23,6 +23,7 @@ from ..store import Store
 from ..transfer import read_import
 from . import cli
 from .options import open_store
+from .render import echo
 
 
 def read_store() -> Store:
@@ -35,7 +36,7 @@ def damage_note(store: Store, cid: int) -> None:
     damaged = store.info(cid, damaged_ok=True).damaged
     if damaged:
         fields = "; ".join(f"its {name} field {why}" for name, why in damaged.items())
-        click.echo(f"note: conversation {cid} is damaged ({fields}); left out here", err=True)
+        echo(f"note: conversation {cid} is damaged ({fields}); left out here", err=True)
 
 
 @cli.group()
@@ -61,8 +62,8 @@ def list_(limit: int) -> None:
     Console(width=None if Console().is_terminal else 160).print(table)
     if damaged:
         names = ", ".join(map(str, damaged))
-        click.echo(f"note: conversation(s) {names} are damaged and cannot be continued; "
-                   f"`rolechat conversations show ID` shows what they hold", err=True)
+        echo(f"note: conversation(s) {names} are damaged and cannot be continued; "
+             f"`rolechat conversations show ID` shows what they hold", err=True)
 
 
 @conversations.command()
@@ -72,7 +73,7 @@ def show(cid: int) -> None:
     store = read_store()
     text = store.export(cid, "md")
     damage_note(store, cid)
-    click.echo(text)
+    echo(text)
 
 
 @conversations.command()
@@ -87,10 +88,10 @@ def export(cid: int, fmt: str, output: Path | None) -> None:
     text = store.export(cid, fmt)
     damage_note(store, cid)
     if output is None:
-        click.echo(text)
+        click.echo(text)  # as it is: a file's content, to be saved or piped
     else:
         output.write_text(text + "\n", encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+        echo(f"wrote {output}", err=True)
 
 
 @conversations.command("import")
@@ -110,11 +111,11 @@ def import_(file: BinaryIO) -> None:
     cid = open_store().write_import(plan)
     click.echo(cid)
     if plan.unanswered:
-        click.echo("note: the file's last message has no reply; it is kept as an unanswered "
-                   "message, marked interrupted (shown and exported, not part of a turn)",
-                   err=True)
-    click.echo(f"imported as conversation {cid}; continue it with `rolechat chat --cid {cid}`",
-               err=True)
+        echo("note: the file's last message has no reply; it is kept as an unanswered "
+             "message, marked interrupted (shown and exported, not part of a turn)",
+             err=True)
+    echo(f"imported as conversation {cid}; continue it with `rolechat chat --cid {cid}`",
+         err=True)
 
 
 @conversations.command()
@@ -122,4 +123,4 @@ def import_(file: BinaryIO) -> None:
 def delete(cid: int) -> None:
     """Delete conversation CID."""
     open_store().delete(cid)
-    click.echo(f"deleted conversation {cid}", err=True)
+    echo(f"deleted conversation {cid}", err=True)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..persona import DEFAULT_PERSONA, load_personas, persona_dir
 from . import cli
+from .render import echo
 
 
 @cli.command()
@@ -34,4 +35,4 @@ def personas(as_json: bool) -> None:
         console.print(table)
         console.print(f"Add your own: {persona_dir()}/NAME.toml", style="dim")
     for name, exc in broken.items():
-        click.echo(f"warning: persona {name!r} is broken: {exc}", err=True)
+        echo(f"warning: persona {name!r} is broken: {exc}", err=True)

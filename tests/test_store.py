@@ -186,13 +186,15 @@ def test_drop_last_turn(store: Store) -> None:
     cid = store.create()
     one_turn(store, cid, "one", "1")
     one_turn(store, cid, "two", "2")
-    store.begin_turn(cid, "pending after")
-    store.drop_last_turn(cid)
+    store.begin_turn(cid, "pending after")  # another writer's reply, still being written
+    dropped = store.drop_last_turn(cid)
+    assert dropped is not None and (dropped.user.content, dropped.reply.content) == ("two", "2")
     assert store.conversation(cid).to_tuples() == [("one", "1")]
-    assert [m.content for m in store.messages(cid)] == ["one", "1"]
+    # Exactly the turn's two messages go: never a message whose reply is being written.
+    assert [m.content for m in store.messages(cid)] == ["one", "1", "pending after"]
     store.drop_last_turn(cid)
-    store.drop_last_turn(cid)  # nothing left: no error
-    assert store.messages(cid) == []
+    assert store.drop_last_turn(cid) is None  # nothing left: no error
+    assert [m.content for m in store.messages(cid)] == ["pending after"]
 
 
 # ----- listing, editing, deleting ------------------------------------------------------------
@@ -612,11 +614,13 @@ def test_an_interrupted_reply_keeps_its_text_out_of_every_turn(tmp_path: Path) -
     assert store.info(cid).turns == 1 and store.recent()[0].turns == 1
     store.extend_last_reply(cid, " more", 1, {})  # the complete reply, not the cut one
     assert store.messages(cid)[1].content == "one more"
-    store.drop_last_turn(cid)  # /undo removes the last complete turn and what came after
-    assert store.messages(cid) == []
+    store.drop_last_turn(cid)  # /undo removes the last complete turn: its two messages only
+    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted"),
+                                                                  ("assistant", "interrupted")]
     empty = store.begin_turn(cid, "third")
     store.interrupt_turn(empty)  # stopped before any text: the message alone
-    assert [(m.role, m.status) for m in store.messages(cid)] == [("user", "interrupted")]
+    assert [(m.role, m.status) for m in store.messages(cid)][-1] == ("user", "interrupted")
+    assert len(store.messages(cid)) == 3
     store.close()
 
 

@@ -132,3 +132,28 @@ class StoreError(RolechatError):
         super().__init__(f"Conversation store {path!r}: {reason}.",
                          hint or "Check that the file is readable and writable and that no other "
                                  "program holds it locked.")
+
+
+class ConversationChanged(RolechatError):
+    """A stale view: an action (undo, retry, continue, an edit) named a turn, or a version, of
+    a conversation that has changed since: another window, tab or process wrote to it. Nothing
+    was changed. ``turn`` is the turn the action named (None: it named none), ``last`` the
+    conversation's last turn now (None: it has none); ``version``/``current`` the version the
+    action named and the stored one (None where no version was named)."""
+
+    exit_code = 7
+
+    def __init__(self, cid: int, *, turn: int | None = None, last: int | None = None,
+                 version: int | None = None, current: int | None = None) -> None:
+        self.cid, self.turn, self.last = cid, turn, last
+        self.version, self.current = version, current
+        if version is not None and version != current:
+            why = f"it is at version {current}, not {version}"
+        elif turn is None:
+            why = f"it has a turn this view has not shown (its last turn is now {last})"
+        else:
+            now = f"its last turn is now {last}" if last is not None else "it has no turns now"
+            why = f"turn {turn} is not its last turn any more ({now})"
+        super().__init__(
+            f"Conversation {cid} changed in another window or client: {why}. Nothing was "
+            "changed.", "Load the conversation again to see it, then act on the turn you see.")

@@ -22,6 +22,15 @@ Contract:
   ``ConversationInfo.damaged`` naming the field; :meth:`Store.info` refuses to open it with a
   StoreError that names the conversation and the field and says what to do (export, import
   again, delete). Its messages can still be shown and exported.
+- Every write to a conversation adds one to its ``version`` (:meth:`Store.version_of`, one
+  indexed read) and returns the new one, so a reader can tell cheaply whether another writer
+  changed it. A turn is named by its reply's id (never reused; a continuation gives the reply a
+  new id); a turn completes at the end of the conversation, its two messages together, however
+  turns of several writers interleave. :meth:`Store.drop_last_turn` and
+  :meth:`Store.extend_last_reply` take the turn they act on (and a version) and check it inside
+  their transaction: a stale action raises :class:`~rolechat.errors.ConversationChanged` and
+  changes nothing. Undo deletes exactly the turn's two messages. (The SQL is in
+  :mod:`rolechat.store_turns`, the records in :mod:`rolechat.store_rows`.)
 - Reads take the same lock as writes, so a thread never reads inside another thread's open
   transaction on the shared connection. Only complete turns are ever loaded back into a
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
@@ -44,13 +53,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import pairwise
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
+from . import store_turns as turns
 from .conversation import Conversation, check_text
 from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
@@ -63,6 +71,15 @@ from .store_db import (
     process_id,
     store_error,
 )
+from .store_rows import (
+    ConversationInfo,
+    Dropped,
+    Loaded,
+    StoredMessage,
+    conversation_info,
+    stored_message,
+)
+from .store_turns import TurnName, Written
 from .transfer import (
     ImportPlan,
     check_memory_record,
@@ -72,8 +89,8 @@ from .transfer import (
     read_import,
 )
 
-__all__ = ["MIGRATIONS", "ConversationInfo", "Store", "StoredMessage", "check_memory_record",
-           "process_alive", "process_id"]
+__all__ = ["MIGRATIONS", "ConversationInfo", "Dropped", "Loaded", "Store", "StoredMessage",
+           "Written", "check_memory_record", "process_alive", "process_id"]
 
 #: Schema migrations; migration i brings ``user_version`` from i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -118,6 +135,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE conversations ADD COLUMN memory TEXT NOT NULL DEFAULT '{}';
     """,
+    # 5: message ids are never reused (a turn is named by its reply's id) and every write to
+    #    a conversation adds one to its version (rolechat.store_turns).
+    turns.VERSION_MIGRATION,
 )
 
 
@@ -128,36 +148,6 @@ LOCK_TIMEOUT_S = 30.0
 def _now() -> str:
     # Microseconds: ``recent``/``latest`` order by this, and two writes often share a second.
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-@dataclass(frozen=True)
-class ConversationInfo:
-    id: int
-    title: str
-    persona: str | None
-    system: str | None
-    model: str | None
-    params: dict[str, Any]
-    created_at: str
-    updated_at: str
-    turns: int = 0
-    #: Who the conversation belongs to (the server's hashed API key); None: nobody in particular.
-    owner: str | None = None
-    #: The window's memory (``mode``, ``summary``, ``covers``, ``pins``; see rolechat.memory).
-    memory: dict[str, Any] = field(default_factory=dict)
-    #: Fields whose stored value is damaged (read as empty): ``{"params": "not valid JSON"}``.
-    damaged: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    id: int
-    seq: int
-    role: str
-    content: str
-    status: str
-    tokens: int | None
-    usage: dict[str, Any] | None
 
 
 class Store:
@@ -370,7 +360,7 @@ class Store:
         if row is None:
             raise StoreError(str(self.path), f"there is no conversation {cid}",
                              "See `rolechat conversations list`.", missing=True)
-        info = _info(row)
+        info = conversation_info(row)
         if info.damaged and not damaged_ok:
             name, why = next(iter(info.damaged.items()))
             raise StoreError(
@@ -391,15 +381,15 @@ class Store:
             "m.role = 'assistant' AND m.status = 'complete') AS turns FROM conversations c "
             f"{where}"
             "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args)
-        return [_info(row) for row in rows]
+        return [conversation_info(row) for row in rows]
 
     def latest(self) -> int | None:
         rows = self._read("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC "
                           "LIMIT 1")
         return int(rows[0][0]) if rows else None
 
-    def update(self, cid: int, **fields: Any) -> None:
-        """Change title, persona, system, model, params or memory."""
+    def update(self, cid: int, **fields: Any) -> int:
+        """Change title, persona, system, model, params or memory; the new version."""
         allowed = {"title", "persona", "system", "model", "params", "memory"}
         unknown = set(fields) - allowed
         if unknown:
@@ -416,6 +406,7 @@ class Store:
         with self._transaction() as db:
             db.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
                        (*fields.values(), _now(), cid))
+            return turns.bump(db, cid)
 
     def delete(self, cid: int) -> None:
         """Delete conversation ``cid``, its messages and its KV snapshot files."""
@@ -436,95 +427,98 @@ class Store:
         self.info(cid, damaged_ok=True)
         dead = self._recover(cid)
         rows = self._read("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))
-        return [StoredMessage(r["id"], r["seq"], r["role"], r["content"],
-                              "interrupted" if r["id"] in dead else r["status"], r["tokens"],
-                              _usage(r["usage"]))
-                for r in rows]
+        return [stored_message(r, interrupted=r["id"] in dead) for r in rows]
 
     def conversation(self, cid: int) -> Conversation:
         """The completed turns only: a pending or interrupted message never comes back."""
-        info = self.info(cid)
-        stored = self.messages(cid)
-        turns = []
-        for user, reply in pairwise(stored):
-            if ((user.role, reply.role) == ("user", "assistant")
-                    and user.status == reply.status == "complete"):
-                turns.append((user.content, reply.content))
-        return Conversation.from_tuples(turns, system=info.system)
+        return self.load(cid).conversation
 
-    def _next_seq(self, db: sqlite3.Connection, cid: int) -> int:
-        row = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages "
-                         "WHERE conversation_id = ?", (cid,)).fetchone()
-        return int(row[0])
+    def load(self, cid: int) -> Loaded:
+        """The conversation's record, completed turns, turn names and version."""
+        info = self.info(cid)
+        pairs = turns.turn_pairs(self.messages(cid), lambda m: (m.role, m.status))
+        conversation = Conversation.from_tuples([(u.content, r.content) for u, r in pairs],
+                                                system=info.system)
+        return Loaded(info, conversation, [r.id for _, r in pairs], info.version)
+
+    def version_of(self, cid: int) -> int:
+        """Conversation ``cid``'s version (one indexed read): it changes with every write."""
+        rows = self._read("SELECT version FROM conversations WHERE id = ?", (cid,))
+        if not rows:
+            raise StoreError(str(self.path), f"there is no conversation {cid}",
+                             "See `rolechat conversations list`.", missing=True)
+        return int(rows[0][0])
+
+    def check_last_turn(self, cid: int, turn: TurnName, version: int | None = None) -> None:
+        """Raise ConversationChanged unless ``turn`` is the last turn (None: there is none) and,
+        with ``version``, the version is that one."""
+        with self._lock:
+            try:
+                turns.check_last(self._db, cid, turn, version)
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from None
 
     def begin_turn(self, cid: int, text: str, tokens: int | None = None) -> int:
         """Save the user's message before generating; returns its id."""
+        return self.start_turn(cid, text, tokens).id
+
+    def start_turn(self, cid: int, text: str, tokens: int | None = None) -> Written:
+        """:meth:`begin_turn`, with the conversation's version after it."""
         self.info(cid)
         now = _now()
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens,"
-                " created_at, writer) VALUES (?, ?, 'user', ?, 'pending', ?, ?, ?)",
-                (cid, self._next_seq(db, cid), text, tokens, now, self._writer))
+            written = turns.begin(db, cid, text, tokens, now, self._writer)
             db.execute("UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' "
                        "THEN ? ELSE title END WHERE id = ?", (now, _title(text), cid))
-        return int(cursor.lastrowid or 0)
+        return written
 
     def complete_turn(self, cid: int, user_id: int, reply: str, tokens: int,
-                      usage: dict[str, Any], *, memory: dict[str, Any] | None = None) -> None:
-        """Save the finished reply and mark its user message complete, atomically (with the
-        conversation's new ``memory`` when the turn changed it)."""
-        now = _now()
+                      usage: dict[str, Any], *, memory: dict[str, Any] | None = None,
+                      seen: int | None = None) -> Written:
+        """Save the finished reply and mark its user message complete, atomically, the turn at
+        the end of the conversation (with its new ``memory`` when the turn changed it, and,
+        with ``seen``, only if the version is still that one). The reply's id and the new
+        version."""
         with self._transaction() as db:
-            if memory is not None:
-                db.execute("UPDATE conversations SET memory = ? WHERE id = ?",
-                           (json.dumps(memory, ensure_ascii=False), cid))
-            db.execute("UPDATE messages SET status = 'complete' WHERE id = ?", (user_id,))
-            db.execute(
-                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
-                " created_at) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?)",
-                (cid, self._next_seq(db, cid), reply, tokens, json.dumps(usage), now))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+            return turns.complete(db, cid, user_id, reply, tokens, usage, _now(),
+                                  memory=memory, seen=seen)
 
-    def extend_last_reply(self, cid: int, text: str, tokens: int,
-                          usage: dict[str, Any]) -> None:
+    def extend_last_reply(self, cid: int, text: str, tokens: int, usage: dict[str, Any], *,
+                          turn: TurnName = ...) -> Written:
         """Append a continuation to the newest reply (``/continue``): its text, its tokens,
-        and the continuation's usage (marked ``continued``)."""
+        and the continuation's usage (marked ``continued``). With ``turn``, only if that is
+        still the last turn (else ConversationChanged). The reply gets a new id: returned, with
+        the new version."""
         with self._transaction() as db:
-            row = db.execute("SELECT id, usage FROM messages WHERE conversation_id = ? AND "
-                             "role = 'assistant' AND status = 'complete' ORDER BY seq DESC "
-                             "LIMIT 1", (cid,)).fetchone()
-            if row is None:
-                raise InvalidInput("There is no reply to continue.", "Send a message first.")
-            db.execute("UPDATE messages SET content = content || ?, tokens = COALESCE(tokens, 0)"
-                       " + ?, usage = ? WHERE id = ?",
-                       (text, tokens, json.dumps({**usage, "continued": True}), row["id"]))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), cid))
+            return turns.extend(db, cid, turn, text, tokens, usage, _now())
 
-    def interrupt_turn(self, user_id: int, partial: str = "") -> None:
+    def interrupt_turn(self, user_id: int, partial: str = "") -> int | None:
         """The reply did not complete: keep the message, and the reply's text so far
-        (``partial``), both marked interrupted and out of every prompt."""
+        (``partial``), both marked interrupted and out of every prompt. The new version (None:
+        the message was not pending)."""
         with self._transaction() as db:
-            changed = db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
-                                 "status = 'pending'", (user_id,)).rowcount
-            if partial and changed:
-                cid = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
-                                 (user_id,)).fetchone()[0]
-                db.execute(
-                    "INSERT INTO messages (conversation_id, seq, role, content, status,"
-                    " created_at) VALUES (?, ?, 'assistant', ?, 'interrupted', ?)",
-                    (cid, self._next_seq(db, cid), partial, _now()))
+            return turns.interrupt(db, user_id, partial, _now())
 
-    def drop_last_turn(self, cid: int) -> None:
-        """Delete the newest complete turn (and anything after it): ``/undo``."""
-        stored = [m for m in self.messages(cid)
-                  if m.role == "assistant" and m.status == "complete"]
-        if not stored:
-            return
-        last = stored[-1].seq
+    def drop_last_turn(self, cid: int, turn: TurnName = ..., *,
+                       version: int | None = None) -> Dropped | None:
+        """Delete the newest complete turn's two messages (``/undo``): with ``turn``, only if
+        it is still that one, and with ``version`` only at that version (checked in the same
+        transaction; else ConversationChanged and nothing is deleted). What was removed, or
+        None if there is no turn."""
+        self.info(cid, damaged_ok=True)
+        self._recover(cid)
         with self._transaction() as db:
-            db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq >= ?",
-                       (cid, last - 1))
+            dropped = turns.drop_last(db, cid, turn, version)
+        if dropped is None:
+            return None
+        user, reply, version = dropped
+        return Dropped(stored_message(user), stored_message(reply), version)
+
+    def put_back_turn(self, cid: int, user: StoredMessage, reply: StoredMessage) -> int:
+        """Write a turn :meth:`drop_last_turn` removed back at the end, with its own ids (a
+        retry that did not complete); the new version."""
+        with self._transaction() as db:
+            return turns.put_back(db, cid, user, reply, _now())
 
     # ----- files -------------------------------------------------------------------------
     def import_file(self, text: str) -> int:
@@ -572,39 +566,3 @@ class Store:
 def _title(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= 60 else line[:59] + "…"
-
-
-def _info(row: sqlite3.Row) -> ConversationInfo:
-    damaged: dict[str, str] = {}
-    params = _object(row["params"], "params", damaged)
-    memory = _object(row["memory"], "memory", damaged)
-    if "memory" not in damaged:
-        try:
-            check_memory_record(memory, None)
-        except InvalidInput as exc:
-            damaged["memory"], memory = f"is not a memory record ({exc.message})", {}
-    return ConversationInfo(row["id"], row["title"], row["persona"], row["system"], row["model"],
-                            params, row["created_at"], row["updated_at"], row["turns"],
-                            row["owner"], memory, damaged)
-
-
-def _object(text: Any, name: str, damaged: dict[str, str]) -> dict[str, Any]:
-    """A JSON object column; a damaged one reads as empty and is named in ``damaged``."""
-    try:
-        value = json.loads(text or "{}")
-    except (ValueError, TypeError, RecursionError):
-        damaged[name] = f"is not valid JSON ({str(text)[:40]!r})"
-        return {}
-    if not isinstance(value, dict):
-        damaged[name] = f"is not a JSON object ({str(text)[:40]!r})"
-        return {}
-    return value
-
-
-def _usage(text: str | None) -> dict[str, Any] | None:
-    """A message's usage; damaged, it reads as unknown (None)."""
-    try:
-        value = json.loads(text) if text else None
-    except (ValueError, TypeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None

@@ -41,16 +41,18 @@ class Reply:
     #: The parameters the reply was generated with, and where each came from.
     params: GenerationParams | None = None
     params_from: dict[str, str] | None = None
+    #: The stored turn's name (its reply's id in the store; a saved chat sets it), else None.
+    turn: int | None = None
 
 
 class TurnLog(Protocol):
     """Something that records turns as they happen (a
     :class:`~rolechat.saved.SavedChat`): ``started`` before generating, then exactly one of
-    ``completed`` or ``failed``."""
+    ``completed`` (which returns the stored turn's name, or None) or ``failed``."""
 
     def started(self, text: str, plan: WindowPlan, *, continues: bool = False) -> Any: ...
 
-    def completed(self, handle: Any, text: str, reply: Reply) -> None: ...
+    def completed(self, handle: Any, text: str, reply: Reply) -> int | None: ...
 
     def failed(self, handle: Any, partial: str = "") -> None: ...
 
@@ -133,7 +135,10 @@ class ReplyStream(Iterator[str]):
                     if self._pinned:
                         self._chat.memory.pins.add(len(self._chat.conversation.turns) - 1)
                 if self._chat.log is not None:
-                    self._chat.log.completed(self._handle, self._text, self.reply)
+                    turn = self._chat.log.completed(self._handle, self._text, self.reply)
+                    if turn is not None:
+                        self.reply = replace(self.reply, turn=turn)
+                        self._chat.last_reply = self.reply
             raise
         except BaseException:
             self.close()

@@ -12,8 +12,19 @@ Contract:
   message ``pending`` before generation, the reply and the message's ``complete`` status in one
   transaction when it finishes, ``interrupted`` when it does not (with the reply's text so far,
   marked ``interrupted`` too: shown, never sent back to the model).
+- One truth for every writer (other windows, tabs and processes write to the same store):
+  the saved chat knows the version of the conversation it shows (and each turn's name, its
+  reply's id). ``refresh`` compares it with the store (one indexed read) and, when another
+  writer changed it, loads the turns, system prompt, memory and what else changed there, and
+  says what (:class:`Changes`); ``send``/``stream``/``plan``/``prompt`` refresh first, so a
+  new message's prompt holds every stored turn.
 - ``undo`` removes the last turn; ``retry`` removes it and generates it again — a retry that
-  does not complete puts the old turn back, its usage included. ``set_system``,
+  does not complete puts the old turn back (the same turn: its ids and usage);
+  ``continue_reply`` goes on with the last reply. Each names the turn it acts on (default: the
+  last turn this chat shows; ``version=`` adds a version), checked by the store in the same
+  transaction as the change: a turn that is no longer the last raises
+  :class:`~rolechat.errors.ConversationChanged`, nothing is changed, and the chat shows the
+  store's turns again. A turn's id comes with its reply (``Reply.turn``). ``set_system``,
   ``set_persona``, ``set_params`` change the chat and the stored row together. ``reset`` starts
   a new conversation with the same role and parameters (the old one stays saved). Each change
   is written to the store first, so a store error leaves both as they were.
@@ -27,8 +38,9 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,20 +48,44 @@ from .chat import Chat, Reply, ReplyStream
 from .conversation import Turn
 from .engines.base import Engine
 from .engines.snapshots import CacheKey, DiskTier, conversation_snapshot
-from .errors import InvalidInput, StoreError
+from .errors import ConversationChanged, InvalidInput, RolechatError, StoreError
 from .memory import Memory
 from .params import GenerationParams, valid_defaults
 from .persona import get_persona
-from .store import Store, StoredMessage, check_memory_record
+from .store import ConversationInfo, Loaded, Store, StoredMessage, check_memory_record
 from .window import Window, WindowPlan
 
 log = logging.getLogger("rolechat.store")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as the store gives it back (JSON: tuples are lists)."""
+    return json.loads(json.dumps(value))
 
 
 def usage_record(reply: Reply) -> dict[str, Any]:
     """What the store keeps of a reply's usage."""
     return {**reply.usage.to_dict(), "finish_reason": reply.finish_reason,
             "window": reply.plan.to_dict()}
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What other writers changed since a saved chat last looked (:meth:`SavedChat.refresh`):
+    ``added`` turns after the ones it showed, ``removed`` turns it showed that are gone or
+    changed (undone, retried, continued), and whether the system prompt, persona or
+    parameters (``settings``) changed."""
+
+    added: int = 0
+    removed: int = 0
+    settings: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.settings)
+
+
+#: The stored fields a saved chat takes from the store again when another writer changed them.
+SETTINGS = ("persona", "system", "params")
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,14 @@ class SavedChat:
         self._cid = cid
         self._title, self._owner = title, owner
         self._retrying: RemovedTurn | None = None
+        #: The store's version this chat shows (None: not known; the next refresh loads it).
+        self._version: int | None = None
+        #: Each turn's name (its reply's id; None: not stored), in step with the chat's turns.
+        self._ids: list[int | None] = [None] * len(chat.conversation.turns)
+        #: The stored persona, system prompt and parameters as this chat last read or wrote them.
+        self._stored: dict[str, Any] = {}
+        #: The turn a continuation goes on with.
+        self._continuing: int | None = None
         chat.log = self
         if cid is not None:
             chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
@@ -100,12 +144,13 @@ class SavedChat:
         """Conversation ``cid`` with its stored persona, system prompt, parameters and memory
         (its summary, pins and memory mode); those given here override them, and are saved
         with it unless ``save`` is False (then they apply to this session only)."""
-        info = store.info(cid)
+        loaded = store.load(cid)
+        info = loaded.info
         overrides = (params if isinstance(params, GenerationParams)
                      else GenerationParams.from_mapping(params))
         # A value stored before a range was narrowed (temperature 5) falls back to the default.
         stored = GenerationParams(**valid_defaults(info.params))
-        conversation = store.conversation(cid)
+        conversation = loaded.conversation
         record = check_memory_record(info.memory, len(conversation.turns))
         chat = Chat(engine, persona=persona or info.persona,
                     params=stored.merged(**overrides.explicit()),
@@ -116,12 +161,13 @@ class SavedChat:
         chat.first_turn = chat.memory.covers  # what the summary holds stays out of the prompt
         if system is not None:
             chat.system = system
-        if save and (persona is not None or system is not None or overrides.explicit()):
-            store.update(cid, persona=chat.persona.name, system=chat.system,
-                         params=chat.params.explicit())
         saved = cls(chat, store, cid, kv_disk=kv_disk)
+        saved._adopt(loaded)
+        if save and (persona is not None or system is not None or overrides.explicit()):
+            saved._save(persona=chat.persona.name, system=chat.system,
+                        params=chat.params.explicit())
         if save and window is not None and window.memory != record["mode"]:
-            store.update(cid, memory=saved.memory_record())
+            saved._save(memory=saved.memory_record())
         return saved
 
     def memory_record(self, memory: Memory | None = None, mode: str | None = None
@@ -136,6 +182,23 @@ class SavedChat:
         """The stored conversation's id (None until it is created, or without a store)."""
         return self._cid
 
+    @property
+    def version(self) -> int | None:
+        """The store's version of the conversation this chat shows (None: not known)."""
+        return self._version
+
+    @property
+    def turn_ids(self) -> list[int | None]:
+        """Each turn's name: its reply's id in the store (None: not stored)."""
+        return list(self._ids)
+
+    @property
+    def last_turn(self) -> int | None:
+        """The name of the last turn this chat shows (None: it shows none, or not stored)."""
+        if not self._ids or len(self._ids) != len(self.chat.conversation.turns):
+            return None
+        return self._ids[-1]
+
     def ensure(self) -> int | None:
         """Create the stored conversation now if it does not exist yet; its id."""
         if self._cid is None and self.store is not None:
@@ -143,33 +206,112 @@ class SavedChat:
             self._cid = self.store.create(
                 persona=chat.persona.name, system=chat.system, model=chat.engine.model,
                 params=chat.params.explicit(), title=self._title, owner=self._owner)
+            self._version = 0
+            self._stored = {"persona": chat.persona.name, "system": chat.system,
+                            "params": _plain(chat.params.explicit())}
             if chat.window.memory != "none" or chat.memory.pins:
-                self.store.update(self._cid, memory=self.memory_record())
+                self._save(memory=self.memory_record())
             chat.cache_key = CacheKey(conversation_snapshot(self._cid), self.kv_disk)
         return self._cid
 
+    # ----- other writers -----------------------------------------------------------------
+    def refresh(self) -> Changes:
+        """Catch up with what other writers (windows, tabs, processes) stored since this chat
+        last looked: one indexed read when nothing changed, else :meth:`reload`."""
+        if self.store is None or self._cid is None:
+            return Changes()
+        if self._version is not None and self.store.version_of(self._cid) == self._version:
+            return Changes()
+        return self.reload()
+
+    def reload(self) -> Changes:
+        """Show the stored conversation again: its turns and memory, and the persona, system
+        prompt and parameters where another writer changed them (settings given for this
+        session only stay otherwise). What changed."""
+        assert self.store is not None and self._cid is not None
+        loaded = self.store.load(self._cid)
+        chat, old, new = self.chat, self._ids, list[int | None](loaded.turn_ids)
+        same = 0  # how many turns, from the first, are still the ones shown
+        while same < min(len(old), len(new)) and old[same] is not None and \
+                old[same] == new[same]:
+            same += 1
+        if old != new:
+            system = chat.system
+            chat.conversation = loaded.conversation
+            chat.conversation.system = system
+            if not old or not new or old[-1] != new[-1]:  # its last reply is not the last
+                chat.last_reply = None
+        settings = self._take_settings(loaded.info)
+        record = check_memory_record(loaded.info.memory, len(new))
+        if record["mode"] != chat.window.memory and "mode" in loaded.info.memory:
+            chat.window = dataclasses.replace(chat.window, memory=record["mode"])
+        chat.memory = Memory.from_dict(record)
+        chat.first_turn = max(min(chat.first_turn, same), chat.memory.covers)
+        self._ids, self._version = new, loaded.version
+        return Changes(added=len(set(new) - set(old)), removed=len(set(old) - set(new) - {None}),
+                       settings=settings)
+
+    def _adopt(self, loaded: Loaded) -> None:
+        """The chat shows ``loaded`` (just read from the store)."""
+        info = loaded.info
+        self._version, self._ids = loaded.version, list(loaded.turn_ids)
+        self._stored = {"persona": info.persona, "system": info.system,
+                        "params": _plain(info.params)}
+
+    def _take_settings(self, info: ConversationInfo) -> bool:
+        """Take the stored persona, system prompt and parameters that another writer changed;
+        whether any had."""
+        chat, seen, changed = self.chat, self._stored, False
+        if (info.persona, _plain(info.params)) != (seen.get("persona"), seen.get("params")):
+            try:
+                persona = get_persona(info.persona)
+            except RolechatError:  # a user persona that is gone here: keep this chat's
+                persona = chat.persona
+            stored = GenerationParams(**valid_defaults(info.params))
+            chat.persona, chat.params = persona, persona.params.merged(**stored.explicit())
+            changed = True
+        if info.system != seen.get("system"):
+            chat.system = info.system
+            changed = True
+        self._stored = {"persona": info.persona, "system": info.system,
+                        "params": _plain(info.params)}
+        return changed
+
+    def _saw(self, version: int) -> None:
+        """This chat's own write left the conversation at ``version``: still known if nobody
+        else wrote in between, else unknown (the next refresh loads the store's)."""
+        known = self._version
+        self._version = version if known is not None and version == known + 1 else None
+
     # ----- turns -------------------------------------------------------------------------
     def plan(self, text: str, **overrides: Any) -> WindowPlan:
+        self.refresh()
         return self.chat.plan(text, **overrides)
 
     def prompt(self, text: str, **overrides: Any) -> str:
+        self.refresh()
         return self.chat.prompt(text, **overrides)
 
     def stream(self, text: str, *, pinned: bool = False, **overrides: Any) -> ReplyStream:
+        self.refresh()  # the prompt holds every stored turn, other writers' too
         return self.chat.stream(text, pinned=pinned, **overrides)
 
     def send(self, text: str, *, pinned: bool = False, **overrides: Any) -> Reply:
+        self.refresh()
         return self.chat.send(text, pinned=pinned, **overrides)
 
-    def undo(self) -> Turn | None:
-        """Remove the last completed turn (chat and store); None if there is none."""
-        removed = self._remove_last()
+    def undo(self, turn: int | None = None, *, version: int | None = None) -> Turn | None:
+        """Remove the last completed turn (chat and store); None if there is none. ``turn``
+        names it (default: the last turn this chat shows); ``version``, the version it must be
+        at. If the conversation changed, ConversationChanged, and nothing is removed."""
+        removed = self._remove_last(turn, version)
         return removed.turn if removed is not None else None
 
-    def retry(self, **overrides: Any) -> ReplyStream:
-        """Remove the last turn and generate its reply again. If the new reply does not
-        complete, the old turn comes back (with its usage)."""
-        removed = self._remove_last()
+    def retry(self, turn: int | None = None, *, version: int | None = None,
+              **overrides: Any) -> ReplyStream:
+        """Remove the last turn (named as for :meth:`undo`) and generate its reply again. If
+        the new reply does not complete, the old turn comes back (with its usage)."""
+        removed = self._remove_last(turn, version)
         if removed is None:
             raise InvalidInput("There is no turn to retry.", "Send a message first.")
         self._retrying = removed
@@ -179,62 +321,115 @@ class SavedChat:
             self._put_back()
             raise
 
-    def _remove_last(self) -> RemovedTurn | None:
-        chat = self.chat
-        if not chat.conversation.turns:
-            return None
-        user = reply = None
+    def continue_reply(self, turn: int | None = None, *, version: int | None = None,
+                       **overrides: Any) -> ReplyStream:
+        """Go on with the last reply (named as for :meth:`undo`) where it stopped; what is
+        added is appended to it, in the store too (a continuation that does not complete
+        changes nothing)."""
+        self._continuing = self.check(turn, version=version)
+        self.refresh()  # it is still the last turn: take what else changed
+        return self.chat.continue_reply(**overrides)
+
+    def check(self, turn: int | None = None, *, version: int | None = None) -> int | None:
+        """The turn an action names (default: the last turn this chat shows; None: it shows
+        none), if it is still the stored conversation's last turn (and, with ``version``, at
+        that version); else ConversationChanged, after which this chat shows the store's
+        turns."""
+        named = turn if turn is not None else self.last_turn
         if self.store is not None and self._cid is not None:
-            stored = self.store.messages(self._cid)
-            answers = [i for i, m in enumerate(stored)
-                       if m.role == "assistant" and m.status == "complete"]
-            if answers:
-                reply = stored[answers[-1]]
-                user = stored[answers[-1] - 1] if answers[-1] > 0 else None
-            self.store.drop_last_turn(self._cid)
-        last_reply, memory = chat.last_reply, chat.memory.copy()
-        turn = chat.pop_turn()
-        assert turn is not None
-        if chat.memory != memory:  # the turn was pinned
-            self._save(memory=self.memory_record())
-        return RemovedTurn(turn, user, reply, last_reply)
+            self._stale_unless(lambda store, cid: store.check_last_turn(cid, named, version))
+        return named
+
+    def _stale_unless(self, act: Callable[[Store, int], Any]) -> Any:
+        """``act(store, cid)``; if the conversation changed under it, show the store's turns
+        again before the error goes on."""
+        assert self.store is not None and self._cid is not None
+        try:
+            return act(self.store, self._cid)
+        except ConversationChanged:
+            self.reload()
+            raise
+
+    def _remove_last(self, turn: int | None, version: int | None) -> RemovedTurn | None:
+        chat = self.chat
+        if self.store is None or self._cid is None:
+            if not chat.conversation.turns:
+                return None
+            last_reply = chat.last_reply
+            popped = chat.pop_turn()
+            assert popped is not None
+            del self._ids[len(chat.conversation.turns):]
+            return RemovedTurn(popped, None, None, last_reply)
+        named = turn if turn is not None else self.last_turn
+        dropped = self._stale_unless(
+            lambda store, cid: store.drop_last_turn(cid, named, version=version))
+        if dropped is None:
+            return None
+        last_reply = None
+        if self.last_turn == dropped.reply.id:  # the turn this chat shows last
+            last_reply = chat.last_reply
+            chat.pop_turn()  # its pins go, as they did in the store
+            self._ids.pop()
+            self._saw(dropped.version)
+        else:
+            self.reload()
+        return RemovedTurn(Turn(dropped.user.content, dropped.reply.content), dropped.user,
+                           dropped.reply, last_reply)
 
     def _put_back(self) -> None:
         removed, self._retrying = self._retrying, None
         if removed is None:
             return
-        if self.store is not None and self._cid is not None:
-            user_tokens = removed.user.tokens if removed.user is not None else None
-            handle = self.store.begin_turn(self._cid, removed.turn.user, user_tokens)
-            reply = removed.reply
-            self.store.complete_turn(self._cid, handle, removed.turn.assistant,
-                                     reply.tokens or 0 if reply is not None else 0,
-                                     reply.usage or {} if reply is not None else {})
+        stored: int | None = None
+        if self.store is not None and self._cid is not None and removed.user is not None \
+                and removed.reply is not None:
+            version = self.store.put_back_turn(self._cid, removed.user, removed.reply)
+            stored = removed.reply.id
+            self._saw(version)
         self.chat.push_turn(removed.turn, removed.last_reply)
+        self._ids.append(stored)
 
     # ----- the TurnLog the chat reports to -----------------------------------------------
     def started(self, text: str, plan: WindowPlan, *, continues: bool = False) -> Any:
-        if self.store is None:
-            return None
         if continues:  # nothing is written until the continuation is complete
             return "continues"
+        if self.store is None:
+            return None
         cid = self.ensure()
         assert cid is not None
         engine = self.chat.engine
         tokens = engine.count_text(text) if engine.exact_counts else None
-        return self.store.begin_turn(cid, text, tokens)
+        written = self.store.start_turn(cid, text, tokens)
+        self._saw(written.version)
+        return written.id
 
-    def completed(self, handle: Any, text: str, reply: Reply) -> None:
+    def completed(self, handle: Any, text: str, reply: Reply) -> int | None:
+        """Store the turn (or the continuation); its name (None: not stored)."""
         self._retrying = None
-        if self.store is None or handle is None or self._cid is None:
-            return
-        tokens, usage = reply.usage.generated_tokens, usage_record(reply)
+        stored: int | None = None
         if handle == "continues":
-            self.store.extend_last_reply(self._cid, reply.text, tokens, usage)
-            return
+            if self.store is not None and self._cid is not None:
+                named = self._continuing
+                written = self._stale_unless(lambda store, cid: store.extend_last_reply(
+                    cid, reply.text, reply.usage.generated_tokens, usage_record(reply),
+                    turn=named))
+                stored = written.id
+                self._saw(written.version)
+            self._ids[-1:] = [stored]
+            return stored
+        if self.store is not None and handle is not None and self._cid is not None:
+            stored = self._complete(handle, text, reply)
+        self._ids.append(stored)
+        return stored
+
+    def _complete(self, handle: int, text: str, reply: Reply) -> int | None:
+        assert self.store is not None and self._cid is not None
+        tokens, usage = reply.usage.generated_tokens, usage_record(reply)
+        # The memory (pins, summary) only if nobody else wrote since: else it is theirs.
+        memory = self.memory_record() if self._version is not None else None
         try:
-            self.store.complete_turn(self._cid, handle, reply.text, tokens, usage,
-                                     memory=self.memory_record())
+            written = self.store.complete_turn(self._cid, handle, reply.text, tokens, usage,
+                                               memory=memory, seen=self._version)
         except StoreError as exc:
             if exc.missing:
                 raise
@@ -243,16 +438,16 @@ class SavedChat:
             kept = self.store.keep_for_later(self._cid, handle, text, reply.text, tokens, usage)
             log.warning("the conversation store was busy, so this turn was kept in %s; it is "
                         "saved the next time rolechat opens the store (%s)", kept, exc.reason)
+            return None
+        self._saw(written.version)
+        return written.id
 
     def failed(self, handle: Any, partial: str = "") -> None:
         if self.store is not None and isinstance(handle, int):
-            self.store.interrupt_turn(handle, partial)
+            version = self.store.interrupt_turn(handle, partial)
+            if version is not None:
+                self._saw(version)
         self._put_back()
-
-    def continue_reply(self, **overrides: Any) -> ReplyStream:
-        """Go on with the last reply where it stopped; what is added is appended to it, in the
-        store too (a continuation that does not complete changes nothing)."""
-        return self.chat.continue_reply(**overrides)
 
     # ----- memory ------------------------------------------------------------------------
     def set_pins(self, pins: Iterable[int]) -> set[int]:
@@ -292,7 +487,9 @@ class SavedChat:
     # ----- role and parameters -----------------------------------------------------------
     def _save(self, **fields: Any) -> None:
         if self.store is not None and self._cid is not None:
-            self.store.update(self._cid, **fields)
+            self._saw(self.store.update(self._cid, **fields))
+            self._stored.update({name: _plain(fields[name]) for name in SETTINGS
+                                 if name in fields})
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt (None: none)."""

@@ -11,6 +11,14 @@ conversation changes the stored one too: ``/undo`` and ``/retry`` drop the last 
 retry that does not complete puts it back), ``/system``, ``/persona`` and ``/set`` update it, and
 ``/reset`` starts a new stored conversation (the old one stays saved).
 
+Other windows: before every line except ``/undo``, ``/retry`` and ``/continue``, the REPL takes
+what other windows (REPLs, the page, API clients) stored in its conversation since it last
+looked, and says so in one line (``[2 turn(s) added in another window are now part of this
+conversation; /history to see them]``), so the next message's prompt holds every turn.
+``/undo``, ``/retry`` and ``/continue`` act on the last turn this REPL showed: if the
+conversation changed in another window since, they are refused ("this conversation changed in
+another window; /history to see it") and nothing is changed.
+
 Parameters: ``/set`` changes one field, validated by the shared schema; ``/persona`` switches to
 the persona's system prompt and default parameters, with the parameters the user set
 explicitly (command-line flags and ``/set``) still applied on top.
@@ -28,15 +36,21 @@ from rich.console import Console
 
 from ..chat import Chat, ReplyStream
 from ..engines.snapshots import format_size
-from ..errors import InvalidInput, RolechatError, UnknownName
+from ..errors import ConversationChanged, InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
-from ..saved import SavedChat
+from ..saved import Changes, SavedChat
 from ..window import check_room
 from .options import usage_line
 from .render import ReplyView, wrapped
 
 Command = Callable[["Repl", str], bool]
 COMMANDS: dict[str, tuple[Command, str]] = {}
+
+#: Commands that act on the last turn this REPL showed: they never catch up with other windows
+#: first (a turn added elsewhere makes them refuse instead).
+ACT_ON_WHAT_WAS_SHOWN = ("/undo", "/retry", "/continue")
+#: What the REPL says when one of those finds the conversation changed.
+CHANGED = "this conversation changed in another window; /history to see it"
 
 #: What ``/window`` plans for: a stand-in for the next message.
 NEXT_MESSAGE = "…"
@@ -90,7 +104,20 @@ class Repl:
         self.console.print(wrapped(text, self.out), style=style, markup=False)
 
     def error(self, text: str | Exception) -> None:
+        if isinstance(text, ConversationChanged):  # the saved chat shows the store's turns now
+            text = f"{CHANGED}. Nothing was changed."
         self.note(f"error: {text}", style="red")
+
+    def catch_up(self) -> None:
+        """Take what other windows stored since the last look, and say so."""
+        try:
+            changes = self.saved.refresh()
+        except RolechatError as exc:
+            self.error(exc)
+            return
+        line = changed_line(changes)
+        if line:
+            self.note(line, style="yellow")
 
     def say(self, text: str, end: str = "\n") -> None:
         self.console.print(wrapped(text, self.out), markup=False, highlight=False, end=end)
@@ -162,10 +189,27 @@ class Repl:
         """One line of input; False means leave."""
         if not line.strip():
             return True
+        if line.strip().partition(" ")[0] not in ACT_ON_WHAT_WAS_SHOWN:
+            self.catch_up()
         if line.lstrip().startswith("/"):
             return self.dispatch(line)
         self.reply(line)
         return True
+
+
+def changed_line(changes: Changes) -> str:
+    """The one line that says what other windows changed ('' when nothing)."""
+    if changes.removed:
+        added = f", {changes.added} added" if changes.added else ""
+        return (f"[this conversation changed in another window ({changes.removed} turn(s) you "
+                f"saw were changed or removed{added}); /history to see it]")
+    if changes.added:
+        return (f"[{changes.added} turn(s) added in another window are now part of this "
+                "conversation; /history to see them]")
+    if changes.settings:
+        return ("[the system prompt, persona or parameters were changed in another window; "
+                "/system and /params show them]")
+    return ""
 
 
 @command("/help", "Show the commands.")
@@ -189,7 +233,7 @@ def _reset(repl: Repl, argument: str) -> bool:
 
 @command("/undo", "Remove the last turn (your message and the reply).")
 def _undo(repl: Repl, argument: str) -> bool:
-    turn = repl.saved.undo()
+    turn = repl.saved.undo()  # the last turn this REPL showed, or refused
     if turn is None:
         repl.note("nothing to undo")
     else:
@@ -201,10 +245,20 @@ def _undo(repl: Repl, argument: str) -> bool:
 def _retry(repl: Repl, argument: str) -> bool:
     turns = repl.chat.conversation.turns
     if not turns:
+        repl.saved.check()  # refused if another window added one: there is a turn to see
         repl.note("nothing to retry")
         return True
+    try:
+        stream = repl.saved.retry()  # the last turn this REPL showed, or refused
+    except ConversationChanged as exc:
+        repl.error(exc)
+        return True
+    except RolechatError as exc:
+        repl.error(exc)
+        repl.note("[the previous reply is kept]")
+        return True
     repl.note(f"[retrying: {_short(turns[-1].user)}]")
-    if not repl.show(repl.saved.retry):  # nothing lost: the old turn comes back
+    if not repl.show(lambda: stream):  # nothing lost: the old turn comes back
         repl.note("[the previous reply is kept]")
     return True
 
@@ -212,9 +266,10 @@ def _retry(repl: Repl, argument: str) -> bool:
 @command("/continue", "Go on with the last reply from where it stopped.")
 def _continue(repl: Repl, argument: str) -> bool:
     if not repl.chat.conversation.turns:
+        repl.saved.check()
         repl.note("nothing to continue")
         return True
-    repl.show(repl.saved.continue_reply)
+    repl.show(repl.saved.continue_reply)  # the last turn this REPL showed, or refused
     return True
 
 

@@ -206,8 +206,8 @@ def test_a_body_that_stops_half_way_is_refused(base: str) -> None:
 def test_a_body_nobody_reads_cannot_hold_the_connection(base: str) -> None:
     with httpx.Client(base_url=f"{base}/v1", headers={"Authorization": f"Bearer {K1}"}) as c1:
         cid = c1.post("/conversations", json={}).json()["id"]
-    # Undo reads no body: the answer comes first, then the body may not drip on forever.
-    sock = send_raw(base, f"POST /v1/conversations/{cid}/undo HTTP/1.1\nHost: x\n"
+    # Delete reads no body: the answer comes first, then the body may not drip on forever.
+    sock = send_raw(base, f"DELETE /v1/conversations/{cid} HTTP/1.1\nHost: x\n"
                           f"Authorization: Bearer {K1}\nContent-Length: 15000\n\n", b"{")
     sock.settimeout(30)
     head = sock.recv(65536)

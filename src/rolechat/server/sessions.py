@@ -3,12 +3,20 @@
 Contract:
 - ``GET /v1/personas``: built-in and user personas.
 - ``POST /v1/conversations`` (201), ``GET /v1/conversations`` (newest first, the caller's own),
-  ``GET /v1/conversations/{id}`` (with every message, interrupted ones included),
-  ``DELETE /v1/conversations/{id}`` (its KV snapshot files too).
+  ``GET /v1/conversations/{id}`` (with every message and its ``id``, interrupted ones
+  included; its ``version`` is also the ``ETag``), ``DELETE /v1/conversations/{id}`` (its KV
+  snapshot files too).
 - ``POST /v1/conversations/{id}/messages``: one turn, JSON or SSE (``{"delta"}`` events, then
   ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
   not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
+  A reply names its stored turn (``turn``: the reply's message id).
+- Several writers (tabs, REPLs, clients) share a conversation: every write moves its
+  ``version``; before it acts or plans, a session takes what other writers stored. Retry and
+  undo act on the turn the client names (``{"turn": id}``, the id of the last reply it shows;
+  clients should send it) and/or the version it saw (``If-Match: "version"``); left out, they
+  act on the last turn, whatever it is. A turn that is no longer the last, or another version,
+  is refused with 409 ``conversation_changed`` in OpenAI's error shape, and nothing changes.
 - ``PATCH /v1/conversations/{id}``: change its ``title``, ``system`` prompt (an empty system
   prompt means none), ``pins`` (the turns, from 0, always kept) and/or ``memory`` (``none`` or
   ``summary``); fields left out or null stay as they are.
@@ -43,7 +51,7 @@ import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -61,6 +69,8 @@ from .wire import (
     DONE,
     bearer_key,
     check_stops,
+    etag,
+    if_match,
     owner_id,
     plan_body,
     rolechat_body,
@@ -94,6 +104,14 @@ class Retry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     stream: bool = False
     params: dict[str, Any] | None = None
+    #: The turn to retry (the id of the last reply the client shows); None: the last turn.
+    turn: int | None = None
+
+
+class Undo(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: The turn to remove (the id of the last reply the client shows); None: the last turn.
+    turn: int | None = None
 
 
 class PromptRequest(BaseModel):
@@ -198,10 +216,13 @@ def owned(state: ServerState, cid: int, owner: str | None) -> ConversationInfo:
 
 
 def saved_chat(state: ServerState, cid: int, owner: str | None) -> SavedChat:
-    """The conversation's SavedChat (kept between requests: its window stays sticky)."""
+    """The conversation's SavedChat (kept between requests: its window stays sticky), up to
+    date with what other writers (a REPL, another server) stored."""
     owned(state, cid, owner)
-    return state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid,
-                                                         kv_disk=state.kv_disk))
+    saved = state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid,
+                                                          kv_disk=state.kv_disk))
+    saved.refresh()
+    return saved
 
 
 def overrides_of(state: ServerState, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,13 +253,13 @@ def window_of(state: ServerState, data: dict[str, Any] | None,
 def conversation_body(state: ServerState, info: ConversationInfo, *,
                       messages: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {"id": info.id, "title": info.title, "persona": info.persona,
-                            "system": info.system, "params": info.params,
+                            "model": info.model, "system": info.system, "params": info.params,
                             "memory": info.memory,
                             "created_at": info.created_at, "updated_at": info.updated_at,
-                            "turns": info.turns}
+                            "turns": info.turns, "version": info.version}
     if messages:
-        body["messages"] = [{"role": m.role, "content": m.content, "status": m.status,
-                             "tokens": m.tokens, "usage": m.usage}
+        body["messages"] = [{"id": m.id, "role": m.role, "content": m.content,
+                             "status": m.status, "tokens": m.tokens, "usage": m.usage}
                             for m in state.store.messages(info.id)]
     return body
 
@@ -280,9 +301,11 @@ def listing(request: Request) -> dict[str, Any]:
 
 
 @router.get("/conversations/{cid}")
-def get(cid: int, request: Request) -> dict[str, Any]:
+def get(cid: int, request: Request, response: Response) -> dict[str, Any]:
     state = state_of(request)
-    return conversation_body(state, owned(state, cid, owner_of(request)))
+    body = conversation_body(state, owned(state, cid, owner_of(request)))
+    response.headers["ETag"] = etag(body["version"])
+    return body
 
 
 @router.delete("/conversations/{cid}")
@@ -342,12 +365,15 @@ async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, A
 
 
 @router.post("/conversations/{cid}/undo")
-async def undo(cid: int, request: Request) -> dict[str, Any]:
+async def undo(cid: int, request: Request, body: Undo | None = None) -> dict[str, Any]:
+    """Remove the last turn: the one ``turn`` names and/or at the version ``If-Match`` names
+    (else 409 and nothing changes); without either, whatever the last turn is."""
     state, owner = state_of(request), owner_of(request)
+    named, version = (body or Undo()).turn, if_match(request)
     await asyncio.to_thread(owned, state, cid, owner)
     async with state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
-        turn = await asyncio.to_thread(saved.undo)
+        turn = await asyncio.to_thread(saved.undo, named, version=version)
         info = await asyncio.to_thread(owned, state, cid, owner)
     removed = None if turn is None else {"user": turn.user, "assistant": turn.assistant}
     return {"removed": removed, "conversation": conversation_body(state, info)}
@@ -365,7 +391,9 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
 @router.post("/conversations/{cid}/retry", response_model=None)
 async def retry(cid: int, body: Retry, request: Request) -> Any:
     overrides = overrides_of(state_of(request), body.params)
-    return await reply(request, cid, body.stream, lambda saved: saved.retry(**overrides))
+    version = if_match(request)
+    return await reply(request, cid, body.stream,
+                       lambda saved: saved.retry(body.turn, version=version, **overrides))
 
 
 async def reply(request: Request, cid: int, stream: bool,
@@ -400,7 +428,7 @@ async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
 
 
 def done_body(text: str, reply: Reply) -> dict[str, Any]:
-    return {"message": {"role": "assistant", "content": text},
+    return {"message": {"role": "assistant", "content": text}, "turn": reply.turn,
             "finish_reason": reply.finish_reason, "usage": usage_body(reply),
             "rolechat": rolechat_body(reply.plan, reply)}
 

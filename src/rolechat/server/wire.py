@@ -12,6 +12,10 @@ Contract:
   (the guard calls it; more than one header is refused); the key it found travels in the ASGI
   scope, where :func:`bearer_key` reads it for the routes, so the key that was checked is the
   key that owns. :func:`owner_id`: the SHA-256 an owner is stored under.
+- A stale action (:class:`~rolechat.errors.ConversationChanged`) is 409
+  ``conversation_changed``, its ``param`` the field that named what changed (``turn`` or the
+  ``If-Match`` header). A conversation's ``ETag`` is its version in quotes (:func:`etag`);
+  :func:`if_match` reads the version a request names (``If-Match: "7"``; ``*`` or none: any).
 - :func:`field_path`: a validation error's location as the client's field path
   (``messages[0].content``), the form every error's ``param`` takes.
 - :func:`openai_messages` is how OpenAI messages are read (``developer`` is ``system``, system
@@ -32,7 +36,14 @@ from fastapi.responses import JSONResponse
 
 from ..chat import Reply
 from ..conversation import check_text
-from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
+from ..errors import (
+    ContextOverflow,
+    ConversationChanged,
+    InvalidInput,
+    InvalidParams,
+    RolechatError,
+    UnknownName,
+)
 from ..window import WindowPlan
 
 #: The last frame of every stream.
@@ -71,6 +82,10 @@ def error_status(exc: RolechatError) -> tuple[int, dict[str, Any]]:
         return 400, error_body(str(exc), param=exc.field or "messages", code="invalid_value")
     if isinstance(exc, UnknownName):
         return 404, error_body(str(exc), param=exc.kind, code=f"{exc.kind}_not_found")
+    if isinstance(exc, ConversationChanged):
+        return 409, error_body(changed_message(exc), code="conversation_changed",
+                               param="If-Match" if exc.version not in (None, exc.current)
+                               else "turn")
     return 500, error_body(str(exc), type_="server_error")
 
 
@@ -83,6 +98,33 @@ def overflow_message(exc: ContextOverflow) -> str:
             f"only {exc.available_tokens} are available (context length {exc.context_length} - "
             f"max_new_tokens {exc.max_new_tokens}). Unpin a turn (PATCH the conversation's "
             "pins), shorten the message, or lower max_new_tokens.")
+
+
+def changed_message(exc: ConversationChanged) -> str:
+    """A stale action, said as the API names things."""
+    return (f"{exc.message} Load it again (GET /v1/conversations/{exc.cid}: each message's id, "
+            "and its version, also the ETag) and send the id of the last reply you show as "
+            "\"turn\".")
+
+
+def etag(version: int) -> str:
+    """A conversation's ETag: its version, in quotes."""
+    return f'"{version}"'
+
+
+def if_match(request: Request) -> int | None:
+    """The version a request's ``If-Match`` header names (None: no header, or ``*``)."""
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    text = header.strip()
+    text = text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+    if not text.isdigit() or len(text) > 18:
+        raise InvalidInput(f"If-Match must be a conversation's ETag, its version in quotes "
+                           f"(such as \"7\"), got {header[:40]!r}.",
+                           "Send the ETag of GET /v1/conversations/{id}, or leave If-Match out.",
+                           field="If-Match")
+    return int(text)
 
 
 def check_stops(stop: Any, param: str = "stop") -> None:

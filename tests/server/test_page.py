@@ -489,9 +489,78 @@ def test_regenerate_edit_undo_and_copy(server: str, page: Any) -> None:
     assert api(server, "GET", f"/conversations/{cid}")["turns"] == 0
 
 
+def test_a_stale_tab_refreshes_instead_of_undoing_what_it_did_not_show(
+        server: str, new_page: Callable[..., Any]) -> None:
+    """Two tabs on one conversation: the second adds a turn; Undo, Regenerate and Edit in the
+    first (which never showed that turn) refuse, refresh it with a note, and delete nothing."""
+    cid = api(server, "POST", "/conversations",
+              json={"params": {"temperature": 0, "max_new_tokens": 6}})["id"]
+    api(server, "POST", f"/conversations/{cid}/messages", json={"content": "First question?"})
+    stale, other = new_page(), new_page()
+    for tab in (stale, other):
+        load(tab, f"{server}/#c={cid}")
+    other.fill("#input", "Second question?")
+    other.press("#input", "Enter")
+    idle(other)
+    stored = api(server, "GET", f"/conversations/{cid}")
+    assert stored["turns"] == 2
+    # The stale tab shows one turn; each action on it is refused and the tab shows both.
+    for action in ("undo", "retry", "edit"):
+        assert stale.locator(".msg.assistant").count() == 1, action
+        if action == "edit":
+            stale.click("[data-testid=edit]")
+            stale.fill("#input", "First question, edited?")
+            stale.press("#input", "Enter")
+        else:
+            stale.click(f"[data-testid={action}]")
+        idle(stale)
+        note = stale.text_content("[data-testid=notice]") or ""
+        assert stale.is_visible("[data-testid=notice]") and "another tab or window" in note
+        assert stale.is_hidden("#error"), stale.text_content("#error")
+        assert api(server, "GET", f"/conversations/{cid}")["messages"] == stored["messages"]
+        assert stale.locator(".msg.user .content").all_text_contents() == [
+            "First question?", "Second question?"]
+        if action == "edit":  # the edited text is not lost
+            assert stale.input_value("#input") == "First question, edited?"
+            assert stale.is_hidden("#edit-banner")
+            break
+        # It shows the second turn now, so it may undo it; then the other tab sends again, and
+        # this tab is stale once more for the next action.
+        stale.click("[data-testid=undo]")
+        idle(stale)
+        assert api(server, "GET", f"/conversations/{cid}")["turns"] == 1
+        assert stale.is_hidden("[data-testid=notice]")
+        other.reload()
+        other.wait_for_selector("body[data-ready='1']:not([data-busy])")
+        other.fill("#input", "Second question?")
+        other.press("#input", "Enter")
+        idle(other)
+        stored = api(server, "GET", f"/conversations/{cid}")
+        assert stored["turns"] == 2
+
+
 # ----- per conversation ------------------------------------------------------------------------
 
-def test_rename_system_prompt_and_export(server: str, page: Any, tmp_path: Path) -> None:
+def page_export(page: Any, item: str) -> tuple[str, str]:
+    """Export the open conversation from its menu: (file name, text)."""
+    page.click("[data-testid=menu]")
+    with page.expect_download() as downloading:
+        page.click(f"[data-testid={item}]")
+    download = downloading.value
+    return download.suggested_filename, Path(download.path()).read_text(encoding="utf-8")
+
+
+def cli_export(seeded: dict[str, Any], cid: int, fmt: str) -> str:
+    """What `rolechat conversations export` writes for ``cid`` (from the server's store)."""
+    store = Store(seeded["home"] / "rolechat.db", read_only=True)
+    try:
+        return store.export(cid, fmt)
+    finally:
+        store.close()
+
+
+def test_rename_system_prompt_and_export(server: str, seeded: dict[str, Any], page: Any,
+                                         tmp_path: Path) -> None:
     cid = api(server, "POST", "/conversations",
               json={"system": "Be brief.", "params": {"temperature": 0, "max_new_tokens": 6}})["id"]
     api(server, "POST", f"/conversations/{cid}/messages", json={"content": "Name a colour."})
@@ -528,19 +597,17 @@ def test_rename_system_prompt_and_export(server: str, page: Any, tmp_path: Path)
     turns = [(stored["messages"][0]["content"], stored["messages"][1]["content"])]
     expected = Conversation.from_tuples(turns, system="You are a cat. Say meow.")
     for item, suffix in (("export-md", ".md"), ("export-json", ".json")):
-        page.click("[data-testid=menu]")
-        with page.expect_download() as downloading:
-            page.click(f"[data-testid={item}]")
-        download = downloading.value
-        assert download.suggested_filename == f"rolechat-{cid}-colours{suffix}"
-        text = Path(download.path()).read_text(encoding="utf-8")
+        name, text = page_export(page, item)
+        assert name == f"rolechat-{cid}-colours{suffix}"
         if suffix == ".md":
-            assert text == expected.to_markdown("Colours")
+            assert text == expected.to_markdown("Colours") == cli_export(seeded, cid, "md")
         else:
             data = json.loads(text)
+            assert data == json.loads(cli_export(seeded, cid, "json"))
             assert {k: v for k, v in data.items() if k not in ("system", "messages")} == {
                 "id": cid, "title": "Colours", "persona": stored["persona"],
-                "params": stored["params"], "created_at": stored["created_at"]}
+                "model": stored["model"], "params": stored["params"],
+                "memory": stored["memory"], "created_at": stored["created_at"]}
             assert Conversation.from_dict(data).to_dict() == expected.to_dict()
             imported = Store(tmp_path / "imported.db")  # it can be imported again
             try:
@@ -558,6 +625,22 @@ def test_rename_system_prompt_and_export(server: str, page: Any, tmp_path: Path)
     assert api(server, "GET", f"/conversations/{cid}")["system"] is None
     page.wait_for_function(
         "!document.getElementById('prompt-text').textContent.includes('Say meow.')")
+
+
+def test_export_keeps_interrupted_messages_as_the_cli_does(server: str, seeded: dict[str, Any],
+                                                           page: Any) -> None:
+    """The seeded conversation ends with a message whose reply was cut off: the page's exports
+    keep it, marked, exactly as `rolechat conversations export` does."""
+    cid = seeded["cid"]
+    load(page, f"{server}/#c={cid}")
+    _, text = page_export(page, "export-md")
+    assert text == cli_export(seeded, cid, "md")
+    assert "### You (interrupted: not answered)\n\nthis one was cut off" in text
+    _, text = page_export(page, "export-json")
+    data = json.loads(text)
+    assert data == json.loads(cli_export(seeded, cid, "json"))
+    assert data["messages"][-1] == {"role": "user", "content": "this one was cut off",
+                                    "status": "interrupted"}
 
 
 def test_delete_conversation(server: str, page: Any) -> None:

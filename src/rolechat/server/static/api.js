@@ -48,6 +48,19 @@ export function errorMessage(body, status) {
   return "Request failed (HTTP " + status + ")";
 }
 
+// An Error with the server's message, its HTTP status and its error code (a 409
+// "conversation_changed" means another tab or window changed the conversation first).
+export function apiError(body, status) {
+  const error = new Error(errorMessage(body, status));
+  error.status = status;
+  error.code = (body && body.error && body.error.code) || null;
+  return error;
+}
+
+export function isChanged(error) {
+  return Boolean(error) && error.status === 409 && error.code === "conversation_changed";
+}
+
 // fetch() under /v1 with the API key; on 401 asks for a key and tries again.
 export async function request(path, init) {
   for (;;) {
@@ -70,13 +83,13 @@ export async function request(path, init) {
   }
 }
 
-// A JSON request; the parsed body, or an Error with the server's message.
+// A JSON request; the parsed body, or an Error with the server's message (apiError).
 export async function api(path, init) {
   const response = await request(path, init);
   let body = null;
   const text = await response.text();
   if (text) { try { body = JSON.parse(text); } catch (_) { body = null; } }
-  if (!response.ok) throw new Error(errorMessage(body, response.status));
+  if (!response.ok) throw apiError(body, response.status);
   return body;
 }
 

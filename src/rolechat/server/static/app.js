@@ -4,14 +4,17 @@
 // nothing loaded from elsewhere.
 // SAFETY: user text is only ever set through textContent; assistant text only through
 // renderMarkdown (markdown.js: marked, then DOMPurify, always).
+// Other tabs and windows write to the same conversations: Regenerate, Undo and Edit name the
+// turn they act on (the id of the last reply shown); if it changed elsewhere first (409), the
+// page shows the stored conversation again with a note saying so, and nothing is changed.
 
-import { api, apiKey, conversationPath, errorMessage, onKeyNeeded, readSSE, request }
+import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
 import { addLine, addMemoryLines, addMessage, clearEmpty, keepPartial, loadPartials, markStatus,
          nearBottom, rawText, savePartials, scrollDown, setText, streamText, turnList,
          usageText } from "./messages.js";
-import { act, button, el, els, showError, state } from "./page.js";
+import { act, button, el, els, showError, showNotice, state } from "./page.js";
 
 // ----- the API key ------------------------------------------------------------------------
 function askKey(message) {
@@ -178,7 +181,7 @@ function renderConversation(conv) {
   let summarized = new Set();  // the turns the summary covered after the previous reply
   const messages = conv.messages || [];
   messages.forEach((m, index) => {
-    const node = addMessage(m.role, m.content, m.status);
+    const node = addMessage(m.role, m.content, m.status, undefined, m.id);
     if (m.role === "assistant" && m.usage) {
       addLine(node, "usage", usageText(m.usage), "usage");
       const plan = m.usage.window;
@@ -206,6 +209,32 @@ function renderConversation(conv) {
   }
   refreshTurnActions();
   scrollDown();
+}
+
+// The last turn the page shows: its reply's node (complete, shown), or null.
+function lastReplyNode() {
+  const replies = [...els.messages.querySelectorAll(".msg.assistant")]
+    .filter((n) => !n.dataset.status && !n.hidden);
+  return replies[replies.length - 1] || null;
+}
+
+// The name of the turn a reply node shows (its stored id), or null.
+function turnOf(node) {
+  const id = node && node.dataset.id;
+  return id ? Number(id) : null;
+}
+
+// Another tab or window changed the conversation first (a 409): show what is stored now, and
+// say why (`what`: what did not happen).
+async function reloadChanged(what) {
+  try {
+    renderConversation(await api(conversationPath(state.cid)));
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  showNotice("This conversation was changed in another tab or window, so " + what
+             + ". It now shows what is stored.");
 }
 
 // The conversation once no reply is being written to it: after a Stop, the server finishes
@@ -459,11 +488,11 @@ async function streamReply(path, body, node) {
     if (!response.ok) {
       let errorBody = null;
       try { errorBody = await response.json(); } catch (_) { /* not JSON */ }
-      throw new Error(errorMessage(errorBody, response.status));
+      throw apiError(errorBody, response.status);
     }
     let finished = false;
     await readSSE(response, (event) => {
-      if (event.error) throw new Error(errorMessage(event, 500));
+      if (event.error) throw apiError(event, 500);
       if (typeof event.delta === "string") {
         const follow = nearBottom();
         text += event.delta;
@@ -472,6 +501,7 @@ async function streamReply(path, body, node) {
       }
       if (event.done) {
         finished = true;
+        if (Number.isInteger(event.turn)) node.dataset.id = String(event.turn);
         if (event.message && typeof event.message.content === "string") {
           text = event.message.content;
         }
@@ -500,9 +530,9 @@ async function send() {
   let userNode = null;
   let replyNode = null;
   try {
-    if (state.editing) {  // replace the last turn: undo it, then send the edited text
+    if (state.editing) {  // replace the turn edited: undo it, then send the edited text
       const undone = await api(conversationPath(state.cid, "undo"),
-                               { method: "POST", body: {} });
+                               { method: "POST", body: { turn: state.editTurn } });
       endEdit();
       renderConversation(undone.conversation);
     }
@@ -516,7 +546,10 @@ async function send() {
                       { content: text, stream: true }, replyNode);
   } catch (err) {
     const partial = replyNode ? rawText.get(replyNode) : "";
-    if (err.name === "AbortError") {
+    if (isChanged(err)) {  // the edited turn changed elsewhere: nothing sent, the text kept
+      endEdit();
+      await reloadChanged("your edit was not sent (it is still in the box)");
+    } else if (err.name === "AbortError") {
       markStatus(userNode, "interrupted");
       if (partial) {
         markStatus(replyNode, "interrupted", "stopped");
@@ -540,9 +573,7 @@ async function send() {
 // Regenerate: the last reply is generated again; if that fails, the old one stays.
 async function retry() {
   if (state.streaming || state.cid === null) return;
-  const replies = [...els.messages.querySelectorAll(".msg.assistant")]
-    .filter((n) => !n.dataset.status);
-  const old = replies[replies.length - 1];
+  const old = lastReplyNode();
   if (!old) { showError("Nothing to regenerate."); return; }
   showError("");
   const fresh = addMessage("assistant", "");
@@ -551,7 +582,8 @@ async function retry() {
   setStreaming(true);
   let failed = null;
   try {
-    await streamReply(conversationPath(state.cid, "retry"), { stream: true }, fresh);
+    await streamReply(conversationPath(state.cid, "retry"), { stream: true, turn: turnOf(old) },
+                      fresh);
   } catch (err) {
     failed = err;
   } finally {
@@ -562,7 +594,10 @@ async function retry() {
   } catch (err) {
     failed = failed || err;
   }
-  if (failed) {
+  if (isChanged(failed)) {
+    showNotice("This conversation was changed in another tab or window, so nothing was "
+               + "regenerated. It now shows what is stored.");
+  } else if (failed) {
     showError(failed.name === "AbortError" ? "Stopped: the previous reply is kept."
       : failed.message + " The previous reply is kept.");
   }
@@ -575,11 +610,13 @@ async function undo() {
   showError("");
   endEdit();
   try {
-    const body = await api(conversationPath(state.cid, "undo"), { method: "POST", body: {} });
+    const body = await api(conversationPath(state.cid, "undo"),
+                           { method: "POST", body: { turn: turnOf(lastReplyNode()) } });
     renderConversation(body.conversation);
     if (!body.removed) showError("Nothing to undo.");
   } catch (err) {
-    showError(err.message);
+    if (isChanged(err)) await reloadChanged("nothing was undone");
+    else showError(err.message);
   }
   await afterChange();
 }
@@ -588,6 +625,7 @@ async function undo() {
 function startEdit(node) {
   if (state.streaming) return;
   state.editing = true;
+  state.editTurn = turnOf(node.nextElementSibling);
   els.input.value = rawText.get(node) || "";
   fitInput();
   els.editBanner.hidden = false;

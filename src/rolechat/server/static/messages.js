@@ -99,9 +99,11 @@ export function markStatus(node, status, note) {
   addLine(node, "status", note ? status + " · " + note : status, "status");
 }
 
-export function addMessage(role, content, status, note) {
+// A message node; `id` is its stored id (a reply's id names its turn to undo and retry).
+export function addMessage(role, content, status, note, id) {
   const node = el("div", "msg " + (role === "user" ? "user" : "assistant"));
   node.dataset.role = role;
+  if (id !== undefined && id !== null) node.dataset.id = String(id);
   node.dataset.testid = "msg-" + role;
   node.appendChild(el("div", "content"));
   const actions = el("div", "msg-actions");

@@ -15,7 +15,7 @@ export const els = {
   renameCancel: $("rename-cancel"), systemToggle: $("system-toggle"),
   systemPanel: $("system-panel"), systemInput: $("system-input"), systemNote: $("system-note"),
   systemSave: $("system-save"), systemCancel: $("system-cancel"),
-  editBanner: $("edit-banner"), editCancel: $("edit-cancel"),
+  editBanner: $("edit-banner"), editCancel: $("edit-cancel"), notice: $("notice"),
   memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"),
 };
 export const state = {
@@ -25,6 +25,7 @@ export const state = {
   abort: null,        // AbortController of the reply being streamed
   personas: [],
   editing: false,     // the composer holds the last user message, to replace its turn
+  editTurn: null,     // the turn an edit replaces (its reply's id)
   draftSystem: null,  // a system prompt chosen before the conversation exists
   keyWaiters: [],
 };
@@ -59,9 +60,20 @@ export function button(label, testid, onClick, title) {
 }
 
 export function showError(message) {
-  if (!message) { els.error.hidden = true; els.error.textContent = ""; return; }
+  if (!message) {
+    els.error.hidden = true;
+    els.error.textContent = "";
+    showNotice("");
+    return;
+  }
   els.error.textContent = String(message);
   els.error.hidden = false;
+}
+
+// A short note that is not an error (why the conversation was just reloaded).
+export function showNotice(message) {
+  els.notice.textContent = message ? String(message) : "";
+  els.notice.hidden = !message;
 }
 
 export function fmt(n, digits) {

@@ -366,6 +366,10 @@ async function afterChange() {
       const conv = await api(conversationPath(state.cid));
       state.conv = conv;
       els.title.textContent = conv.title || "Untitled conversation";
+      const last = lastReplyNode();
+      // A reply the page cannot name (no id): show the stored conversation, each turn named,
+      // so that Undo and Regenerate never act on a turn by guess.
+      if (last && !last.dataset.id && !state.streaming) renderConversation(conv);
     }
   } catch (err) {
     showError(err.message);

@@ -173,7 +173,7 @@ def reply_tokens(engine: TransformersEngine, new_tokens: int, seed: int) -> tupl
     reply = Chat(engine, system="Be brief.",
                  params={"temperature": 0.0, "max_new_tokens": new_tokens}).send(
         words(32, seed=seed))
-    return reply.usage.tokens_per_s, engine.kv.held[reply.usage.prompt_tokens:]
+    return reply.usage.tokens_per_s, engine.adapter.kv.held[reply.usage.prompt_tokens:]
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -348,7 +348,7 @@ def start_probe(args: argparse.Namespace) -> None:
     model = build_model(dtype, args.device, **(TINY if args.tiny else {}))
     engine = fast_engine(model, tokenizer, args, args.modes[0])
     stamps["ready_s"] = time.time() - args.t0
-    decode_one = engine.decode_one
+    decode_one = engine.adapter.decode_one
 
     def timed_decode(token: torch.Tensor) -> torch.Tensor:  # the second token's logits
         logits = decode_one(token)
@@ -356,7 +356,7 @@ def start_probe(args: argparse.Namespace) -> None:
         stamps.setdefault("second_token_s", time.time() - args.t0)
         return logits
 
-    engine.decode_one = timed_decode
+    engine.adapter.decode_one = timed_decode
     chat = Chat(engine, system="Be brief.", params={"temperature": 0.0, "max_new_tokens": 2})
     sent = time.time()
     reply = chat.send(words(20, seed=1))

@@ -3,19 +3,23 @@
 Tokens: one per UTF-8 byte of plain text; ``<|im_start|>`` and ``<|im_end|>`` are single
 control tokens (ids 256 and 257) only where special tokens are allowed. Replies are queued by
 the test (``engine.replies.append("...")``) or are ``echo``; each character of a reply is one
-generated token. The engine is a real :class:`~rolechat.engines.local.LocalEngine`: its KV
-cache is simulated (:class:`FakeKVCache`: the "state" is the ids themselves), so KV reuse and
-snapshots (memory and disk tiers) run the production code with exact token arithmetic.
+generated token, and ``<|im_end|>`` ends it, as a chat model's end-of-turn token does. The
+engine is a real :class:`~rolechat.engines.local.LocalEngine` — the production scheduler and KV
+store — over :class:`FakeAdapter`, whose sequences' "state" is the ids themselves, so batching,
+KV reuse and snapshots (RAM and disk) run the production code with exact token arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from rolechat.engines.kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
+from rolechat.engines.adapter import Adapter, Sampler
+from rolechat.engines.kvcache import KVSnapshot, SnapshotError, as_ids
+from rolechat.engines.kvstore import KVStore
 from rolechat.engines.local import LocalEngine
 from rolechat.engines.tokenizers import PromptEncoder
 from rolechat.memory import SUMMARY_SYSTEM
@@ -52,39 +56,96 @@ class ByteTokenizer:
         return ids
 
 
-class FakeKVCache(KVCache):
-    """A simulated cache whose state is its token ids."""
+class FakeSampler(Sampler):
+    """Spells one queued reply, a character a token, then the end-of-turn token."""
 
-    def __init__(self, model: str = "fake", context_length: int = 2048) -> None:
-        self.held: list[int] = []
-        self.identity_ = {"model": {"path": model}, "engine": "fake",
+    def __init__(self, engine: FakeEngine, text: str) -> None:
+        self._engine = engine
+        self._tokens: list[int] = []
+        for char in text:
+            data = char.encode("utf-8")
+            token = data[0] if len(data) == 1 else WIDE + len(engine.wide)
+            if len(data) > 1:
+                engine.wide[token] = data
+            self._tokens.append(token)
+        self._tokens.append(SPECIAL["<|im_end|>"])
+        self._given = 0
+
+    def sample(self, row: int) -> int:
+        fail_after = self._engine.fail_after
+        if fail_after is not None and self._given >= fail_after:
+            raise RuntimeError("engine failed mid-reply")
+        token = self._tokens[min(self._given, len(self._tokens) - 1)]
+        self._given += 1
+        return token
+
+    def piece(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else self._engine.wide.get(token, b"")
+
+
+class FakeAdapter(Adapter):
+    """Sequences whose state is their token ids; every call checks the scheduler's account."""
+
+    def __init__(self, engine: FakeEngine, n_seq: int, context_length: int, model: str) -> None:
+        self._engine = engine
+        self.n_seq = n_seq
+        self.context_length = context_length
+        self.eog = {SPECIAL["<|im_end|>"]}
+        self.cells: list[list[int]] = [[] for _ in range(n_seq)]
+        self._identity = {"model": {"path": model}, "engine": "fake",
                           "context_length": context_length}
-        #: Snapshots restored (for tests that count them).
-        self.restores = 0
+        #: Tests may hold the model inside a prompt evaluation: ``entered`` is set when one
+        #: begins, and it waits for ``gate`` (None: never waits).
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        #: The threads that evaluated anything (the scheduler's, and only it).
+        self.threads: set[int] = set()
+        #: Tests may meter decode steps: each takes a permit (None: free).
+        self.steps: threading.Semaphore | None = None
 
-    @property
-    def ids(self) -> np.ndarray:
-        return np.asarray(self.held, dtype=np.int32)
+    def evaluate(self, seq: int, ids: Sequence[int], start: int) -> int:
+        self.threads.add(threading.get_ident())
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        assert self.cells[seq] == list(ids[:start]), "the sequence holds what was reused"
+        self._engine.evaluated.append((seq, len(ids) - start))
+        self._engine.events.append(("prompt", seq, len(ids) - start))
+        self.cells[seq] = list(ids)
+        return seq
 
-    def keep(self, n: int) -> None:
-        del self.held[max(n, 0):]
+    def step(self, entries: Sequence[tuple[int, int, int]]) -> list[int]:
+        if self.steps is not None:
+            self.steps.acquire(timeout=30)
+        self.threads.add(threading.get_ident())
+        self._engine.batches.append(len(entries))
+        self._engine.events.append(("step", *sorted(seq for seq, _, _ in entries)))
+        for seq, token, position in entries:
+            assert len(self.cells[seq]) == position
+            self.cells[seq].append(token)
+        return [seq for seq, _, _ in entries]
 
-    def reset(self) -> None:
-        self.held = []
+    def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:
+        return self._engine.make_sampler(list(prompt))
 
-    def snapshot(self) -> KVSnapshot | None:
-        if not self.held:
+    def keep(self, seq: int, n: int) -> int:
+        del self.cells[seq][max(n, 0):]
+        return len(self.cells[seq])
+
+    def snapshot(self, seq: int, ids: np.ndarray) -> KVSnapshot | None:
+        assert self.cells[seq] == [int(t) for t in ids]
+        if not self.cells[seq]:
             return None
-        ids = as_ids(self.held)
-        return KVSnapshot(ids, ids.tobytes(), 2 * ids.nbytes)
+        held = as_ids(self.cells[seq])
+        return KVSnapshot(held, held.tobytes(), 2 * held.nbytes)
 
-    def restore(self, snapshot: KVSnapshot, n: int) -> None:
+    def restore(self, seq: int, snapshot: KVSnapshot, n: int) -> None:
         state = np.frombuffer(snapshot.state, dtype=np.int32)
         if not np.array_equal(state, snapshot.ids):
-            self.held = []
+            self.cells[seq] = []
             raise SnapshotError("the state does not match its ids")
-        self.restores += 1
-        self.held = [int(t) for t in snapshot.ids[:n]]
+        self._engine.restores += 1
+        self.cells[seq] = [int(t) for t in snapshot.ids[:n]]
 
     def dumps(self, snapshot: KVSnapshot) -> bytes:
         return bytes(snapshot.state)
@@ -95,55 +156,50 @@ class FakeKVCache(KVCache):
         return KVSnapshot(as_ids(ids), bytes(data), 2 * len(data))
 
     def identity(self) -> dict[str, Any]:
-        return self.identity_
+        return self._identity
 
 
 class FakeEngine(LocalEngine):
     kind = "fake"
 
     def __init__(self, context_length: int = 2048, fail_after: int | None = None,
-                 kv_cache_ram: int = 1 << 30, model: str = "fake") -> None:
-        super().__init__(kv_cache_ram=kv_cache_ram)
+                 kv_cache_ram: int = 1 << 30, model: str = "fake", parallel: int = 1,
+                 kv_store: KVStore | None = None) -> None:
         self.model = model
         self.context_length = context_length
         self.template = ChatTemplate(CHATML)
-        self.encoder = PromptEncoder(ByteTokenizer(), self.template)
-        self.kv = FakeKVCache(model, context_length)
-        self._eog: set[int] = set()
         self.replies: list[str] = []
+        #: The prompt of every reply, as ids.
         self.prompts: list[list[int]] = []
-        self.fail_after = fail_after  # raise after this many chunks
-        self._wide: dict[int, bytes] = {}
-        #: Tokens evaluated by each background re-evaluation (after exact replies).
-        self.evaluations: list[int] = []
+        self.fail_after = fail_after  # raise after this many sampled tokens
+        self.wide: dict[int, bytes] = {}
+        #: (sequence, tokens) of every prompt evaluation, and the size of every decode step.
+        self.evaluated: list[tuple[int, int]] = []
+        self.batches: list[int] = []
+        #: Both, in order: ("prompt", sequence, tokens) and ("step", sequence, ...).
+        self.events: list[tuple[Any, ...]] = []
+        self.restores = 0
+        adapter = FakeAdapter(self, parallel, context_length, model)
+        self.start(adapter, PromptEncoder(ByteTokenizer(), self.template), kv_store=kv_store,
+                   kv_cache_ram=kv_cache_ram)
+        # Fixed costs, not measured (the fake takes microseconds): beside a running reply, a
+        # prompt chunk is 200 tokens (tests that want small chunks set their own).
+        self.scheduler.measure = False
+        self.scheduler.step_s, self.scheduler.token_s = 0.01, 0.0001
+
+    def make_sampler(self, prompt: list[int]) -> Sampler:
+        self.prompts.append(prompt)
+        return FakeSampler(self, self.replies.pop(0) if self.replies else "echo")
+
+    def busy(self) -> bool:
+        """Whether a reply holds a sequence (a closed stream's is freed before any later call
+        to the engine)."""
+        return any(s["state"] not in ("idle", "free") for s in self.kv_stats()["sequences"])
 
     @property
     def cache(self) -> list[int]:
-        return self.kv.held
-
-    def _evaluate(self, ids: list[int], start: int) -> None:
-        assert self.kv.held == ids[:start]
-        self.evaluations.append(len(ids) - start)
-        self.kv.held = list(ids)
-
-    def _piece(self, token: int) -> bytes:
-        return bytes([token]) if token < 256 else self._wide[token]
-
-    def _tokens(self, prompt_ids: list[int], start: int,
-                params: GenerationParams) -> Iterator[int]:
-        assert self.kv.held == prompt_ids[:start]  # the cache holds exactly what was reused
-        self.prompts.append(list(prompt_ids))
-        self.kv.held = list(prompt_ids)
-        text = self.replies.pop(0) if self.replies else "echo"
-        for index, char in enumerate(text):
-            if self.fail_after is not None and index >= self.fail_after:
-                raise RuntimeError("engine failed mid-reply")
-            data = char.encode("utf-8")
-            token = data[0] if len(data) == 1 else WIDE + len(self._wide)
-            if len(data) > 1:
-                self._wide[token] = data
-            yield token
-            self.kv.held.append(token)  # evaluated only when the next token is wanted
+        """Sequence 0's tokens."""
+        return self.adapter.cells[0]  # type: ignore[attr-defined, no-any-return]
 
 
 class Summarizer(FakeEngine):
@@ -156,9 +212,8 @@ class Summarizer(FakeEngine):
         self.fail_summaries = 0
         self.summary_prompts: list[str] = []
 
-    def _tokens(self, prompt_ids: list[int], start: int,
-                params: GenerationParams) -> Iterator[int]:
-        text = bytes(t for t in prompt_ids if t < 256).decode("utf-8", "replace")
+    def make_sampler(self, prompt: list[int]) -> Sampler:
+        text = bytes(t for t in prompt if t < 256).decode("utf-8", "replace")
         if SUMMARY_SYSTEM in text:
             self.summary_prompts.append(text)
             if self.fail_summaries:
@@ -168,4 +223,4 @@ class Summarizer(FakeEngine):
             self.replies.insert(0, f"S{self.summaries}: the user asked questions.")
         elif not self.replies:
             self.replies.append("An answer of some length here.")
-        return super()._tokens(prompt_ids, start, params)
+        return super().make_sampler(prompt)

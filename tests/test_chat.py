@@ -23,7 +23,8 @@ def test_send_records_the_turn() -> None:
     chat = Chat(engine, persona="expert")
     reply = chat.send("q1")
     assert reply.text == "first" and reply.finish_reason == "stop"
-    assert reply.usage.generated_tokens == 5 and reply.usage.prompt_tokens > 0
+    # Five characters and the end-of-turn token: every sampled token counts.
+    assert reply.usage.generated_tokens == 6 and reply.usage.prompt_tokens > 0
     chat.send("q2")
     assert chat.conversation.to_tuples() == [("q1", "first"), ("q2", "second")]
     assert chat.conversation.system == chat.persona.system
@@ -66,7 +67,7 @@ def test_failed_reply_leaves_the_conversation_unchanged() -> None:
     with pytest.raises(RuntimeError):
         chat.send("new")
     assert chat.conversation == before
-    assert not engine._lock.locked()
+    assert not engine.busy()
 
 
 def test_closed_stream_leaves_the_conversation_unchanged() -> None:
@@ -77,7 +78,7 @@ def test_closed_stream_leaves_the_conversation_unchanged() -> None:
     assert next(stream) == "a"
     stream.close()
     assert chat.conversation.turns == [] and stream.reply is None
-    assert not engine._lock.locked()
+    assert not engine.busy()
     assert chat.send("q").text == "echo"  # the engine is free again
 
 
@@ -129,7 +130,7 @@ def test_inference_returns_the_tutorials_dict() -> None:
     result = inference(engine, None, history, "question")
     assert set(result) == {"response", "generated_tokens_count", "history"}
     assert result["response"] == "reply one"
-    assert result["generated_tokens_count"] == len("reply one")
+    assert result["generated_tokens_count"] == len("reply one") + 1  # and the end of turn
     assert result["history"] == [("question", "reply one")]
     assert history == []  # the caller's list is not changed
     prompt = engine.prompts[0]

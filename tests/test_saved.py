@@ -30,10 +30,11 @@ def test_a_completed_send_writes_both_messages(store: Store) -> None:
     messages = store.messages(saved.cid)
     assert [m.status for m in messages] == ["complete"] * 4
     assert messages[0].tokens == len("Hi")  # the fake engine counts one token per byte
-    assert messages[1].tokens == reply.usage.generated_tokens == len("Hello there!")
+    # The reply's characters and its end-of-turn token.
+    assert messages[1].tokens == reply.usage.generated_tokens == len("Hello there!") + 1
     assert messages[1].usage is not None
     assert messages[1].usage["finish_reason"] == "stop"
-    assert messages[1].usage["generated_tokens"] == len("Hello there!")
+    assert messages[1].usage["generated_tokens"] == len("Hello there!") + 1
     assert "window" in messages[1].usage and "kv_source" in messages[1].usage
 
 
@@ -99,7 +100,7 @@ def test_resume_and_what_is_saved(store: Store) -> None:
     assert chat.persona.name == "expert" and chat.system == "Be brief."
     assert (chat.params.temperature, chat.params.max_new_tokens) == (0.3, 20)
     assert chat.conversation.to_tuples() == [("one", "echo"), ("two", "echo")]
-    assert chat.cache_key is not None and chat.cache_key.name == f"conversation-{cid}"
+    assert chat.cache_key == f"conversation-{cid}"
     resumed.send("three")
     prompt = bytes(t for t in engine.prompts[-1] if t < 256).decode()
     assert "one" in prompt and "two" in prompt and "Be brief." in prompt

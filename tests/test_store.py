@@ -22,6 +22,7 @@ import pytest
 import rolechat.store as store_module
 from fakes import FakeEngine
 from rolechat.conversation import Conversation
+from rolechat.engines.adapter import Sampler
 from rolechat.errors import InvalidInput, StoreError
 from rolechat.saved import SavedChat
 from rolechat.store import MIGRATIONS, Store
@@ -573,9 +574,9 @@ def test_a_reply_the_locked_store_refuses_is_kept_and_saved_later(db_path: Path,
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
 
     class LockingEngine(FakeEngine):
-        def _tokens(self, prompt_ids, start, params):  # type: ignore[no-untyped-def]
+        def make_sampler(self, prompt: list[int]) -> Sampler:
             other.execute("BEGIN EXCLUSIVE")  # another process takes the lock mid-reply
-            yield from super()._tokens(prompt_ids, start, params)
+            return super().make_sampler(prompt)
 
     engine = LockingEngine()
     engine.replies.append("the precious reply")
@@ -596,7 +597,9 @@ def test_a_reply_the_locked_store_refuses_is_kept_and_saved_later(db_path: Path,
                                                              "the precious reply")]
     user, answer = reopened.messages(saved.cid)
     assert (user.status, answer.status) == ("complete", "complete")
-    assert answer.usage is not None and answer.usage["generated_tokens"] == len(reply.text)
+    # The reply's characters and its end-of-turn token.
+    assert answer.usage is not None
+    assert answer.usage["generated_tokens"] == len(reply.text) + 1
 
 
 def test_an_interrupted_reply_keeps_its_text_out_of_every_turn(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ Contract:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol
@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from .conversation import Conversation, Message, Turn, check_text
 from .engines import load_engine
 from .engines.base import Completion, Engine, FinishReason, Generation, Usage
-from .engines.snapshots import CacheKey
 from .errors import ContextOverflow, InvalidInput, InvalidParams
 from .memory import DEFAULT_TEMPLATE, Memory, SummaryFailed, summarize, summary_request
 from .params import GenerationParams
@@ -77,14 +76,16 @@ class ReplyStream(Iterator[str]):
         #: The chat's memory after this reply's slide (set when the slide folds turns into the
         #: summary; it becomes the chat's only when the reply completes).
         self._memory: Memory | None = None
+        #: Told how many requests are ahead while the engine has no room for this reply yet.
+        self.on_wait: Callable[[int], None] | None = None
+        #: The engine's generation now running (what cancel() stops).
+        self._engine_stream: Generation | None = None
         try:
             if plan.summarize:  # summarize first, in the engine's turn (see _after_summary)
                 self._generation: Generation = Generation(self._after_summary())
             else:
-                self._generation = chat.engine.stream(
-                    plan.messages, params,
-                    prompt_ids=prompt_ids if prompt_ids is not None else plan.prompt_ids,
-                    cache_key=chat.cache_key)
+                self._generation = self._engine(plan, prompt_ids if prompt_ids is not None
+                                                else plan.prompt_ids)
         except BaseException:
             self._open = False
             if chat.log is not None:
@@ -95,8 +96,7 @@ class ReplyStream(Iterator[str]):
         """Fold the dropped turns into the summary, plan again with it, then the reply."""
         chat = self._chat
         self._plan, self._memory = chat._fold(self._plan, self._text, self._params)
-        inner = chat.engine.stream(self._plan.messages, self._params,
-                                   prompt_ids=self._plan.prompt_ids, cache_key=chat.cache_key)
+        inner = self._engine(self._plan, self._plan.prompt_ids)
         try:
             while True:
                 try:
@@ -107,6 +107,25 @@ class ReplyStream(Iterator[str]):
                 yield chunk
         finally:
             inner.close()
+
+    def _engine(self, plan: WindowPlan, prompt_ids: list[int] | None) -> Generation:
+        """Start the engine's generation of this reply."""
+        generation = self._chat.engine.stream(plan.messages, self._params, prompt_ids=prompt_ids,
+                                              cache_key=self._chat.cache_key)
+        generation.on_wait = self._waited
+        self._engine_stream = generation
+        return generation
+
+    def _waited(self, ahead: int) -> None:
+        if self.on_wait is not None:
+            self.on_wait(ahead)
+
+    def cancel(self) -> None:
+        """Stop the reply soon, from any thread: its reader then gets
+        :class:`~rolechat.engines.base.Cancelled` (and the turn is stored interrupted)."""
+        stream = self._engine_stream
+        if stream is not None:
+            stream.cancel()
 
     @property
     def plan(self) -> WindowPlan:
@@ -201,7 +220,7 @@ class Chat:
         self.log = log
         #: Names this conversation to the engine, which keeps its KV state warm under it
         #: (a saved chat sets it; None: the engine matches snapshots by token prefix only).
-        self.cache_key: CacheKey | None = None
+        self.cache_key: str | None = None
 
     @property
     def system(self) -> str | None:

@@ -47,7 +47,7 @@ from typing import Any
 from .chat import Chat, Reply, ReplyStream
 from .conversation import Turn
 from .engines.base import Engine
-from .engines.snapshots import CacheKey, DiskTier, conversation_snapshot
+from .engines.snapshots import DiskTier, conversation_snapshot
 from .errors import ConversationChanged, InvalidInput, RolechatError, StoreError
 from .memory import Memory
 from .params import GenerationParams, valid_defaults
@@ -120,7 +120,7 @@ class SavedChat:
         self._continuing: int | None = None
         chat.log = self
         if cid is not None:
-            chat.cache_key = CacheKey(conversation_snapshot(cid), kv_disk)
+            chat.cache_key = conversation_snapshot(cid)
 
     # ----- opening -----------------------------------------------------------------------
     @classmethod
@@ -211,7 +211,7 @@ class SavedChat:
                             "params": _plain(chat.params.explicit())}
             if chat.window.memory != "none" or chat.memory.pins:
                 self._save(memory=self.memory_record())
-            chat.cache_key = CacheKey(conversation_snapshot(self._cid), self.kv_disk)
+            chat.cache_key = conversation_snapshot(self._cid)
         return self._cid
 
     # ----- other writers -----------------------------------------------------------------

@@ -36,8 +36,10 @@ Contract:
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
 - Imports (:mod:`rolechat.transfer` checks the whole file first) are written in one
   transaction: all of it or, on any failure, nothing.
-- A conversation's KV snapshot files live beside the database (``kv/``, see
-  :mod:`rolechat.engines.snapshots`); deleting the conversation deletes them.
+- The KV snapshot files of its conversations live beside the database (``kv_root``: ``kv/``);
+  the store only says where. The engine's KV store owns them (:mod:`rolechat.engines.kvstore`):
+  whoever deletes a conversation also tells the engine to forget it, or removes its files
+  (``rolechat conversations delete``).
 - Errors (unknown id, unreadable or locked database, corrupt import) raise
   :class:`~rolechat.errors.StoreError` / :class:`~rolechat.errors.InvalidInput` with what to do.
 - Pure persistence: a conversation and its live chat are kept together by
@@ -60,7 +62,6 @@ from typing import Any
 
 from . import store_turns as turns
 from .conversation import Conversation, check_text
-from .engines.snapshots import delete_conversation_files
 from .errors import InvalidInput, StoreError
 from .store_db import (
     BUSY_STEP_S,
@@ -409,11 +410,11 @@ class Store:
             return turns.bump(db, cid)
 
     def delete(self, cid: int) -> None:
-        """Delete conversation ``cid``, its messages and its KV snapshot files."""
+        """Delete conversation ``cid`` and its messages (its KV snapshot files are the KV
+        store's: see the module's contract)."""
         self.info(cid, damaged_ok=True)
         with self._transaction() as db:
             db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
-        delete_conversation_files(self.kv_root, cid)
 
     @property
     def kv_root(self) -> Path:

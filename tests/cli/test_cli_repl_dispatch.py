@@ -12,6 +12,7 @@ import pytest
 from fakes import FakeEngine
 from rolechat.cli.repl import BLOCK, COMMANDS, Repl, parse_value, read_message
 from rolechat.conversation import Conversation, Message
+from rolechat.engines.base import Generation
 from rolechat.errors import ContextOverflow
 from rolechat.params import GenerationParams
 from rolechat.saved import SavedChat
@@ -111,12 +112,26 @@ def test_library_error_is_printed_and_the_conversation_unchanged():
 
 
 class InterruptedEngine(FakeEngine):
-    """Streams two chunks, then the user presses Ctrl-C."""
+    """Streams "Once upon a time", then the user presses Ctrl-C: KeyboardInterrupt in the
+    thread that reads the reply, as a real Ctrl-C is."""
 
-    def _tokens(self, prompt_ids, start, params):
-        self.kv.held = list(prompt_ids)
-        yield from b"Once upon a time"
-        raise KeyboardInterrupt
+    def stream(self, messages, params, **options):
+        self.replies.append("Once upon a time, there was a dragon who never stopped talking.")
+        generation = super().stream(messages, params, **options)
+
+        def chunks():
+            shown = ""
+            try:
+                for chunk in generation:
+                    shown += chunk
+                    yield chunk
+                    if shown == "Once upon a time":
+                        raise KeyboardInterrupt
+            finally:
+                generation.close()
+            return generation.completion
+
+        return Generation(chunks(), generation.cancel)
 
 
 def test_ctrl_c_during_a_reply_discards_it():
@@ -370,9 +385,10 @@ def test_usage_shows_the_last_reply_and_totals(tmp_path):
     fresh(out)
     assert repl.handle("/usage") is True
     text = fresh(out)
-    assert re.search(r"last reply: 4 tokens · [\d.]+ tok/s .* · finish stop", text), text
-    assert "this session: 8 tokens generated" in text
-    assert f"conversation {cid_of(repl)}: 8 tokens generated in all" in text
+    # "echo" and its end-of-turn token.
+    assert re.search(r"last reply: 5 tokens · [\d.]+ tok/s .* · finish stop", text), text
+    assert "this session: 10 tokens generated" in text
+    assert f"conversation {cid_of(repl)}: 10 tokens generated in all" in text
 
 
 def test_save_names_the_conversation_and_the_file(tmp_path):

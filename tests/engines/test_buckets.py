@@ -69,7 +69,7 @@ def test_logits_match_the_plain_path_in_every_bucket(tiny_folder: Path, capture:
     steps: list[tuple[Any, Any]] = []
 
     def both(call: str, *args: Any) -> Any:
-        a, b = getattr(plain, call)(*args), getattr(fast, call)(*args)
+        a, b = getattr(plain.adapter, call)(*args), getattr(fast.adapter, call)(*args)
         steps.append((a, b))
         torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
         return a.argmax()
@@ -82,35 +82,35 @@ def test_logits_match_the_plain_path_in_every_bucket(tiny_folder: Path, capture:
     # decode in buckets 16, 32, 64 and 128.
     ids = fast.tokenize("The quick brown fox jumps over the lazy dog again", special=False)
     assert len(ids) == 10
-    decode(both("evaluate", ids, 0), 60)
+    decode(both("prompt", ids, 0), 60)
     assert decode_runs(fast) == {16: 6, 32: 16, 64: 32, 128: 6}
     assert fast.fast.made[:2] == [(32, 32), (1, 16)]
 
     # The next turn keeps 40 tokens (keep(n) on the static cache) and adds 20: a 32-token chunk
     # in bucket 128 (positions 40..71); then 10 tokens decode in buckets 64 and 128.
-    held = [int(t) for t in fast.kv.ids]
-    assert held == [int(t) for t in plain.kv.ids]
+    held = [int(t) for t in fast.adapter.kv.ids]
+    assert held == [int(t) for t in plain.adapter.kv.ids]
     for engine in (plain, fast):
-        engine.kv.keep(40)
+        engine.adapter.kv.keep(40)
     more = fast.tokenize(" and then it ran all the way home to sleep in the warm barn, tired "
                          "and happy, until the morning sun came up over the hills", special=False)
     more = more[:20]
     assert len(more) == 20
-    decode(both("evaluate", [*held[:40], *more], 40), 10)
+    decode(both("prompt", [*held[:40], *more], 40), 10)
     assert fast.fast.runs[(32, 128)] == 1
 
     # A prompt longer than the largest chunk runs eagerly over its bucket (256).
     for engine in (plain, fast):
-        engine.kv.keep(20)
+        engine.adapter.kv.keep(20)
     long = (more * 8)[:150]
-    decode(both("evaluate", [*held[:20], *long], 20), 5)
+    decode(both("prompt", [*held[:20], *long], 20), 5)
     assert decode_runs(fast) == {16: 6, 32: 16, 64: 32 + 4, 128: 6 + 6, 256: 5}
-    assert [int(t) for t in fast.kv.ids] == [int(t) for t in plain.kv.ids]
+    assert [int(t) for t in fast.adapter.kv.ids] == [int(t) for t in plain.adapter.kv.ids]
     # And from an empty cache (keep(0)): SDPA's own causal mask over bucket 256.
     for engine in (plain, fast):
-        engine.kv.keep(0)
-    decode(both("evaluate", long, 0), 3)
-    assert int(fast.kv.cache.position()) == len(fast.kv.held)
+        engine.adapter.kv.keep(0)
+    decode(both("prompt", long, 0), 3)
+    assert int(fast.adapter.kv.cache.position()) == len(fast.adapter.kv.held)
     # Greedy tokens, step by step, are the plain path's.
     assert [int(b.argmax()) for _, b in steps] == [int(a.argmax()) for a, _ in steps]
 
@@ -133,16 +133,23 @@ def test_chat_replies_match_the_plain_path(tiny_folder: Path, capture: str) -> N
     params = {"temperature": 0.0, "max_new_tokens": 40}
     results = []
     plain, fast = engines(tiny_folder, capture)
+
+    def send(chat: Chat, text: str) -> Any:
+        """A reply, and the engine's idle work after it (its re-evaluation as a prompt): both
+        engines then reuse the same tokens."""
+        reply = chat.send(text)
+        chat.engine.flush()  # type: ignore[attr-defined]
+        return reply
+
     for engine in (plain, fast):
         first = Chat(engine, system="Be brief.", params=params)
-        replies = [first.send("hi"), first.send("and again")]
-        replies.append(Chat(engine, system="Another one.", params=params).send("other"))
-        replies.append(first.send("back to the first"))
-        engine.flush()
+        replies = [send(first, "hi"), send(first, "and again")]
+        replies.append(send(Chat(engine, system="Another one.", params=params), "other"))
+        replies.append(send(first, "back to the first"))
         results.append(([r.text for r in replies],
                          [(r.usage.prompt_tokens, r.usage.cached_tokens,
                            r.usage.generated_tokens, r.usage.kv_source) for r in replies],
-                         [int(t) for t in engine.kv.ids]))
+                         [int(t) for t in engine.adapter.kv.ids]))
         if engine is fast:
             assert fast.fast is not None
             assert decode_runs(fast) == expected_decode(replies, fast.fast.buckets)
@@ -151,7 +158,7 @@ def test_chat_replies_match_the_plain_path(tiny_folder: Path, capture: str) -> N
     assert results[0] == results[1]
     usages = results[1][1]
     assert usages[1][1] > usages[0][0]  # the second turn reused the first
-    assert usages[3][3] == "memory" and usages[3][1] > usages[1][0]  # restored from a snapshot
+    assert usages[3][3] == "ram" and usages[3][1] > usages[1][0]  # restored from a snapshot
 
 
 def test_snapshot_restore_on_the_bucketed_cache(tiny_folder: Path) -> None:
@@ -159,19 +166,19 @@ def test_snapshot_restore_on_the_bucketed_cache(tiny_folder: Path) -> None:
     ids = fast.tokenize("The quick brown fox jumps over the lazy dog again and again and "
                         "again", special=False)
     for engine in (plain, fast):
-        engine.evaluate(ids, 0)
-    snapshot = fast.kv.snapshot()
+        engine.adapter.prompt(ids, 0)
+    snapshot = fast.adapter.kv.snapshot()
     assert snapshot is not None and len(snapshot) == len(ids)
-    fast.kv.reset()
-    assert int(fast.kv.cache.position()) == 0
-    fast.kv.restore(snapshot, len(ids) - 3)
-    plain.kv.keep(len(ids) - 3)
-    assert int(fast.kv.cache.position()) == len(ids) - 3
-    a, b = plain.evaluate(ids, len(ids) - 3), fast.evaluate(ids, len(ids) - 3)
+    fast.adapter.kv.reset()
+    assert int(fast.adapter.kv.cache.position()) == 0
+    fast.adapter.kv.restore(snapshot, len(ids) - 3)
+    plain.adapter.kv.keep(len(ids) - 3)
+    assert int(fast.adapter.kv.cache.position()) == len(ids) - 3
+    a, b = plain.adapter.prompt(ids, len(ids) - 3), fast.adapter.prompt(ids, len(ids) - 3)
     torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
     token = a.argmax()
     for _ in range(20):  # across bucket 16 -> 32
-        a, b = plain.decode_one(token), fast.decode_one(token)
+        a, b = plain.adapter.decode_one(token), fast.adapter.decode_one(token)
         torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
         token = a.argmax()
 
@@ -232,8 +239,8 @@ def test_steps_read_nothing_back_to_the_host(tiny_folder: Path) -> None:
     _, fast = engines(tiny_folder, "off", context=64)
     assert fast.fast is not None
     ids = fast.tokenize("The quick brown fox jumps over the lazy dog again", special=False)
-    token = fast.evaluate(ids, 0).argmax()
-    fast.decode_one(token)
+    token = fast.adapter.prompt(ids, 0).argmax()
+    fast.adapter.decode_one(token)
     decode, chunk = fast.fast._steps[(1, 16)], fast.fast._steps[(32, 32)]
     with torch.no_grad(), Watch() as watch:
         decode(token.view(1, 1), None)

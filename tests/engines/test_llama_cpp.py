@@ -17,7 +17,8 @@ from rolechat import (
     load_engine,
 )
 from rolechat.engines.gguf import read_gguf_info
-from rolechat.engines.llama_cpp import EMBEDDED_FILE, LlamaCppEngine, physical_cores
+from rolechat.engines.llama_adapter import FreeCores, physical_cores
+from rolechat.engines.llama_cpp import EMBEDDED_FILE, LlamaCppEngine
 from seed_data import IN17, IN17_TEXT
 
 IM_START, IM_END = 1, 2
@@ -27,7 +28,7 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 32}
 def test_embedded_defaults(engine: LlamaCppEngine) -> None:
     assert engine.path.name == EMBEDDED_FILE
     assert engine.context_length == engine.trained_context_length == 8192  # not 512
-    assert engine.max_threads == physical_cores()  # a reply uses those the machine leaves free
+    assert engine.adapter.max_threads == physical_cores()  # used as the machine leaves free
     assert read_gguf_info(engine.path).context_length == 8192
 
 
@@ -174,18 +175,30 @@ def test_unknown_engine_lists_valid_ones() -> None:
 
 def test_threads_follow_the_cores_other_processes_leave(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = LlamaCppEngine(context_length=512)
+    adapter: Any = engine.adapter
     try:
-        assert engine._free is not None
-        for free, expected in ((0.2, 1), (engine.max_threads + 3.0, engine.max_threads)):
-            monkeypatch.setattr(engine._free, "look", lambda free=free: free)
+        assert adapter._free is not None
+        for wanted in (1, adapter.max_threads):
+            monkeypatch.setattr(adapter._free, "look", lambda wanted=wanted: wanted)
             Chat(engine, params=GREEDY).send("Hi")
-            assert engine.n_threads == expected
+            assert engine.n_threads == wanted
         engine.set_threads(1)  # the caller decides from now on
-        assert engine._free is None and engine.n_threads == engine.max_threads == 1
+        assert adapter._free is None and engine.n_threads == adapter.max_threads == 1
     finally:
         engine.close()
     fixed = LlamaCppEngine(context_length=512, n_threads=1)
     try:
-        assert fixed._free is None  # threads given: used as given
+        assert fixed.adapter._free is None  # type: ignore[attr-defined]  # used as given
     finally:
         fixed.close()
+
+
+@pytest.mark.parametrize(("others", "threads"), [(0.0, 4), (0.3, 4), (0.6, 4), (1.0, 3),
+                                                 (2.2, 2), (3.5, 1), (9.0, 1)])
+def test_a_light_load_never_takes_a_thread(others: float, threads: int) -> None:
+    """Other processes' CPU time decides: a client streaming the reply or a `top` (a fraction of
+    a core) leaves every thread; a busy program takes one per core it keeps busy."""
+    free = FreeCores(4)
+    free._last = (0.0, 0.0, 0.0)
+    free._sample = lambda: (1.0, others + 4.0, 4.0)  # type: ignore[method-assign]
+    assert free.look() == threads

@@ -11,7 +11,8 @@ import pytest
 
 from cold import cold_reply
 from rolechat import Chat, Conversation, load_engine
-from rolechat.engines.snapshots import CacheKey, DiskTier
+from rolechat.engines.kvstore import KVStore
+from rolechat.engines.snapshots import DiskTier
 from rolechat.engines.transformers import HFKVCache, TransformersEngine
 
 torch = pytest.importorskip("torch")
@@ -30,7 +31,7 @@ def test_snapshot_and_restore_are_exact(tiny_folder: Path) -> None:
     engine = engine_of(tiny_folder)
     Chat(engine, params=GREEDY).send("A first question for the cache.")
     engine.flush()
-    kv: HFKVCache = engine.kv
+    kv: HFKVCache = engine.adapter.kv  # type: ignore[attr-defined]
     snapshot = kv.snapshot()
     assert snapshot is not None and len(snapshot) == len(kv.held)
     before = [(layer.keys.clone(), layer.values.clone()) for layer in kv.cache.layers]
@@ -51,7 +52,7 @@ def test_interleaved_conversations_match_a_cold_cache(tiny_folder: Path) -> None
     chats = []
     for index in range(3):
         chat = Chat(warm, system=f"You are assistant {index}.", params=GREEDY)
-        chat.cache_key = CacheKey(f"conversation-{index}")
+        chat.cache_key = f"conversation-{index}"
         chats.append(chat)
     for round_ in range(4):
         for index, chat in enumerate(chats):
@@ -60,20 +61,20 @@ def test_interleaved_conversations_match_a_cold_cache(tiny_folder: Path) -> None
             reply = chat.send(text)
             assert reply.text == cold_reply(cold, before, text, GREEDY)
             if round_:
-                assert reply.usage.kv_source == "memory"
+                assert reply.usage.kv_source == "ram"
                 assert reply.usage.prompt_tokens - reply.usage.restored_tokens < 30
 
 
 def test_a_new_engine_restores_from_disk(tiny_folder: Path, tmp_path: Path) -> None:
-    first = engine_of(tiny_folder)
+    first = engine_of(tiny_folder, kv_store=KVStore(disk=DiskTier(tmp_path / "kv")))
     chat = Chat(first, system="Be brief.", params=GREEDY)
-    chat.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+    chat.cache_key = "conversation-1"
     before = chat.send("Remember this sentence, please.")
     first.flush()
-    second = engine_of(tiny_folder)
+    second = engine_of(tiny_folder, kv_store=KVStore(disk=DiskTier(tmp_path / "kv")))
     resumed = Chat(second, conversation=Conversation.from_dict(chat.conversation.to_dict()),
                    params=GREEDY)
-    resumed.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+    resumed.cache_key = "conversation-1"
     reply = resumed.send("And now?")
     assert reply.usage.kv_source == "disk"
     # The random model's reply may tokenize differently when read back; its prompt does not.

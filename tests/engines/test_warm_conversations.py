@@ -11,8 +11,9 @@ import pytest
 
 from cold import cold_reply as reference
 from rolechat import Chat, Conversation
+from rolechat.engines.kvstore import KVStore
 from rolechat.engines.llama_cpp import LlamaCppEngine
-from rolechat.engines.snapshots import CacheKey, DiskTier
+from rolechat.engines.snapshots import DiskTier
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 4}
 TOPICS = ("the sea", "mountains", "bread", "the moon")
@@ -37,14 +38,23 @@ def cold_reply(cold: LlamaCppEngine, conversation: Conversation, text: str) -> s
     return reference(cold, conversation, text, GREEDY)
 
 
+@pytest.fixture(scope="module")
+def parallel() -> Iterator[LlamaCppEngine]:
+    """Four sequences: four conversations stay resident, each in its own."""
+    engine = LlamaCppEngine(context_length=2048, parallel=4)
+    yield engine
+    engine.close()
+
+
 @pytest.mark.slow
 def test_interleaved_conversations_restore_and_match_cold_replies(
         warm: LlamaCppEngine, cold: LlamaCppEngine) -> None:
+    """One sequence, four conversations: every switch restores a snapshot from RAM."""
     warm.reset_cache()
     chats = []
     for index, topic in enumerate(TOPICS):
         chat = Chat(warm, system=f"You like {topic}.", params=GREEDY)
-        chat.cache_key = CacheKey(f"conversation-{index}")
+        chat.cache_key = f"conversation-{index}"
         chats.append(chat)
     for round_ in range(10):
         for index, chat in enumerate(chats):
@@ -59,28 +69,55 @@ def test_interleaved_conversations_restore_and_match_cold_replies(
             # Switching back restored this conversation's snapshot: its last prompt and reply
             # are reused (all but the reply's last token or two, which the template rewrites),
             # and only the new message is evaluated.
-            assert usage.kv_source == "memory", (round_, index, usage)
+            assert usage.kv_source == "ram", (round_, index, usage)
             assert usage.restored_tokens == usage.cached_tokens
             assert usage.cached_tokens >= (last.usage.prompt_tokens
                                            + last.usage.generated_tokens - 3)
             assert usage.prompt_tokens - usage.cached_tokens < 40
-    stats = warm.kv_stats()["memory"]
+    stats = warm.kv_stats()["ram"]
     assert stats["hits"] >= 36 and stats["entries"] == 4
     assert stats["bytes"] <= stats["max_bytes"]
 
 
+def test_resident_conversations_stay_in_their_sequences_and_match_cold_replies(
+        parallel: LlamaCppEngine, cold: LlamaCppEngine) -> None:
+    """Four sequences, four conversations: each stays in its sequence, nothing is copied."""
+    chats = []
+    for index, topic in enumerate(TOPICS):
+        chat = Chat(parallel, system=f"You like {topic}.", params=GREEDY)
+        chat.cache_key = f"conversation-{index}"
+        chats.append(chat)
+    for round_ in range(3):
+        for index, chat in enumerate(chats):
+            text = f"{round_}: more on {TOPICS[index]}?"
+            before = chat.conversation.copy()
+            last = chat.last_reply
+            reply = chat.send(text)
+            assert reply.text == cold_reply(cold, before, text), (round_, index)
+            if last is not None:
+                usage = reply.usage
+                assert usage.kv_source == "live" and usage.restored_tokens == 0
+                assert usage.cached_tokens >= (last.usage.prompt_tokens
+                                               + last.usage.generated_tokens - 3)
+    sequences = parallel.kv_stats()["sequences"]
+    assert sorted(s["conversation"] for s in sequences) == [f"conversation-{i}"
+                                                            for i in range(4)]
+
+
 def test_a_new_engine_restores_from_disk_and_matches_a_cold_reply(
-        tmp_path: Path, warm: LlamaCppEngine, cold: LlamaCppEngine) -> None:
-    warm.reset_cache()
-    chat = Chat(warm, system="You are a librarian.", params=GREEDY)
-    chat.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+        tmp_path: Path, cold: LlamaCppEngine) -> None:
+    first = LlamaCppEngine(context_length=2048, n_threads=1,
+                           kv_store=KVStore(disk=DiskTier(tmp_path / "kv")))
+    chat = Chat(first, system="You are a librarian.", params=GREEDY)
+    chat.cache_key = "conversation-1"
     chat.send("Recommend a book about whales.")
-    warm.flush()
-    # A new engine, as in a new process: its memory is empty, the file is on disk.
-    fresh = LlamaCppEngine(context_length=2048, n_threads=1)
+    first.close()  # its snapshot file is written
+    # A new engine, as in a new process: its RAM is empty, the file is on disk.
+    fresh = LlamaCppEngine(context_length=2048, n_threads=1,
+                           kv_store=KVStore(disk=DiskTier(tmp_path / "kv")))
     try:
         resumed = Chat(fresh, conversation=chat.conversation.copy(), params=GREEDY)
-        resumed.cache_key = CacheKey("conversation-1", DiskTier(tmp_path / "kv"))
+        resumed.cache_key = "conversation-1"
         reply = resumed.send("Why that one?")
         assert reply.usage.kv_source == "disk"
         last = chat.last_reply

@@ -19,7 +19,7 @@ class BrokenEngine(FakeEngine):
 
 
 def test_an_unexpected_error_is_an_openai_500(tmp_path: Path) -> None:
-    app = create_app(BrokenEngine(), store=Store(tmp_path / "db"), kv_disk=None)
+    app = create_app(BrokenEngine(), store=Store(tmp_path / "db"))
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.get("/v1/status")
         assert response.status_code == 500

@@ -95,7 +95,7 @@ def test_a_model_retrieved_matches_the_schema(base: str) -> None:
 def in_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """The app over the fake engine: errors need no model."""
     store = Store(tmp_path_factory.mktemp("errors") / "rolechat.db")
-    app = create_app(FakeEngine(), store=store, kv_disk=None, max_body_bytes=20000)
+    app = create_app(FakeEngine(), store=store, max_body_bytes=20000)
     with TestClient(app) as client:
         yield client
     store.close()

@@ -47,8 +47,11 @@ def client(base: str) -> Iterator[httpx.Client]:
 
 
 def status(client: httpx.Client) -> dict[str, Any]:
-    worker: dict[str, Any] = client.get("/status").json()["worker"]
-    return worker
+    """The server's jobs (running, done, cancelled), whether one runs, and the engine's
+    queue."""
+    body = client.get("/status").json()
+    jobs: dict[str, Any] = body["jobs"]
+    return {**jobs, "busy": jobs["running"] > 0, "queued": body["scheduler"]["queued"]}
 
 
 def wait_idle(client: httpx.Client, cancelled_before: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def base(home: Path) -> Iterator[str]:
     store = Store(home / "rolechat.db")
     # A conversation that belongs to a key the server no longer has.
     store.create(title="the removed key's secret", owner=owner_id("removed-key"))
-    app = create_app(FakeEngine(), api_keys=[K1, K2], store=store, kv_disk=None,
+    app = create_app(FakeEngine(), api_keys=[K1, K2], store=store,
                      body_timeout=BODY_TIMEOUT, max_body_bytes=LIMIT)
     with in_process(app, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT) as url:
         yield url
@@ -225,7 +225,7 @@ def test_a_body_nobody_reads_cannot_hold_the_connection(base: str) -> None:
 
 
 def test_connections_over_the_limit_are_refused_at_once(tmp_path: Path) -> None:
-    app = create_app(FakeEngine(), store=Store(tmp_path / "db"), kv_disk=None)
+    app = create_app(FakeEngine(), store=Store(tmp_path / "db"))
     with in_process(app, max_connections=3, header_timeout=60) as url:
         held = [connect(url) for _ in range(3)]
         extra = connect(url)  # refused before it sends a byte

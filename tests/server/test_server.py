@@ -126,8 +126,8 @@ def test_client_disconnect_frees_the_engine(server: str, client: openai.OpenAI) 
     headers = {"Authorization": f"Bearer {KEY}"}
 
     def worker() -> dict[str, Any]:
-        state: dict[str, Any] = httpx.get(f"{server}/status", headers=headers).json()["worker"]
-        return state
+        jobs: dict[str, Any] = httpx.get(f"{server}/status", headers=headers).json()["jobs"]
+        return {**jobs, "busy": jobs["running"] > 0}
 
     before = worker()["cancelled"]
     body = {"messages": [{"role": "user", "content": "Count from 1 to 1000, separated by "

@@ -19,7 +19,7 @@ from rolechat.store import Store
 
 
 def test_locks_do_not_outlive_the_requests(tmp_path: Path) -> None:
-    app = create_app(FakeEngine(), store=Store(tmp_path / "db"), kv_disk=None)
+    app = create_app(FakeEngine(), store=Store(tmp_path / "db"))
     state: ServerState = app.state.rolechat
     with TestClient(app, base_url="http://testserver/v1") as client:
         cids = [client.post("/conversations", json={}).json()["id"] for _ in range(20)]
@@ -37,7 +37,7 @@ def test_locks_do_not_outlive_the_requests(tmp_path: Path) -> None:
 
 def test_a_lock_is_shared_while_it_is_held_or_awaited(tmp_path: Path) -> None:
     state = ServerState(engine=FakeEngine(), store=Store(tmp_path / "db"), worker=Worker(),
-                        kv_disk=None, keyed=False, model_id="fake")
+                        keyed=False, model_id="fake")
     order: list[str] = []
 
     async def main() -> None:

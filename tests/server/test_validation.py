@@ -25,7 +25,7 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Any:
     store = Store(tmp_path_factory.mktemp("validation") / "rolechat.db")
-    yield create_app(FakeEngine(), store=store, kv_disk=None, max_body_bytes=LIMIT)
+    yield create_app(FakeEngine(), store=store, max_body_bytes=LIMIT)
     store.close()
 
 
@@ -232,7 +232,7 @@ def test_ids_out_of_range_are_not_found(client: TestClient, cid: int) -> None:
 
 
 def test_api_keys(tmp_path: Path) -> None:
-    app = create_app(FakeEngine(), api_keys=["k"], store=Store(tmp_path / "db"), kv_disk=None)
+    app = create_app(FakeEngine(), api_keys=["k"], store=Store(tmp_path / "db"))
     with TestClient(app, base_url="http://testserver/v1") as client:
         assert openai_error(client.get("/models"), 401)["code"] == "invalid_api_key"
         wrong = client.get("/models", headers={"Authorization": "Bearer nope"})
@@ -316,7 +316,7 @@ def test_bad_session_input(client: TestClient) -> None:
 
 
 def test_pins_are_numbered_from_0_in_errors(tmp_path: Path) -> None:
-    app = create_app(FakeEngine(context_length=400), store=Store(tmp_path / "db"), kv_disk=None)
+    app = create_app(FakeEngine(context_length=400), store=Store(tmp_path / "db"))
     with TestClient(app, base_url="http://testserver/v1") as client:
         cid = new(client, system="S", params={"max_new_tokens": 50})
         first = client.post(f"/conversations/{cid}/messages",
@@ -334,7 +334,7 @@ def test_pins_are_numbered_from_0_in_errors(tmp_path: Path) -> None:
 
 def test_a_system_prompt_that_cannot_fit_is_refused_at_once(tmp_path: Path) -> None:
     engine = FakeEngine(context_length=2048)
-    app = create_app(engine, store=Store(tmp_path / "db"), kv_disk=None,
+    app = create_app(engine, store=Store(tmp_path / "db"),
                      max_body_bytes=1_000_000)
     with TestClient(app, base_url="http://testserver/v1") as client:
         cid = new(client, system="Be brief.", params={"max_new_tokens": 48})

@@ -1,7 +1,8 @@
 """Warm conversations through a real `rolechat serve` (real HTTP, the embedded model): sessions
-and stateless clients that alternate between conversations restore their KV snapshots, greedy
-replies match evaluations from an empty cache, a restarted server resumes from disk, and
-GET /v1/status shows the tiers."""
+that alternate between more conversations than the server has sequences restore their KV
+snapshots from RAM, stateless clients stay in their sequences, greedy replies match evaluations
+from an empty cache, a restarted server resumes from disk, and GET /v1/status shows the
+sequences and the tiers."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def kv_files(home: Path) -> list[str]:
 def test_interleaved_sessions_stay_warm_and_match_cold_replies(
         tmp_path: Path, cold: LlamaCppEngine) -> None:
     home = tmp_path / "home"
-    with rolechat_serve(home) as base, httpx.Client(base_url=f"{base}/v1",
-                                                     timeout=120) as client:
+    # Two sequences, four conversations: each one comes back after two others took them.
+    with rolechat_serve(home, "--parallel", "2") as base, httpx.Client(base_url=f"{base}/v1",
+                                                                         timeout=120) as client:
         sessions: list[tuple[int, Conversation]] = []
         for topic in TOPICS:
             body = client.post("/conversations", json={
@@ -64,17 +66,21 @@ def test_interleaved_sessions_stay_warm_and_match_cold_replies(
                 assert reply == cold_reply(cold, history, text), (round_, topic)
                 if round_:
                     usage, extra = data["usage"], data["rolechat"]
-                    assert extra["kv_source"] == "memory", (round_, topic, data)
+                    assert extra["kv_source"] == "ram", (round_, topic, data)
                     assert extra["restored_tokens"] == usage["prompt_tokens_details"][
                         "cached_tokens"]
                     assert usage["prompt_tokens"] - extra["restored_tokens"] < 40
                 history.append_turn(text, reply)
 
         status = client.get("/status").json()
+        sequences = status["scheduler"]["sequences"]
+        assert len(sequences) == 2 and all(s["state"] == "idle" for s in sequences)
+        assert {s["conversation"] for s in sequences} <= {f"conversation-{cid}"
+                                                          for cid, _ in sessions}
         kv = status["kv_cache"]
-        assert kv["memory"]["entries"] == len(TOPICS)
-        assert kv["memory"]["hits"] >= len(TOPICS) * (ROUNDS - 1)
-        assert kv["memory"]["bytes"] <= kv["memory"]["max_bytes"]
+        assert kv["ram"]["entries"] == len(TOPICS)
+        assert kv["ram"]["hits"] >= len(TOPICS) * (ROUNDS - 1)
+        assert kv["ram"]["bytes"] <= kv["ram"]["max_bytes"]
         assert kv["disk"]["files"] == len(TOPICS)
         assert kv["disk"]["bytes"] <= kv["disk"]["max_bytes"]
         assert kv_files(home) == sorted(f"conversation-{cid}.kv" for cid, _ in sessions)
@@ -113,8 +119,9 @@ def test_a_stateless_client_alternating_conversations_stays_warm(
                 before = Conversation.from_openai(messages[:-1])
                 assert reply == cold_reply(cold, before, messages[-1]["content"])
                 extra: dict[str, Any] = response.model_extra["rolechat"]  # type: ignore[index]
-                if round_:
-                    assert extra["kv_source"] == "memory", (round_, topic, extra)
+                if round_:  # four sequences: each conversation stays in its own
+                    assert extra["kv_source"] == "live", (round_, topic, extra)
+                    assert extra["restored_tokens"] == 0
                     usage = response.usage
                     assert usage is not None and usage.prompt_tokens_details is not None
                     assert usage.prompt_tokens - (usage.prompt_tokens_details.cached_tokens

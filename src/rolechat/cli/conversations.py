@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..engines.snapshots import conversation_snapshot, delete_conversation_files
 from ..errors import InvalidInput
 from ..store import Store
 from ..transfer import read_import
@@ -121,6 +122,8 @@ def import_(file: BinaryIO) -> None:
 @conversations.command()
 @click.argument("cid", type=int)
 def delete(cid: int) -> None:
-    """Delete conversation CID."""
-    open_store().delete(cid)
+    """Delete conversation CID (and its KV snapshot files)."""
+    store = open_store()
+    store.delete(cid)
+    delete_conversation_files(store.kv_root, conversation_snapshot(cid))
     echo(f"deleted conversation {cid}", err=True)

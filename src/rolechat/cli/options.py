@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 
 from ..engines import Engine, load_engine
+from ..engines.kvstore import DEFAULT_RAM_BYTES, KVStore
 from ..engines.options import ENGINES, OPTIONS, check_options, engine_for, takers
 from ..engines.snapshots import (
     DEFAULT_DISK_BYTES,
@@ -82,6 +83,10 @@ def params_from(options: dict[str, Any]) -> GenerationParams:
 
 #: Engine options whose flag is not ``--`` + the option's name.
 FLAG_NAMES = {"n_threads": "--threads"}
+
+
+#: Engine options with a flag of their own on one command only (``serve --parallel``).
+OWN_FLAGS = {"parallel"}
 
 
 def engine_fields() -> dict[str, Any]:
@@ -148,7 +153,8 @@ def model_options(func: F, *, api_key_flag: str = "--api-key") -> F:
                           "openai with --base-url)."),
         click.option("--hub", type=click.Choice(HUBS), default=None,
                      help="Download --model by id from this hub (transformers engine)."),
-        *(_engine_flag(name, info, api_key_flag) for name, info in engine_fields().items()),
+        *(_engine_flag(name, info, api_key_flag) for name, info in engine_fields().items()
+          if name not in OWN_FLAGS),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -210,27 +216,44 @@ def window_from(options: dict[str, Any], persona: str | None) -> Window | None:
     return get_persona(persona).window_for(given) if given else None
 
 
-def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key") -> Engine:
+#: How many replies `rolechat serve` generates at once with llama.cpp unless --parallel says.
+SERVE_PARALLEL = 4
+
+
+def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key",
+                kv_disk: DiskTier | None = None, parallel: int | None = None,
+                serving: bool = False) -> Engine:
     """Load the engine named by the model flags (popped from ``options``). Which flags apply
-    to which engine comes from the engines' option schemas."""
+    to which engine comes from the engines' option schemas. A local engine keeps its KV
+    snapshots in RAM and in ``kv_disk``; ``parallel`` (``serve --parallel``) is how many
+    replies llama.cpp generates at once (when ``serving`` and not given:
+    :data:`SERVE_PARALLEL`)."""
     model, engine, hub = (options.pop(k, None) for k in ("model", "engine", "hub"))
     given = {name: value for name in engine_fields()
              if (value := options.pop(name, None)) is not None}
     name = engine or engine_for(model, hub, given.get("base_url"))
+    if parallel is not None:
+        given["parallel"] = parallel
+    elif serving and name in takers("parallel"):
+        given["parallel"] = SERVE_PARALLEL
     if hub is not None and name != "transformers":
         raise InvalidInput(f"--hub only applies to the transformers engine, not {name}.",
                            "Drop --hub, or use --engine transformers.")
     if name == "openai" and "base_url" not in given:
         raise InvalidInput("--engine openai needs --base-url.",
                            "For example: --base-url http://127.0.0.1:8000/v1")
-    check_options(name, given, flag=lambda option: flag_of(option, api_key_flag))
+    checked = check_options(name, given, flag=lambda option: flag_of(option, api_key_flag))
+    kv_store = None
+    if name != "openai":  # the engine's RAM tier, and the files beside the store
+        kv_store = KVStore(getattr(checked, "kv_cache_ram", DEFAULT_RAM_BYTES), kv_disk)
+        given.pop("kv_cache_ram", None)
     if not err_console.is_terminal:
         with interrupt_kept():
-            loaded = load_engine(model, engine=name, hub=hub, **given)
+            loaded = load_engine(model, engine=name, hub=hub, kv_store=kv_store, **given)
     else:
         label = model or given.get("base_url") or "the embedded model"
         with err_console.status(f"Loading {label}…", spinner="dots"), interrupt_kept():
-            loaded = load_engine(model, engine=name, hub=hub, **given)
+            loaded = load_engine(model, engine=name, hub=hub, kv_store=kv_store, **given)
     fast = getattr(loaded, "fast", None)
     if fast is not None:  # a GPU step being compiled or captured says so on stderr
         fast.progress = lambda text: err_console.print(text, style="dim", markup=False)
@@ -304,7 +327,7 @@ def open_chat(options: dict[str, Any], *, log: bool = True,
     if store is not None and cid is not None:
         store.info(cid)  # an unknown id fails before the model loads
     disk = kv_disk(store if log else None, options.pop("kv_cache_disk", None))
-    engine = open_engine(options)
+    engine = open_engine(options, kv_disk=disk)
     if store is not None and cid is not None:
         saved = SavedChat.resume(engine, store, cid, persona=persona_name, system=system,
                                  params=params, kv_disk=disk, save=log and save_overrides,

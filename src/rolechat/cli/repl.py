@@ -471,19 +471,20 @@ def _usage(repl: Repl, argument: str) -> bool:
 
 
 def kv_lines(chat: Chat) -> list[str]:
-    """What the engine keeps warm: the live cache, the memory tier, the disk tier."""
+    """What the engine keeps warm: its sequences, the snapshots in RAM and on disk."""
     stats = chat.engine.kv_stats()
     if stats is None:
         return []
-    live, memory = stats["live"], stats["memory"]
-    lines = [f"KV cache: {live['tokens']} tokens live"
-             + (f" ({live['conversation']})" if live["conversation"] else ""),
-             f"KV memory: {memory['entries']} snapshot(s), {format_size(memory['bytes'])} of "
-             f"{format_size(memory['max_bytes'])}, {memory['hits']} restored, "
-             f"{memory['evictions']} evicted"]
-    disk = chat.cache_key.disk if chat.cache_key is not None else None
-    if disk is not None:
-        files = disk.stats()
+    held = [s for s in stats["sequences"] if s["tokens"]]
+    ram = stats["ram"]
+    lines = [f"KV cache: {len(held)} of {len(stats['sequences'])} sequence(s) in use"
+             + "".join(f"; {s['tokens']} tokens ({s['conversation'] or 'none'})"
+                       for s in held),
+             f"KV RAM: {ram['entries']} snapshot(s), {format_size(ram['bytes'])} of "
+             f"{format_size(ram['max_bytes'])}, {ram['hits']} restored, "
+             f"{ram['evictions']} evicted"]
+    files = stats.get("disk")
+    if files is not None:
         lines.append(f"KV disk: {files['files']} file(s), {format_size(files['bytes'])} of "
                      f"{format_size(files['max_bytes'])}, {files['hits']} restored, "
                      f"{files['evictions']} evicted, in {files['folder']}")

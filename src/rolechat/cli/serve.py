@@ -13,6 +13,7 @@ import click
 from ..errors import ModelLoadError
 from . import cli
 from .options import (
+    SERVE_PARALLEL,
     err_console,
     kv_disk,
     kv_disk_option,
@@ -46,10 +47,14 @@ from .options import (
               help="Seconds an idle connection stays open between requests.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=100, show_default=True,
               help="Open connections at most; one more is answered 503 and closed.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="llama.cpp: replies generated at once, batched (each holds a whole "
+                   f"context; more wait in a queue) [default: {SERVE_PARALLEL}].")
 @memory_options
 def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: int,
           cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float,
-          keep_alive: int, max_connections: int, **options: Any) -> None:
+          keep_alive: int, max_connections: int, parallel: int | None,
+          **options: Any) -> None:
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
         import uvicorn
@@ -64,11 +69,14 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
     window = window_from(options, None)
     store = open_store()
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
-    engine = open_engine(options, api_key_flag="--remote-api-key")
+    engine = open_engine(options, api_key_flag="--remote-api-key", kv_disk=disk,
+                         parallel=parallel, serving=True)
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
                      body_timeout=body_timeout, cors_origins=cors_origins, store=store,
-                     kv_disk=disk, window=window)
+                     window=window)
+    batched = getattr(engine, "parallel", 1)
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
+                      + (f" · {batched} replies at once" if batched > 1 else "")
                       + (" (API key required)" if keys else ""), style="dim")
     server = uvicorn.Server(config(app, host=host, port=port, header_timeout=header_timeout,
                                    body_timeout=body_timeout, keep_alive=keep_alive,

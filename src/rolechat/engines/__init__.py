@@ -18,17 +18,21 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from .base import Completion, Engine, Generation, Usage
+from .kvstore import KVStore
 from .options import ENGINES, check_options, engine_for
 
 
 def load_engine(model: str | Path | None = None, *, engine: str | None = None,
-                hub: str | None = None, **options: Any) -> Engine:
+                hub: str | None = None, kv_store: KVStore | None = None,
+                **options: Any) -> Engine:
     """Load a model. ``options`` are the engine's (see :mod:`rolechat.engines.options`):
     ``context_length``, ``chat_template`` for all; ``n_threads``, ``kv_cache_ram`` for the
-    local engines; ``n_gpu_layers`` for llama.cpp; ``device``, ``dtype``, ``fast_decode``,
-    ``capture`` for transformers; ``base_url``, ``api_key``, ``tokenizer``, ``timeout``,
-    ``max_retries`` for openai (``model`` is then the served name). ``hub`` ("hf" or
-    "modelscope") downloads ``model`` by id — only when asked."""
+    local engines; ``n_gpu_layers``, ``parallel`` for llama.cpp; ``device``, ``dtype``,
+    ``fast_decode``, ``capture`` for transformers; ``base_url``, ``api_key``, ``tokenizer``,
+    ``timeout``, ``max_retries`` for openai (``model`` is then the served name). ``hub`` ("hf"
+    or "modelscope") downloads ``model`` by id — only when asked. ``kv_store`` is the KV store
+    a local engine keeps its snapshots in (default: its own, in RAM only, of ``kv_cache_ram``
+    bytes)."""
     name = engine or engine_for(model, hub, options.get("base_url"))
     if hub is not None and name != "transformers":
         raise ModelLoadError(str(model), f"the {name} engine does not download models",
@@ -38,6 +42,7 @@ def load_engine(model: str | Path | None = None, *, engine: str | None = None,
         from .openai import OpenAIEngine
 
         return OpenAIEngine(None if model is None else str(model), **checked)
+    checked["kv_store"] = kv_store
     if name == "llama.cpp":
         from .llama_cpp import LlamaCppEngine
 
@@ -52,5 +57,5 @@ def load_engine(model: str | Path | None = None, *, engine: str | None = None,
     return TransformersEngine.load(model, hub=hub, **checked)
 
 
-__all__ = ["ENGINES", "Completion", "Engine", "Generation", "Usage", "engine_for",
+__all__ = ["ENGINES", "Completion", "Engine", "Generation", "KVStore", "Usage", "engine_for",
            "load_engine"]

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ..conversation import Message
 from ..errors import ContextOverflow, InvalidInput
 from ..params import GenerationParams
 from ..template import ChatTemplate
 
-if TYPE_CHECKING:
-    from .snapshots import CacheKey
-
 FinishReason = Literal["stop", "length"]
-#: Where a reply's reused prompt tokens came from.
-KVSource = Literal["none", "live", "memory", "disk"]
+#: Where a reply's reused prompt tokens came from: the sequence's own cache or another live
+#: sequence, a snapshot in RAM, a snapshot file on disk, or nowhere.
+KVSource = Literal["none", "live", "ram", "disk"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class Usage:
     total_s: float
     #: Of the cached tokens, how many were restored from a KV snapshot.
     restored_tokens: int = 0
-    #: Where the cached tokens came from: the live cache, a snapshot in memory or on disk.
+    #: Where the cached tokens came from: a live sequence, a snapshot in RAM or on disk.
     kv_source: KVSource = "none"
     #: True when the token counts are estimates (a remote server that did not report them).
     estimated: bool = False
@@ -65,16 +63,43 @@ class Completion:
     finish_reason: FinishReason
 
 
-class Generation(Iterator[str]):
-    """The text chunks of one reply. After the last chunk, :attr:`completion` is set."""
+@dataclass(frozen=True)
+class Waiting:
+    """A reply waits for the engine, with ``ahead`` requests before it."""
 
-    def __init__(self, chunks: Generator[str, None, Completion]) -> None:
+    ahead: int
+
+
+class Cancelled(RuntimeError):
+    """The reply was cancelled (:meth:`Generation.cancel`) before it completed."""
+
+
+class Generation(Iterator[str]):
+    """The text chunks of one reply. After the last chunk, :attr:`completion` is set. While the
+    reply waits for the engine (other replies hold every sequence), :attr:`on_wait` is called
+    with how many requests are ahead of it. :meth:`cancel` may be called from any thread: the
+    reader then gets :class:`Cancelled` instead of the next chunk."""
+
+    def __init__(self, chunks: Generator[str | Waiting, None, Completion],
+                 cancel: Callable[[], None] | None = None) -> None:
         self._chunks = chunks
+        self._cancel = cancel
         self.completion: Completion | None = None
+        self.on_wait: Callable[[int], None] | None = None
+
+    def cancel(self) -> None:
+        """Stop the reply soon, from any thread (a no-op where the engine cannot)."""
+        if self._cancel is not None:
+            self._cancel()
 
     def __next__(self) -> str:
         try:
-            return next(self._chunks)
+            while True:
+                item = next(self._chunks)
+                if not isinstance(item, Waiting):
+                    return item
+                if self.on_wait is not None:
+                    self.on_wait(item.ahead)
         except StopIteration as stop:
             self.completion = stop.value
             raise StopIteration from None
@@ -141,7 +166,7 @@ class Engine(ABC):
     @abstractmethod
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
                prompt_ids: Sequence[int] | None = None,
-               cache_key: CacheKey | None = None) -> Generation:
+               cache_key: str | None = None) -> Generation:
         """Generate a reply to ``messages`` (which end with a user message), chunk by chunk.
         ``prompt_ids`` are the ids the window already counted (local engines use them instead
         of tokenizing again); ``cache_key`` names the conversation, so that a local engine can
@@ -188,7 +213,7 @@ class Engine(ABC):
         """Finish work kept for later (snapshot files); False if ``timeout`` passed first."""
         return True
 
-    def forget(self, key: CacheKey) -> None:  # noqa: B027 - optional hook
+    def forget(self, key: str) -> None:  # noqa: B027 - optional hook
         """Drop whatever is kept warm for ``key`` (its conversation was deleted)."""
 
     def kv_stats(self) -> dict[str, Any] | None:

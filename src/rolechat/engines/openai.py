@@ -72,7 +72,6 @@ from .tokenizers import PromptEncoder, Tokenizer, load_tokenizer, template_for
 if TYPE_CHECKING:
     import openai
 
-    from .snapshots import CacheKey
 
 #: Context length used when neither ``context_length=`` nor the server says.
 DEFAULT_CONTEXT = 4096
@@ -252,7 +251,7 @@ class OpenAIEngine(Engine):
     # ----- generation --------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
                prompt_ids: Sequence[int] | None = None,
-               cache_key: CacheKey | None = None) -> Generation:
+               cache_key: str | None = None) -> Generation:
         """Send ``messages`` to the server and stream its reply (the server applies its own
         template and keeps its own prefix cache: ``prompt_ids`` and ``cache_key`` are not
         used)."""

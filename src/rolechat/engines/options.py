@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInput, InvalidParams, UnknownName
-from .snapshots import DEFAULT_RAM_BYTES
+from .kvstore import DEFAULT_RAM_BYTES
 
 ENGINES = ("llama.cpp", "transformers", "openai")
 
@@ -99,6 +99,9 @@ class LlamaCppOptions(LocalOptions):
     """llama.cpp (GGUF files)."""
 
     n_gpu_layers: int = Field(-1, ge=-1, description="Layers to offload to a GPU (-1: all).")
+    parallel: int = Field(
+        1, ge=1, le=64, description="Replies generated at once, batched on one context: its "
+                                    "sequences, each holding the whole context length.")
 
 
 class TransformersOptions(LocalOptions):

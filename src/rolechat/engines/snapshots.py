@@ -1,60 +1,53 @@
-"""KV snapshots kept warm: an LRU in memory and files beside the store, both bounded in bytes.
+"""KV snapshot files beside the conversation store: the disk tier, bounded in bytes.
 
 Contract:
-- :class:`CacheKey` names whose KV state a snapshot is: a conversation (``conversation-12``)
-  and the :class:`DiskTier` it persists in (None: memory only).
-- :class:`MemoryTier` is an LRU of snapshots, bounded in bytes: it never holds more than
-  ``max_bytes`` (a snapshot larger than that is not kept; ``0`` turns the tier off). It counts
-  entries, bytes, hits, misses and evictions.
-- :class:`DiskTier` keeps one file per key under ``<root>/<model>/<name>.kv``, where ``<model>``
-  is a hash of the model's identity (its file, size and a hash of its header). A file holds a
-  header (format version, the cache's full identity: model, context length, layout, library
-  versions; the token ids it covers; the state's length and a CRC-32 of ids and state), then
-  the ids and the state. Writes go to a temporary file that is renamed into place, so a
+- :class:`DiskTier` keeps one file per snapshot name under ``<root>/<model>/<name>.kv``, where
+  ``<model>`` is a hash of the model's identity (its file, size and a hash of its header). A file
+  holds a header (format version, the cache's full identity: model, context length, layout,
+  library versions; the token ids it covers; the state's length and a CRC-32 of ids and state),
+  then the ids and the state. Writes go to a temporary file that is renamed into place, so a
   reader never sees half a file; the tier never holds more than ``max_bytes`` of ``.kv`` files
   (all models together), evicting the oldest first. A file that is truncated, corrupt, of an
   older format or of another model or context length is ignored: a warning is logged, the file
   is removed, and the reply is evaluated normally. Temporary files left by a killed process
   are removed when a tier opens the folder.
-- :class:`Background` runs snapshot work (copying the live cache, writing files) off the
-  reply's path, one task at a time, in order; :meth:`Background.flush` waits for it.
-- :func:`delete_conversation_files` removes a conversation's files for every model (the store
-  calls it when the conversation is deleted).
+- Names: a stored conversation's snapshot is ``conversation-<id>``
+  (:func:`conversation_snapshot`); :func:`delete_conversation_files` removes a name's files for
+  every model. The engine's :class:`~rolechat.engines.kvstore.KVStore` is the one owner of the
+  tier: it decides what is read, written and deleted.
+- Sizes are read with pydantic's ``ByteSize`` (:func:`parse_size`: ``512MB``, ``2GiB``, ``0``).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import queue
 import struct
 import threading
 import time
-import weakref
 import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from .kvcache import KVSnapshot, as_ids
+from .kvcache import as_ids
 
 log = logging.getLogger("rolechat.kv")
 
 #: Format of the snapshot files; a file of another format is ignored and removed.
-FORMAT = 1
+FORMAT = 2
 MAGIC = b"RCKV\x00"
 SUFFIX = ".kv"
-#: Default budgets (the CLI's --kv-cache-ram and --kv-cache-disk).
-DEFAULT_RAM_BYTES = 2 * 1024**3
+#: Default budget of the disk tier (the CLI's --kv-cache-disk).
 DEFAULT_DISK_BYTES = 4 * 1024**3
+_SIZE = TypeAdapter(ByteSize)
 
 
 def parse_size(text: str | int) -> int:
@@ -63,26 +56,14 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"a size cannot be negative (got {text})")
         return text
-    value = text.strip().lower().replace(" ", "")
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-             "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-             "tb": 1000**4, "tib": 1024**4}
-    number = value.rstrip("kmgtib")
-    unit = value[len(number):]
     try:
-        amount = float(number)
-    except ValueError:
+        return int(_SIZE.validate_python(text.strip()))
+    except ValidationError:
         raise ValueError(f"{text!r} is not a size (use e.g. 512MB, 2GiB or 0)") from None
-    if unit not in units or amount < 0 or amount != amount:
-        raise ValueError(f"{text!r} is not a size (use e.g. 512MB, 2GiB or 0)")
-    return int(amount * units[unit])
 
 
 def format_size(n: int) -> str:
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+    return ByteSize(n).human_readable(separator=" ")
 
 
 # ----- keys ------------------------------------------------------------------------------------
@@ -90,100 +71,6 @@ def format_size(n: int) -> str:
 def conversation_snapshot(cid: int) -> str:
     """The snapshot name of stored conversation ``cid``."""
     return f"conversation-{cid}"
-
-
-@dataclass(frozen=True, eq=False)
-class CacheKey:
-    """Whose KV state: ``name`` within ``disk`` (None: kept in memory only)."""
-
-    name: str
-    disk: DiskTier | None = None
-
-    @property
-    def ident(self) -> tuple[str, str]:
-        return (str(self.disk.root) if self.disk is not None else "", self.name)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CacheKey) and other.ident == self.ident
-
-    def __hash__(self) -> int:
-        return hash(self.ident)
-
-
-# ----- memory ----------------------------------------------------------------------------------
-
-class MemoryTier:
-    """Snapshots in host memory, least recently used evicted first, bounded in bytes."""
-
-    def __init__(self, max_bytes: int = DEFAULT_RAM_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], tuple[CacheKey, KVSnapshot]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def put(self, key: CacheKey, snapshot: KVSnapshot) -> bool:
-        """Keep ``snapshot`` as ``key``'s (replacing the old one); False if it cannot fit.
-        Anonymous snapshots whose ids are a prefix of this one's are dropped (it covers them)."""
-        with self._lock:
-            self._pop(key.ident)
-            for ident, (_, held) in list(self._entries.items()):
-                if ident[1].startswith("prefix-") and len(held) <= len(snapshot) and \
-                        np.array_equal(held.ids, snapshot.ids[:len(held)]):
-                    self._pop(ident)
-            if snapshot.nbytes > self.max_bytes:
-                return False
-            while self.bytes + snapshot.nbytes > self.max_bytes and self._entries:
-                self._pop(next(iter(self._entries)))
-                self.evictions += 1
-            self._entries[key.ident] = (key, snapshot)
-            self.bytes += snapshot.nbytes
-            return True
-
-    def get(self, key: CacheKey) -> KVSnapshot | None:
-        with self._lock:
-            entry = self._entries.get(key.ident)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key.ident)
-            return entry[1]
-
-    def entries(self) -> list[tuple[CacheKey, KVSnapshot]]:
-        with self._lock:
-            return list(self._entries.values())
-
-    def hit(self, key: CacheKey, snapshot: KVSnapshot) -> KVSnapshot:
-        """``snapshot`` (``key``'s), counted as restored from this tier and marked recently
-        used."""
-        with self._lock:
-            self.hits += 1
-            if key.ident in self._entries:
-                self._entries.move_to_end(key.ident)
-        return snapshot
-
-    def discard(self, key: CacheKey) -> None:
-        with self._lock:
-            self._pop(key.ident)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
-
-    def _pop(self, ident: tuple[str, str]) -> None:
-        entry = self._entries.pop(ident, None)
-        if entry is not None:
-            self.bytes -= entry[1].nbytes
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {"entries": len(self._entries), "bytes": self.bytes,
-                    "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
-                    "evictions": self.evictions}
 
 
 # ----- disk ------------------------------------------------------------------------------------
@@ -220,11 +107,11 @@ class DiskEntry:
         return data
 
 
-def delete_conversation_files(root: Path, cid: int) -> int:
-    """Remove conversation ``cid``'s snapshot files under ``root`` (every model); how many."""
+def delete_conversation_files(root: Path, name: str) -> int:
+    """Remove the snapshot files named ``name`` under ``root`` (every model); how many."""
     removed = 0
     if root.is_dir():
-        for path in root.glob(f"*/{conversation_snapshot(cid)}{SUFFIX}"):
+        for path in root.glob(f"*/{name}{SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1
@@ -403,74 +290,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# ----- background work -------------------------------------------------------------------------
-
-class Background:
-    """One daemon thread that runs snapshot tasks in order, off the reply's path."""
-
-    def __init__(self, name: str = "rolechat-kv") -> None:
-        self._name = name
-        #: Set while flushing: tasks that wait for a quiet moment should not wait.
-        self.hurry = False
-        self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._guard = threading.Lock()
-        _LIVE.add(self)
-
-    def submit(self, task: Callable[[], object]) -> None:
-        with self._guard:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._tasks.put(task)
-
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            try:
-                if task is not None:
-                    task()
-            except Exception:  # a failed snapshot must never take the engine down
-                log.exception("a KV snapshot task failed")
-            finally:
-                self._tasks.task_done()
-
-    @property
-    def busy(self) -> bool:
-        return self._tasks.unfinished_tasks > 0
-
-    def flush(self, timeout: float = 60.0, *, hurry: bool = False) -> bool:
-        """Wait until every submitted task has run; False if ``timeout`` passed first. With
-        ``hurry``, tasks that wait for a quiet moment run at once."""
-        deadline = time.monotonic() + timeout
-        self.hurry = self.hurry or hurry
-        try:
-            while self._tasks.unfinished_tasks:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.005)
-            return True
-        finally:
-            if hurry:
-                self.hurry = False
-
-
-_LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """Finish writing snapshots before the process ends (bounded)."""
-    deadline = time.monotonic() + 30.0
-    try:
-        # One task may submit another (a checkpoint queues its file write): until all are idle.
-        while any(b.busy for b in list(_LIVE)) and time.monotonic() < deadline:
-            for background in list(_LIVE):
-                background.flush(timeout=max(0.0, deadline - time.monotonic()), hurry=True)
-    except KeyboardInterrupt:  # a second Ctrl-C: leave now; no file is ever half written
-        pass
 
 
 def iter_files(root: Path) -> Iterator[Path]:

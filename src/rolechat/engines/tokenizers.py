@@ -29,16 +29,13 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 
 from ..conversation import Message
 from ..errors import InvalidInput, ModelLoadError
 from ..template import ChatTemplate
-
-if TYPE_CHECKING:
-    from llama_cpp import Llama
 
 
 class Tokenizer(Protocol):
@@ -69,33 +66,34 @@ def quiet_native_stderr() -> Iterator[None]:
 
 
 class GGUFVocab:
-    """The tokenizer stored in a GGUF file, through a loaded llama-cpp-python ``Llama``."""
+    """The tokenizer stored in a GGUF file, through llama.cpp's loaded model (llama-cpp-python's
+    ``LlamaModel``: read-only, safe to use from any thread)."""
 
-    def __init__(self, llm: Llama) -> None:
-        self.llm = llm
-        vocab = llm._model
-        self._detokenize = vocab.detokenize
-        self.bos_id = llm.token_bos() if vocab.add_bos_token() else None
-        self.bos_text = self.text_of(llm.token_bos())
-        self.eos_text = self.text_of(llm.token_eos())
-        self.template_source: str = llm.metadata.get("tokenizer.chat_template", "")
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._detokenize = model.detokenize
+        self.metadata: dict[str, str] = model.metadata()
+        bos = model.token_bos()
+        self.bos_id = bos if model.add_bos_token() else None
+        self.bos_text = self.text_of(bos)
+        self.eos_text = self.text_of(model.token_eos())
+        self.template_source: str = self.metadata.get("tokenizer.chat_template", "")
 
     @classmethod
     def load(cls, path: Path) -> GGUFVocab:
         """Only the vocabulary of the GGUF file at ``path`` (no weights)."""
-        try:
-            from llama_cpp import Llama
+        from .llama_cpp import load_model
 
-            with quiet_native_stderr():
-                return cls(Llama(model_path=str(path), vocab_only=True, verbose=False))
-        except (ImportError, ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(str(path), f"cannot read its tokenizer ({exc})",
+        try:
+            return cls(load_model(path, vocab_only=True))
+        except ModelLoadError as exc:
+            raise ModelLoadError(str(path), f"cannot read its tokenizer ({exc.reason})",
                                  "Pass a .gguf file or a Hugging Face tokenizer folder.") from None
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         if not text:
             return []
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return list(self.model.tokenize(text.encode("utf-8"), False, special))
 
     def piece(self, token: int) -> bytes:
         """The bytes of one generated token (control tokens give nothing)."""
@@ -108,7 +106,7 @@ class GGUFVocab:
         return bytes(self._detokenize([token], special=True)).decode("utf-8", "replace")
 
     def close(self) -> None:
-        self.llm.close()
+        self.model.close()
 
 
 _HF_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()

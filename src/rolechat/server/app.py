@@ -8,8 +8,9 @@ Contract:
 - Every request body is validated by the same schemas as the library; every error is an
   OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}`` with the right status
   (:mod:`rolechat.server.wire`).
-- Generation runs on one worker thread (:mod:`rolechat.server.worker`); a client that
-  disconnects stops its generation at the next token.
+- Every reply is read on a thread of its own (:mod:`rolechat.server.worker`) while the engine
+  generates them together (a local engine's scheduler batches them); a client that disconnects
+  stops its generation at the next step.
 - With API keys, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
   time; one such header, parsed once, for the check and for ownership); bodies over
   ``max_body_bytes`` are refused (413) whatever their transfer encoding, and bodies slower than
@@ -20,8 +21,8 @@ Contract:
 - Under ``/v1``, every error — 400, 401, 404, 405, 408, 413, 500 — is OpenAI's
   ``{"error": {...}}`` whose ``param`` is the field's path as the client sent it
   (``messages[0].content``); the page's files are served at every other path.
-- Sessions keep their KV snapshots in ``kv_disk`` (default: beside the store, with the default
-  budget; None: memory only); on shutdown the engine finishes writing its snapshot files.
+- Sessions keep their KV state in the engine's KV store (``rolechat serve`` gives it the files
+  beside the store); on shutdown the engine finishes writing its snapshot files.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from types import EllipsisType
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +44,6 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
 from ..engines import Engine
-from ..engines.snapshots import DiskTier
 from ..errors import RolechatError
 from ..store import Store
 from ..window import Window
@@ -67,14 +66,12 @@ UNION_TAG = re.compile(r"^(str|int|float|bool|none|bytes|[a-z]+(-[a-z]+)*\[.*\]|
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
                max_body_bytes: int = 1_000_000, body_timeout: float = BODY_TIMEOUT,
                cors_origins: Sequence[str] = (), store: Store | None = None,
-               kv_disk: DiskTier | EllipsisType | None = ...,
                window: Window | None = None) -> FastAPI:
     app = FastAPI(title="rolechat", docs_url=None, redoc_url=None, redirect_slashes=False,
                   lifespan=partial(lifespan, engine))
     store = store if store is not None else Store.default()
     app.state.rolechat = ServerState(
         engine=engine, store=store, worker=Worker(),
-        kv_disk=DiskTier(store.kv_root) if kv_disk is ... else kv_disk,
         keyed=bool(api_keys), model_id=model_id(engine.model), window=window)
     app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes,
                        body_timeout=body_timeout)

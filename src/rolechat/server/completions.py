@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import Chat, Reply, ReplyStream
 from ..conversation import Conversation
+from ..engines.base import Waiting
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import Persona, get_persona
@@ -54,7 +55,7 @@ from .wire import (
     sse_error,
     usage_body,
 )
-from .worker import joined_unless_gone, reply_events
+from .worker import Event, joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
@@ -182,15 +183,17 @@ async def model(model: str, request: Request) -> dict[str, Any]:
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
-    """The model and what is kept warm: the live KV cache, snapshots in memory and on disk
-    (counts, bytes, budgets, hits, evictions)."""
+    """The model; the engine's sequences (which conversation each holds, its tokens, its state:
+    free, idle, queued, prompt or decode) and its queue; and what is kept warm: snapshots in RAM
+    and on disk (counts, bytes, budgets, hits, evictions)."""
     state = state_of(request)
-    kv = await asyncio.to_thread(state.engine.kv_stats)
-    if kv is not None:
-        disk = state.kv_disk
-        kv = {**kv, "disk": await asyncio.to_thread(disk.stats) if disk is not None else None}
+    stats = await asyncio.to_thread(state.engine.kv_stats)
+    scheduler = kv = None
+    if stats is not None:
+        kv = {"ram": stats.pop("ram"), "disk": stats.pop("disk")}
+        scheduler = stats
     return {"object": "status", "model": state.model_id, "engine": state.engine.describe(),
-            "worker": state.worker.stats(), "kv_cache": kv}
+            "jobs": state.worker.stats(), "scheduler": scheduler, "kv_cache": kv}
 
 
 def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
@@ -248,9 +251,11 @@ async def completions(body: ChatRequest, request: Request) -> Any:
                              headers={"Cache-Control": "no-cache"})
 
 
-async def openai_stream(head: dict[str, Any], events: AsyncGenerator[str | Reply, None],
+async def openai_stream(head: dict[str, Any], events: AsyncGenerator[Event | Reply, None],
                         include_usage: bool) -> AsyncIterator[str]:
-    """The events of one reply as OpenAI ``chat.completion.chunk`` frames."""
+    """The events of one reply as OpenAI ``chat.completion.chunk`` frames. While the reply
+    waits for the engine, SSE comments say how many requests are ahead (``: waiting, 2
+    ahead``): clients show them or skip them, as SSE says."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse({**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
@@ -261,6 +266,8 @@ async def openai_stream(head: dict[str, Any], events: AsyncGenerator[str | Reply
         async for item in events:
             if isinstance(item, Reply):
                 reply = item
+            elif isinstance(item, Waiting):
+                yield f": waiting, {item.ahead} ahead\n\n"
             else:
                 yield chunk({"content": item})
     except RolechatError as exc:

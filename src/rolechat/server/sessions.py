@@ -57,7 +57,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ..chat import Reply, ReplyStream
 from ..conversation import Message, check_text
-from ..engines.snapshots import CacheKey, conversation_snapshot
+from ..engines.base import Waiting
+from ..engines.snapshots import conversation_snapshot
 from ..errors import InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import get_persona, load_personas
@@ -78,7 +79,7 @@ from .wire import (
     sse_error,
     usage_body,
 )
-from .worker import Job, joined_unless_gone, reply_events
+from .worker import Event, Job, joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
@@ -219,8 +220,7 @@ def saved_chat(state: ServerState, cid: int, owner: str | None) -> SavedChat:
     """The conversation's SavedChat (kept between requests: its window stays sticky), up to
     date with what other writers (a REPL, another server) stored."""
     owned(state, cid, owner)
-    saved = state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid,
-                                                          kv_disk=state.kv_disk))
+    saved = state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid))
     saved.refresh()
     return saved
 
@@ -283,7 +283,7 @@ def create(body: NewConversation, request: Request) -> dict[str, Any]:
     params = GenerationParams.from_mapping(overrides_of(state, rest))
     saved = SavedChat.new(state.engine, store=state.store, persona=body.persona,
                           system=system, params=params, title=title,
-                          owner=owner_of(request), kv_disk=state.kv_disk, window=window)
+                          owner=owner_of(request), window=window)
     if saved.chat.system is not None:
         check_system_fits(state, saved, saved.chat.system)  # the persona's too
     saved.ensure()
@@ -315,9 +315,9 @@ async def delete(cid: int, request: Request) -> dict[str, Any]:
     async with state.lock_of(cid):  # not under a reply that is being written
         await asyncio.to_thread(owned, state, cid, owner)
         state.chats.pop(cid)
-        await asyncio.to_thread(state.store.delete, cid)  # its snapshot files too
-        key = CacheKey(conversation_snapshot(cid), state.kv_disk)
-        await asyncio.to_thread(state.engine.forget, key)
+        await asyncio.to_thread(state.store.delete, cid)
+        # Its KV state: the sequence, the snapshots in RAM and its files.
+        await asyncio.to_thread(state.engine.forget, conversation_snapshot(cid))
     return {"id": cid, "deleted": True}
 
 
@@ -433,13 +433,15 @@ def done_body(text: str, reply: Reply) -> dict[str, Any]:
             "rolechat": rolechat_body(reply.plan, reply)}
 
 
-async def session_stream(events: AsyncGenerator[str | Reply, None]) -> AsyncIterator[str]:
+async def session_stream(events: AsyncGenerator[Event | Reply, None]) -> AsyncIterator[str]:
     parts: list[str] = []
     reply: Reply | None = None
     try:
         async for item in events:
             if isinstance(item, Reply):
                 reply = item
+            elif isinstance(item, Waiting):  # every sequence is busy: how many are ahead
+                yield sse({"waiting": {"ahead": item.ahead}})
             else:
                 parts.append(item)
                 yield sse({"delta": item})

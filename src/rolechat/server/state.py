@@ -20,7 +20,6 @@ from cachetools import LRUCache
 from fastapi import Request
 
 from ..engines import Engine
-from ..engines.snapshots import DiskTier
 from ..saved import SavedChat
 from ..store import Store
 from ..window import Window
@@ -67,7 +66,6 @@ class ServerState:
     engine: Engine
     store: Store
     worker: Worker
-    kv_disk: DiskTier | None
     #: API keys are required (conversations then belong to the key that made them).
     keyed: bool
     model_id: str

@@ -1,26 +1,35 @@
-"""The generation worker: one local engine, one generation at a time, off the event loop.
+"""Generation jobs: every reply read on a thread of its own, off the event loop.
 
-Contract: :meth:`Worker.submit` queues a job (a function that returns a
-:class:`~rolechat.chat.ReplyStream`) and returns an async iterator of its text chunks; the
-reply is available on the job when the iterator ends, and ``job.finished`` is set once the
-worker is done with it (completed, failed or cancelled). One daemon thread runs the jobs in
-order, so no async handler ever iterates a blocking generator. Cancelling a job (the client
-went away) closes its stream at the next token, which frees the engine within a token's time
-and leaves the conversation as it was.
+Contract: :meth:`Worker.submit` starts a job (a function that returns a
+:class:`~rolechat.chat.ReplyStream`) and returns an async iterator of its events: text chunks,
+and :class:`~rolechat.engines.base.Waiting` notices while the engine has no sequence for it
+(how many requests are ahead). The reply is available on the job when the iterator ends, and
+``job.finished`` is set once the job is done (completed, failed or cancelled). Jobs run at the
+same time, each on its own thread: the engine's scheduler batches them (a local engine), the
+remote server does (the openai engine), or the engine queues them (one sequence). No async
+handler ever iterates a blocking generator. Cancelling a job (the client went away) closes its
+stream, which frees the engine's sequence at its next step and leaves the conversation as it
+was (a session's turn is stored interrupted).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import concurrent.futures
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import Reply, ReplyStream
+from ..engines.base import Waiting
 
 _DONE = object()
+#: Most jobs read at once; more wait here for a reading thread (each is a thread that mostly
+#: waits for the engine, which queues what it cannot take yet).
+MAX_JOBS = 256
+
+Event = str | Waiting
 
 
 @dataclass
@@ -32,6 +41,7 @@ class Job:
     #: Set (on the event loop) once the worker is done with the job, however it ended.
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     reply: Reply | None = None
+    stream: ReplyStream | None = None
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
@@ -40,37 +50,45 @@ class Job:
         self.put(_DONE)
         self.loop.call_soon_threadsafe(self.finished.set)
 
+    def cancel(self) -> None:
+        """The client left: stop generating at the engine's next step."""
+        self.cancelled.set()
+        stream = self.stream
+        if stream is not None:
+            stream.cancel()
+
 
 class Worker:
     def __init__(self) -> None:
-        self._jobs: queue.Queue[Job] = queue.Queue()
-        #: True while a job runs; how many jobs ran, and how many were stopped because their
-        #: client left (what ``GET /v1/status`` shows).
-        self.busy = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            MAX_JOBS, thread_name_prefix="rolechat-job")
+        self._lock = threading.Lock()
+        #: Jobs being read now; how many ran, and how many were stopped because their client
+        #: left (what ``GET /v1/status`` shows).
+        self.running = 0
         self.done = 0
         self.cancelled = 0
-        self._thread = threading.Thread(target=self._run, name="rolechat-worker", daemon=True)
-        self._thread.start()
 
     def stats(self) -> dict[str, Any]:
-        return {"busy": self.busy, "queued": self._jobs.qsize(), "done": self.done,
-                "cancelled": self.cancelled}
+        return {"running": self.running, "done": self.done, "cancelled": self.cancelled}
 
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            self.busy = True
-            try:
-                self._work(job)
-            finally:
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            self.running += 1
+        try:
+            self._work(job)
+        finally:
+            with self._lock:
+                self.running -= 1
                 self.done += 1
                 self.cancelled += job.cancelled.is_set() and job.reply is None
-                self.busy = False
-                job.finish()
+            job.finish()
 
     def _work(self, job: Job) -> None:
         try:
             with job.start() as stream:
+                job.stream = stream
+                stream.on_wait = lambda ahead: job.put(Waiting(ahead))
                 if job.cancelled.is_set():  # the client left before its turn came
                     return  # closing the stream records nothing (a turn is interrupted)
                 for chunk in stream:
@@ -81,11 +99,11 @@ class Worker:
         except BaseException as exc:  # handed to the request that asked
             job.put(exc)
 
-    async def submit(self, start: Callable[[], ReplyStream]) -> tuple[Job, AsyncIterator[str]]:
+    async def submit(self, start: Callable[[], ReplyStream]) -> tuple[Job, AsyncIterator[Event]]:
         job = Job(start, asyncio.get_running_loop())
-        self._jobs.put(job)
+        self._pool.submit(self._run, job)
 
-        async def chunks() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[Event]:
             try:
                 while True:
                     item = await job.chunks.get()
@@ -95,22 +113,22 @@ class Worker:
                         raise item
                     yield item
             finally:
-                job.cancelled.set()  # a client that left stops its generation
+                job.cancel()  # a client that left stops its generation
 
         return job, chunks()
 
 
 async def reply_events(job: Job,
-                       chunks: AsyncIterator[str]) -> AsyncGenerator[str | Reply, None]:
-    """A job's text chunks, then its :class:`Reply` (none if it did not complete). Closing
-    this iterator early (the client left) stops the generation at the next token."""
+                       chunks: AsyncIterator[Event]) -> AsyncGenerator[Event | Reply, None]:
+    """A job's events, then its :class:`Reply` (none if it did not complete). Closing this
+    iterator early (the client left) stops the generation at the next token."""
     try:
         async for chunk in chunks:
             yield chunk
     finally:
         # At once, without awaiting: inside a cancelled task every await is cancelled too.
         if not job.finished.is_set():
-            job.cancelled.set()
+            job.cancel()
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
@@ -119,14 +137,14 @@ async def reply_events(job: Job,
 
 
 async def joined_unless_gone(request: Any, job: Job,
-                             events: AsyncGenerator[str | Reply, None]) -> tuple[str,
-                                                                                 Reply | None]:
+                             events: AsyncGenerator[Event | Reply, None]) -> tuple[str,
+                                                                                   Reply | None]:
     """:func:`joined`, for a client that waits for the whole reply: if it leaves (closes the
     connection, times out), the generation stops within a fraction of a second."""
     async def watch() -> None:
         while not job.finished.is_set():
             if await request.is_disconnected():
-                job.cancelled.set()
+                job.cancel()
                 return
             await asyncio.sleep(0.2)
 
@@ -137,13 +155,13 @@ async def joined_unless_gone(request: Any, job: Job,
         watcher.cancel()
 
 
-async def joined(events: AsyncIterator[str | Reply]) -> tuple[str, Reply | None]:
+async def joined(events: AsyncIterator[Event | Reply]) -> tuple[str, Reply | None]:
     """The whole text and the reply: what a non-streaming response sends."""
     parts: list[str] = []
     reply: Reply | None = None
     async for item in events:
         if isinstance(item, Reply):
             reply = item
-        else:
+        elif isinstance(item, str):
             parts.append(item)
     return "".join(parts), reply

@@ -135,6 +135,36 @@ def test_a_stateless_client_that_times_out_frees_the_worker(base: str,
     check_the_next_request_starts_at_once(client)
 
 
+#: A prompt of ~900 tokens: four chunks of prompt evaluation, about a second each here.
+DOCUMENT = {"messages": [{"role": "user", "content": "A long letter about the weather. " * 110
+                          + "Summarize it."}], "max_tokens": 8, "temperature": 0}
+
+
+def prompt_chunks(client: httpx.Client) -> int:
+    chunks: int = client.get("/status").json()["scheduler"]["prompt_chunks"]
+    return chunks
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "wait"])
+def test_a_client_that_leaves_during_the_prompt_stops_it(base: str, client: httpx.Client,
+                                                         streaming: bool) -> None:
+    """The prompt is evaluated in chunks and the engine looks for the client between them: one
+    that leaves while its long prompt is evaluated stops it there (not after the whole prompt
+    and the reply)."""
+    before, chunks = status(client)["cancelled"], prompt_chunks(client)
+    if streaming:
+        sock = raw_request(base, "POST", "/v1/chat/completions",
+                           json.dumps({**DOCUMENT, "stream": True}).encode())
+        read_until(sock, b"data: ")  # the stream began: the prompt is being evaluated
+        sock.close()
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=DOCUMENT, timeout=0.5)
+    wait_idle(client, before)
+    assert prompt_chunks(client) - chunks < 4  # stopped before the prompt's end
+    check_the_next_request_starts_at_once(client)
+
+
 def session_turns(home: Path, cid: int) -> list[tuple[str, str]]:
     store = Store(home / "rolechat.db")
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -787,6 +788,171 @@ def test_memory_for_a_new_conversation_and_a_slide_note(server: str, seeded: dic
     assert reloaded.text_content() == text
     assert page.is_hidden("#error")
     shot(page, shots, "memory-slide-desktop")
+
+
+# ----- a busy server: the reply waits in the queue ------------------------------------------------
+
+STORY = "Write a very long story about a dragon."  # 400 tokens at temperature 0 (no stop)
+# Every text the waiting lines among the messages take, in order (a reply's line may change
+# and go within one read of the stream, between two polls of a test).
+RECORD_WAITING = """() => {
+  window.__waiting = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (r.target.dataset && r.target.dataset.testid === "waiting") {
+        for (const n of r.addedNodes) window.__waiting.push(n.textContent);
+      }
+    }
+  }).observe(document.getElementById("messages"), { childList: true, subtree: true });
+}"""
+# The live regions among the messages and around them (the page's own #error and #notice
+# are elsewhere).
+LIVE_REGIONS = """() => {
+  const live = "[aria-live], [role=status], [role=alert], [role=log], [role=marquee]";
+  const found = [...document.getElementById("messages").querySelectorAll(live)];
+  for (let n = document.getElementById("messages"); n; n = n.parentElement) {
+    if (n.matches(live)) found.push(n);
+  }
+  return found.map((n) => [n.dataset.testid || n.id, n.getAttribute("role"),
+                           n.getAttribute("aria-live")]);
+}"""
+
+
+class Occupier:
+    """A streaming ``/v1/chat/completions`` request for a 400-token story, read in a thread: it
+    holds the server's one sequence, or waits in its queue, until it ends or is stopped."""
+
+    def __init__(self, base: str) -> None:
+        self.started = threading.Event()  # its first text came: it holds the sequence
+        self.queued = threading.Event()   # the server said it waits (an SSE comment)
+        self.stop = threading.Event()
+        self.waiting: list[str] = []
+        self.finish: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._read, args=(base,), daemon=True)
+        self.thread.start()
+
+    def _read(self, base: str) -> None:
+        body = {"messages": [{"role": "user", "content": STORY}], "max_tokens": 400,
+                "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
+                              timeout=120) as response:
+                for line in response.iter_lines():
+                    if self.stop.is_set():
+                        return  # closing the stream stops its generation
+                    if line.startswith(": waiting"):
+                        self.waiting.append(line)
+                        self.queued.set()
+                    elif line.startswith("data: {"):
+                        choice = json.loads(line[6:])["choices"][0]
+                        if choice["delta"].get("content"):
+                            self.started.set()
+                        self.finish = choice.get("finish_reason") or self.finish
+        except Exception as exc:  # handed to the test
+            self.error = exc
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive() and self.error is None, self.error
+
+
+def contrast(fg: str, bg: str) -> float:
+    """WCAG contrast ratio of two computed ``rgb(...)`` colours."""
+    def relative(css_color: str) -> float:
+        channels = [int(float(v)) / 255
+                    for v in css_color[css_color.index("(") + 1:-1].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+                   for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    light, dark = sorted((relative(fg), relative(bg)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_a_queued_reply_says_how_many_are_ahead(tmp_path: Path, new_page: Callable[..., Any],
+                                                shots: Path) -> None:
+    """With the server's one sequence busy (``--parallel 1``), a message sent from the page
+    waits: its reply says "waiting (1 ahead)", then "waiting (next)", in a polite status line
+    (the only live region among the messages, so the streamed text is never read out), then
+    shows its text, and the line is gone. Stop while waiting takes the line away too."""
+    with rolechat_serve(tmp_path / "queued", "--parallel", "1") as base:
+        page = new_page()
+        load(page, base)
+        page.evaluate(RECORD_WAITING)
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "8")
+        # One story holds the sequence; a second waits behind it, next in the queue.
+        first = Occupier(base)
+        assert first.started.wait(60)
+        second = Occupier(base)
+        assert second.queued.wait(30) and second.waiting == [": waiting, 0 ahead"]
+        page.fill("#input", "Say hello.")
+        page.press("#input", "Enter")
+
+        line = page.locator(".msg.assistant [data-testid=waiting]")
+        page.wait_for_function("document.querySelector('[data-testid=waiting]')"
+                               "?.textContent === 'waiting (1 ahead)'")
+        reply = page.locator(".msg.assistant")
+        assert (reply.locator(".content").text_content() or "") == ""
+        assert line.get_attribute("role") == "status"
+        assert line.get_attribute("aria-live") == "polite"
+        assert page.evaluate(LIVE_REGIONS) == [["waiting", "status", "polite"]]
+        # No blinking cursor beside it: the line says what the reply waits for.
+        assert page.evaluate("getComputedStyle(document.querySelector('.msg.assistant "
+                             ".content'), '::after').content") == "none"
+
+        def readable() -> None:
+            colour = line.evaluate("n => getComputedStyle(n).color")
+            background = reply.evaluate("n => getComputedStyle(n).backgroundColor")
+            assert contrast(colour, background) >= 4.5, (colour, background)
+            box, bubble = line.bounding_box(), reply.bounding_box()
+            assert box and bubble and box["height"] > 0
+            assert bubble["x"] <= box["x"] and box["x"] + box["width"] <= bubble["x"] + \
+                bubble["width"] + 0.5
+            assert page.evaluate("document.documentElement.scrollWidth") <= \
+                page.viewport_size["width"]
+
+        readable()
+        shot(page, shots, "waiting-desktop")
+
+        # The first story ends; the second takes the sequence, and this reply is next.
+        page.wait_for_function("document.querySelector('[data-testid=waiting]')"
+                               "?.textContent === 'waiting (next)'")
+        page.emulate_media(color_scheme="dark")
+        assert luminance(reply.evaluate("n => getComputedStyle(n).backgroundColor")) < 0.2
+        readable()
+        shot(page, shots, "waiting-dark-desktop")
+        page.set_viewport_size(PHONE)
+        page.emulate_media(color_scheme="light")
+        readable()
+        shot(page, shots, "waiting-phone")
+        assert line.text_content() == "waiting (next)"  # all of this while it still waited
+
+        # Then its text comes, and the line is gone.
+        page.wait_for_selector(".msg.assistant .usage", timeout=60_000)
+        idle(page)
+        assert (reply.locator(".content").text_content() or "").strip()
+        assert page.locator("[data-testid=waiting]").count() == 0
+        assert page.evaluate("window.__waiting") == ["waiting (1 ahead)", "waiting (next)"]
+        assert page.is_hidden("#error")
+        first.end()
+        second.end()
+        assert first.finish == second.finish == "length"  # each held the sequence throughout
+
+        # Stopped while it waits: the line goes with it, and nothing was generated.
+        third = Occupier(base)
+        assert third.started.wait(60)
+        page.fill("#input", "And goodbye.")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelector('[data-testid=waiting]')"
+                               "?.textContent === 'waiting (next)'")
+        page.click("#stop")
+        idle(page)
+        assert page.locator("[data-testid=waiting]").count() == 0
+        assert page.locator(".msg.user.interrupted .content").text_content() == "And goodbye."
+        assert page.is_hidden("#stop") and page.is_enabled("#send")
+        third.end()
 
 
 # ----- themes, phones, the icon, the key ---------------------------------------------------------

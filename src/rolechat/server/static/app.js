@@ -11,9 +11,9 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
-import { addLine, addMemoryLines, addMessage, clearEmpty, keepPartial, loadPartials, markStatus,
-         nearBottom, rawText, savePartials, scrollDown, setText, streamText, turnList,
-         usageText } from "./messages.js";
+import { addLine, addMemoryLines, addMessage, clearEmpty, endWaiting, keepPartial, loadPartials,
+         markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
+         startWaiting, streamText, turnList, usageText } from "./messages.js";
 import { act, button, el, els, showError, showNotice, state } from "./page.js";
 
 // ----- the API key ------------------------------------------------------------------------
@@ -480,9 +480,12 @@ function setStreaming(on) {
 }
 
 // Streams one reply from `path` into `node`; resolves when it is done. The text so far stays
-// on the node (rawText) whatever happens.
+// on the node (rawText) whatever happens. While the server has no free sequence for it, a
+// line in the reply says how many requests are ahead ("waiting (2 ahead)"), until its first
+// text comes or it ends.
 async function streamReply(path, body, node) {
   node.classList.add("streaming");
+  startWaiting(node);
   const before = summarizedBefore();
   state.abort = new AbortController();
   let text = "";
@@ -497,8 +500,10 @@ async function streamReply(path, body, node) {
     let finished = false;
     await readSSE(response, (event) => {
       if (event.error) throw apiError(event, 500);
+      if (event.waiting && !text) showWaiting(node, event.waiting.ahead);
       if (typeof event.delta === "string") {
         const follow = nearBottom();
+        endWaiting(node);
         text += event.delta;
         streamText(node, text);
         if (follow) scrollDown();
@@ -520,6 +525,7 @@ async function streamReply(path, body, node) {
     });
     if (!finished) throw new Error("The reply ended early.");
   } finally {
+    endWaiting(node);
     node.classList.remove("streaming");
     setText(node, text);
     state.abort = null;

@@ -90,6 +90,41 @@ export function addLine(node, cls, text, testid) {
   return line;
 }
 
+// ----- a reply that waits for the server ------------------------------------------------
+// While every sequence of the server is busy, a streamed reply waits in its queue; a line in
+// the reply says how many requests are ahead. That line is the only live region among the
+// messages (role="status", polite): it is put there empty before the reply is asked for, so
+// a screen reader hears each new count once, and never the streamed text.
+export function waitingText(ahead) {
+  return ahead > 0 ? "waiting (" + ahead + " ahead)" : "waiting (next)";
+}
+
+export function startWaiting(node) {
+  const line = el("div", "waiting");
+  line.setAttribute("role", "status");
+  line.setAttribute("aria-live", "polite");
+  line.dataset.testid = "waiting";
+  line.title = "Every sequence of the server is busy with other replies; this one starts "
+    + "when one is free.";
+  node.insertBefore(line, node.querySelector(".msg-actions"));
+}
+
+// `ahead`: how many requests are ahead of this reply (0: it is next).
+export function showWaiting(node, ahead) {
+  const line = node.querySelector(".waiting");
+  if (!line || !Number.isInteger(ahead) || ahead < 0) return;
+  const text = waitingText(ahead);
+  if (line.textContent !== text) line.textContent = text;  // announced once per change
+  node.classList.add("queued");
+}
+
+// The reply's first text came, or it ended or was stopped: the line goes.
+export function endWaiting(node) {
+  node.classList.remove("queued");
+  const line = node.querySelector(".waiting");
+  if (line) line.remove();
+}
+
 export function markStatus(node, status, note) {
   if (!node) return;
   node.classList.add(status);

@@ -29,7 +29,7 @@ What it measures
 
 Summary memory (``--memory-turns``, default 60; 0 skips it)
     The same script, cycled, in a small context (``--memory-context``, 1,024 tokens) so that
-    the window slides, once with plain dropping and once with ``Window(memory="summary")``,
+    the window slides, once with plain dropping and once with ``Window(summarize=True)``,
     one after the other on one engine. Reported: the extra time per slide (a slide turn's
     time with the summary, less the plain slide turn's; and the summarization's own time as
     the reply records it), and the cache reuse between slides (cached / prompt tokens on the
@@ -361,7 +361,7 @@ def memory_run(engine: LlamaCppEngine, memory: str, turns: int,
     engine.reset_cache()
     chat = Chat(engine, persona="concise", params={"temperature": 0,
                                                    "max_new_tokens": max_new_tokens},
-                window=Window(memory=memory))
+                window=Window(summarize=memory == "summary"))
     rows: list[dict[str, Any]] = []
     first = 0
     for index in range(turns):

@@ -22,11 +22,12 @@ from rolechat.memory import (
 )
 from rolechat.saved import SavedChat
 from rolechat.store import Store
+from rolechat.window import window_fields
 
 
 def summary_chat(engine: Summarizer | None = None, **window: object) -> Chat:
     engine = engine or Summarizer()
-    settings = {"memory": "summary", "summary_tokens": 40, **window}
+    settings = {"summarize": True, "summary_tokens": 40, **window}
     return Chat(engine, system="Be brief.", params={"max_new_tokens": 40},
                 window=Window(**settings))  # type: ignore[arg-type]
 
@@ -166,7 +167,7 @@ def test_memory_is_stored_and_restored_on_resume(tmp_path: Path) -> None:
     memory = saved.chat.memory
     assert memory.summary and memory.covers > 0 and memory.pins == {0}
     resumed = SavedChat.resume(engine, store, saved.cid)
-    assert resumed.chat.window.memory == "summary"
+    assert resumed.chat.window.summarize
     assert resumed.chat.memory == memory
     plan = resumed.plan("Next question?")
     assert plan.memory_summary == memory.summary and plan.pinned == (0,)
@@ -188,7 +189,7 @@ def test_summary_template_checks() -> None:
     with pytest.raises(InvalidInput, match="not a valid format string"):
         check_template("{turns} {")
     with pytest.raises(InvalidInput, match=r"no \{turns\}"):
-        Window(memory="summary", summary_template="nothing here")
+        Window(summarize=True, summary_template="nothing here")
     engine = Summarizer()
     chat = summary_chat(engine, summary_template="Notes please. {turns}")
     run_turns(chat, 30)
@@ -198,9 +199,11 @@ def test_summary_template_checks() -> None:
 
 def test_window_settings_are_checked() -> None:
     with pytest.raises(InvalidParams, match="memory: must be one of none, summary"):
-        Window(memory="everything")
+        Window(**window_fields({"memory": "everything"}))
+    with pytest.raises(InvalidParams, match="summarize: must be True or False"):
+        Window(summarize="summary")  # type: ignore[arg-type]
     with pytest.raises(InvalidParams, match="summary_tokens"):
-        Window(memory="summary", summary_tokens=2)
+        Window(summarize=True, summary_tokens=2)
     assert Window().summary_cap(8192) == 512 and Window().summary_cap(256) == 32
 
 
@@ -233,7 +236,7 @@ def test_a_turn_unpinned_after_it_fell_out_goes_into_the_next_summary() -> None:
 def test_a_summary_that_does_not_fit_beside_the_message_is_left_out() -> None:
     engine = Summarizer(context_length=700)
     chat = Chat(engine, params={"max_new_tokens": 150},
-                window=Window(memory="summary", summary_tokens=200))
+                window=Window(summarize=True, summary_tokens=200))
     for i in range(3):
         engine.replies.append("y" * 100)
         chat.send(f"question {i}")

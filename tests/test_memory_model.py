@@ -21,7 +21,7 @@ def test_sixty_turns_with_summary_memory(small_engine: LlamaCppEngine, tmp_path:
     store = Store(tmp_path / "s.db")
     saved = SavedChat.new(small_engine, store=store, system="Be brief.",
                           params={"temperature": 0, "max_new_tokens": 8},
-                          window=Window(memory="summary", summary_tokens=48))
+                          window=Window(summarize=True, summary_tokens=48))
     saved.send("My name is Ada and I am planning a trip to Lisbon in May.", pinned=True)
     previous = None
     slides = summarizations = summaries = 0

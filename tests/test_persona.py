@@ -74,7 +74,7 @@ def test_persona_window_turns_on_summary_memory(rolechat_home: Path) -> None:
     write(rolechat_home, "remembers", 'system = "Remember things."\n[window]\n'
           'memory = "summary"\nsummary_tokens = 64\n')
     chat = Chat(FakeEngine(), persona="remembers")
-    assert chat.window.memory == "summary" and chat.window.summary_cap(2048) == 64
+    assert chat.window.summarize and chat.window.summary_cap(2048) == 64
     write(rolechat_home, "bad", 'system = "x"\n[window]\nmemory = "everything"\n')
     with pytest.raises(InvalidInput, match=r"memory: must be one of none, summary.*bad\.toml"):
         get_persona("bad")
@@ -88,8 +88,8 @@ def test_persona_window_turns_on_summary_memory(rolechat_home: Path) -> None:
 
 def test_window_for_puts_given_over_the_persona_over_the_base() -> None:
     persona = Persona("p", "Be brief.", window={"memory": "summary", "summary_tokens": 40})
-    assert persona.window_for() == Window(memory="summary", summary_tokens=40)
-    base = Window(memory="none", summary_tokens=64, max_turns=5)
+    assert persona.window_for() == Window(summarize=True, summary_tokens=40)
+    base = Window(summarize=False, summary_tokens=64, max_turns=5)
     assert persona.window_for({"summary_tokens": 32}, base) == Window(
-        memory="summary", summary_tokens=32, max_turns=5)
+        summarize=True, summary_tokens=32, max_turns=5)
     assert Persona("q", "x").window_for(base=base) == base

@@ -6,7 +6,7 @@ Contract:
   slide that made it) and ``pins`` (turns that are always kept). A slide folds every turn it
   drops that is neither pinned nor summarized yet: turns an earlier slide dropped without a
   summary (it failed) and turns unpinned after they fell out of the window are not lost.
-- The running summary is opt-in (``Window(memory="summary")``). It is made only when the window
+- The running summary is opt-in (``Window(summarize=True)``). It is made only when the window
   slides — never on a turn that does not — so the prompt's prefix, and the KV cache, stay
   valid between slides. The dropped turns and the previous summary go to the engine with the
   summarization template (:data:`DEFAULT_TEMPLATE`, or the window's own), greedily, bounded by
@@ -41,10 +41,9 @@ from typing import Any
 
 from .conversation import Message, Turn
 from .engines.base import Engine, Usage
-from .errors import InvalidInput, InvalidParams
+from .errors import InvalidInput
 from .params import GenerationParams
 
-MEMORIES = ("none", "summary")
 SUMMARY_OPEN = "[Summary of the earlier conversation]"
 SUMMARY_CLOSE = "[End of summary]"
 
@@ -101,13 +100,6 @@ class Memory:
         self.pins = {p for p in self.pins if p < turns}
         self.summarized = {t for t in self.summarized if t < turns}
         self.covers = min(self.covers, turns)
-
-
-def check_memory(name: Any) -> str:
-    if name not in MEMORIES:
-        raise InvalidParams([("memory", f"must be one of {', '.join(MEMORIES)} (got {name!r})")],
-                            what="window settings")
-    return str(name)
 
 
 def check_template(template: Any) -> str:

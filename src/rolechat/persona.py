@@ -55,17 +55,19 @@ class Persona:
     #: Only the explicitly set fields count: they override the library defaults.
     params: GenerationParams = field(default_factory=GenerationParams)
     source: str = "built-in"
-    #: Window settings (``memory``, ``summary_tokens``, ``summary_template``).
+    #: Window settings as the persona file names them (``memory``, ``summary_tokens``,
+    #: ``summary_template``).
     window: dict[str, Any] = field(default_factory=dict)
 
     def window_for(self, given: Mapping[str, Any] | None = None,
                    base: Window | None = None) -> Window:
         """The window this persona's chats use: the settings ``given`` (a flag's, a session's
-        params') over the persona's ``[window]`` over ``base``'s (a server's default)."""
-        from .window import Window
+        params', named as the persona's are) over the persona's ``[window]`` over ``base``
+        (a server's default)."""
+        from .window import Window, window_fields
 
-        settings = dataclasses.asdict(base) if base is not None else {}
-        return Window(**{**settings, **self.window, **(given or {})})
+        fields = window_fields({**self.window, **(given or {})})
+        return dataclasses.replace(base if base is not None else Window(), **fields)
 
 
 BUILTIN: dict[str, Persona] = {
@@ -141,9 +143,9 @@ def check_window(table: dict[str, Any]) -> None:
     if unknown:
         raise InvalidInput(f"Unknown [window] keys {sorted(unknown)}.",
                            f"Use {', '.join(WINDOW_KEYS)}.")
-    from .window import Window
+    from .window import Window, window_fields
 
-    Window(**table)
+    Window(**window_fields(table))
 
 
 def load_personas() -> tuple[dict[str, Persona], dict[str, RolechatError]]:

@@ -53,7 +53,7 @@ from .memory import Memory
 from .params import GenerationParams, valid_defaults
 from .persona import get_persona
 from .store import ConversationInfo, Loaded, Store, StoredMessage, check_memory_record
-from .window import Window, WindowPlan
+from .window import Window, WindowPlan, memory_mode, summarizes
 
 log = logging.getLogger("rolechat.store")
 
@@ -67,6 +67,15 @@ def usage_record(reply: Reply) -> dict[str, Any]:
     """What the store keeps of a reply's usage."""
     return {**reply.usage.to_dict(), "finish_reason": reply.finish_reason,
             "window": reply.plan.to_dict()}
+
+
+def _stored_window(window: Window, stored: Mapping[str, Any], record: Mapping[str, Any]
+                   ) -> Window:
+    """``window``, summarizing or not as the stored memory record's ``mode`` says (``record``:
+    that record checked); as it is when the record names no mode."""
+    if "mode" not in stored or summarizes(record["mode"]) == window.summarize:
+        return window
+    return dataclasses.replace(window, summarize=summarizes(record["mode"]))
 
 
 @dataclass(frozen=True)
@@ -155,8 +164,8 @@ class SavedChat:
         chat = Chat(engine, persona=persona or info.persona,
                     params=stored.merged(**overrides.explicit()),
                     conversation=conversation, window=window)
-        if window is None and record["mode"] != chat.window.memory and "mode" in info.memory:
-            chat.window = dataclasses.replace(chat.window, memory=record["mode"])
+        if window is None:
+            chat.window = _stored_window(chat.window, info.memory, record)
         chat.memory = Memory.from_dict(record)
         chat.first_turn = chat.memory.covers  # what the summary holds stays out of the prompt
         if system is not None:
@@ -166,16 +175,17 @@ class SavedChat:
         if save and (persona is not None or system is not None or overrides.explicit()):
             saved._save(persona=chat.persona.name, system=chat.system,
                         params=chat.params.explicit())
-        if save and window is not None and window.memory != record["mode"]:
+        if save and window is not None and window.summarize != summarizes(record["mode"]):
             saved._save(memory=saved.memory_record())
         return saved
 
-    def memory_record(self, memory: Memory | None = None, mode: str | None = None
+    def memory_record(self, memory: Memory | None = None, summarize: bool | None = None
                       ) -> dict[str, Any]:
-        """What the store keeps of ``memory`` (default: the chat's) with the window's memory
-        ``mode`` (default: the chat window's)."""
+        """What the store keeps of ``memory`` (default: the chat's), with the memory ``mode``
+        of a window that does or does not ``summarize`` (default: the chat window's)."""
         memory = memory if memory is not None else self.chat.memory
-        return {"mode": mode or self.chat.window.memory, **memory.to_dict()}
+        summarize = self.chat.window.summarize if summarize is None else summarize
+        return {"mode": memory_mode(summarize), **memory.to_dict()}
 
     @property
     def cid(self) -> int | None:
@@ -209,7 +219,7 @@ class SavedChat:
             self._version = 0
             self._stored = {"persona": chat.persona.name, "system": chat.system,
                             "params": _plain(chat.params.explicit())}
-            if chat.window.memory != "none" or chat.memory.pins:
+            if chat.window.summarize or chat.memory.pins:
                 self._save(memory=self.memory_record())
             chat.cache_key = conversation_snapshot(self._cid)
         return self._cid
@@ -243,8 +253,7 @@ class SavedChat:
                 chat.last_reply = None
         settings = self._take_settings(loaded.info)
         record = check_memory_record(loaded.info.memory, len(new))
-        if record["mode"] != chat.window.memory and "mode" in loaded.info.memory:
-            chat.window = dataclasses.replace(chat.window, memory=record["mode"])
+        chat.window = _stored_window(chat.window, loaded.info.memory, record)
         chat.memory = Memory.from_dict(record)
         chat.first_turn = max(min(chat.first_turn, same), chat.memory.covers)
         self._ids, self._version = new, loaded.version
@@ -476,12 +485,13 @@ class SavedChat:
         self.set_pins(self.chat.memory.pins - {index})
         return index
 
-    def set_memory(self, memory: str) -> None:
-        """Switch the window's memory (``none`` or ``summary``); saved with the conversation.
-        The summary made so far stays; ``none`` makes no more of it."""
+    def set_summarize(self, summarize: bool) -> None:
+        """Make the window fold the turns it drops into the summary, or not (the memory mode
+        ``summary`` or ``none``); saved with the conversation. The summary made so far stays;
+        False makes no more of it."""
         chat = self.chat
-        window = dataclasses.replace(chat.window, memory=memory)
-        self._save(memory=self.memory_record(mode=window.memory))
+        window = dataclasses.replace(chat.window, summarize=summarize)
+        self._save(memory=self.memory_record(summarize=window.summarize))
         chat.window = window
 
     # ----- role and parameters -----------------------------------------------------------

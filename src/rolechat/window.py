@@ -10,8 +10,11 @@ Contract — :meth:`Window.plan` returns a :class:`WindowPlan` such that:
   it drops down to ``low_water × budget`` so that the next turns append without sliding again.
 - with memory (:mod:`rolechat.memory`): the conversation's summary is in the system message and
   its pinned turns come right after it, whatever else is dropped; a slide under
-  ``memory="summary"`` leaves room for the summary to grow to its cap, and the plan lists the
-  turns to fold into it (``summarize``), which the chat does before generating.
+  ``Window(summarize=True)`` leaves room for the summary to grow to its cap, and the plan lists
+  the turns to fold into it (``summarize``), which the chat does before generating.
+- users name that setting the window's memory mode (``--memory none|summary``, a persona's
+  ``[window] memory``, a session's ``params.memory``, the stored record's ``mode``):
+  :func:`summarizes`, :func:`memory_mode` and :func:`window_fields` are the one conversion.
 It counts tokens by asking the engine; it never tokenizes by itself. The plan carries the
 prompt's token ids when the engine has them (``prompt_ids``), so the engine does not tokenize
 the chosen prompt again, and says whether its counts are estimates (``estimated``). A user
@@ -22,12 +25,13 @@ numbers; a ``max_new_tokens`` that leaves no room raises
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from .conversation import Conversation, Message, Turn
 from .errors import ContextOverflow, InvalidParams
-from .memory import Memory, check_memory, check_template, system_with_summary
+from .memory import Memory, check_template, system_with_summary
 from .params import GenerationParams
 
 
@@ -70,7 +74,7 @@ class WindowPlan:
     pinned: tuple[int, ...] = ()
     #: The conversation summary in the system message (None: none).
     memory_summary: str | None = None
-    #: Turns this slide folds into the summary before the reply (summary memory only).
+    #: Turns this slide folds into the summary before the reply (a summarizing window only).
     summarize: tuple[int, ...] = ()
     #: Turns the running summary covers.
     summarized: tuple[int, ...] = ()
@@ -111,9 +115,35 @@ class WindowPlan:
                 "estimated": self.estimated}
 
 
-#: The window settings a CLI flag or a session's params may give (a persona's ``[window]`` may
-#: also set ``summary_template``).
+#: The window settings a CLI flag or a session's params may give, as users name them (a
+#: persona's ``[window]`` may also set ``summary_template``); :func:`window_fields` converts them.
 MEMORY_SETTINGS = ("memory", "summary_tokens")
+#: The window's memory mode as users name it: ``none`` forgets dropped turns, ``summary`` folds
+#: them into a running summary (:attr:`Window.summarize`).
+MEMORY_MODES = ("none", "summary")
+
+
+def summarizes(mode: Any) -> bool:
+    """:attr:`Window.summarize` for a memory mode (``summary``: True); InvalidParams names the
+    modes."""
+    if mode not in MEMORY_MODES:
+        raise InvalidParams([("memory", f"must be one of {', '.join(MEMORY_MODES)} "
+                              f"(got {mode!r})")], what="window settings")
+    return bool(mode == "summary")
+
+
+def memory_mode(summarize: bool) -> str:
+    """The memory mode users see for :attr:`Window.summarize`."""
+    return "summary" if summarize else "none"
+
+
+def window_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`Window` fields for settings named as users name them (``memory`` becomes
+    ``summarize``; the others keep their names)."""
+    fields = dict(settings)
+    if "memory" in fields:
+        fields["summarize"] = summarizes(fields.pop("memory"))
+    return fields
 
 
 @dataclass(frozen=True)
@@ -122,8 +152,9 @@ class Window:
     low_water: float = 0.75
     #: Keep at most this many of the newest turns (None: as many as fit).
     max_turns: int | None = None
-    #: What happens to dropped turns: ``none`` (forgotten) or ``summary`` (a running summary).
-    memory: str = "none"
+    #: Whether a slide folds the turns it drops into a running summary (False: they are
+    #: forgotten). Users call it the memory mode: ``summary`` or ``none`` (:func:`memory_mode`).
+    summarize: bool = False
     #: The summary's token cap (None: 1/16 of the context, at least 32).
     summary_tokens: int | None = None
     #: The summarization prompt (None: :data:`rolechat.memory.DEFAULT_TEMPLATE`).
@@ -138,7 +169,9 @@ class Window:
         if self.max_turns is not None and self.max_turns < 0:
             raise InvalidParams([("max_turns", f"must be >= 0 (got {self.max_turns!r})")],
                                 what="window settings")
-        check_memory(self.memory)
+        if not isinstance(self.summarize, bool):
+            raise InvalidParams([("summarize", f"must be True or False (got {self.summarize!r})")],
+                                what="window settings")
         if self.summary_tokens is not None and (
                 not isinstance(self.summary_tokens, int) or self.summary_tokens < 8):
             raise InvalidParams([("summary_tokens",
@@ -179,7 +212,7 @@ class Window:
         """The most tokens a prompt may have after a slide: the low-water mark, less the room
         the summary may still grow into."""
         target = int(draft.budget * self.low_water)
-        if self.memory == "summary":  # room for the summary to grow to its cap after the slide
+        if self.summarize:  # room for the summary to grow to its cap after the slide
             summary = draft.memory.summary
             section = (draft.engine.count_text(system_with_summary("", summary) or "")
                        if summary else 0)
@@ -206,8 +239,8 @@ class Window:
 
     def _to_fold(self, draft: _Draft, first: int) -> tuple[int, ...]:
         """The turns a slide to ``first`` folds into the summary: every dropped turn not pinned
-        nor summarized yet (none without summary memory)."""
-        if self.memory != "summary":
+        nor summarized yet (none unless the window summarizes)."""
+        if not self.summarize:
             return ()
         memory = draft.memory
         return tuple(i for i in range(first) if i not in memory.pins and

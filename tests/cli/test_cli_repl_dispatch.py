@@ -593,7 +593,7 @@ def test_pin_unpin_and_window_show_the_memory(tmp_path):
     engine = Summarizer()
     store = Store(tmp_path / "s.db")
     saved = SavedChat.new(engine, store=store, params={"max_new_tokens": 40},
-                          window=Window(memory="summary", summary_tokens=40))
+                          window=Window(summarize=True, summary_tokens=40))
     out = io.StringIO()
     repl = Repl(saved, out=out)
     repl.handle("/pin")
@@ -658,7 +658,7 @@ def test_prompt_without_text_shows_the_summary_the_next_prompt_holds(tmp_path):
 
     saved = SavedChat.new(Summarizer(), store=Store(tmp_path / "s.db"),
                           params={"max_new_tokens": 40},
-                          window=Window(memory="summary", summary_tokens=40))
+                          window=Window(summarize=True, summary_tokens=40))
     out = io.StringIO()
     repl = Repl(saved, out=out)
     for i in range(30):

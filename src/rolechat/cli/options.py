@@ -31,12 +31,11 @@ from ..engines.snapshots import (
 )
 from ..engines.transformers import HUBS
 from ..errors import InvalidInput
-from ..memory import MEMORIES
 from ..params import GenerationParams
 from ..persona import get_persona
 from ..saved import SavedChat
 from ..store import Store
-from ..window import MEMORY_SETTINGS, Window
+from ..window import MEMORY_MODES, MEMORY_SETTINGS, Window
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -202,7 +201,7 @@ def memory_options(func: F) -> F:
     func = click.option("--summary-tokens", type=click.IntRange(min=8), default=None,
                         help="The running summary's token cap [default: 1/16 of the context]."
                         )(func)
-    return click.option("--memory", type=click.Choice(MEMORIES), default=None,
+    return click.option("--memory", type=click.Choice(MEMORY_MODES), default=None,
                         help="What the window keeps of dropped turns: nothing, or a running "
                         "summary made when it slides [default: the persona's, else none]."
                         )(func)
@@ -210,7 +209,8 @@ def memory_options(func: F) -> F:
 
 def window_from(options: dict[str, Any], persona: str | None) -> Window | None:
     """The window the memory flags (popped from ``options``) ask for, over the persona's
-    ``[window]`` settings; None when no flag is given."""
+    ``[window]`` settings (``--memory summary``: a window that summarizes); None when no flag
+    is given."""
     given = {name: value for name in MEMORY_SETTINGS
              if (value := options.pop(name, None)) is not None}
     return get_persona(persona).window_for(given) if given else None

@@ -39,7 +39,7 @@ from ..engines.snapshots import format_size
 from ..errors import ConversationChanged, InvalidInput, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..saved import Changes, SavedChat
-from ..window import check_room
+from ..window import check_room, memory_mode
 from .options import usage_line
 from .render import ReplyView, wrapped
 
@@ -379,9 +379,9 @@ def _window(repl: Repl, argument: str) -> bool:
              f"{len(plan.kept)} turn(s) kept, {len(plan.dropped)} dropped")
     kept, pinned = set(plan.kept), set(chat.memory.pins)
     memory = chat.memory
-    repl.say(f"memory: {chat.window.memory}"
+    repl.say(f"memory: {memory_mode(chat.window.summarize)}"
              + (f" (summary cap {chat.window.summary_cap(plan.context_length)} tokens)"
-                if chat.window.memory == "summary" else "")
+                if chat.window.summarize else "")
              + (f"; pinned: {', '.join(str(p + 1) for p in sorted(pinned))}" if pinned else ""))
     if memory.summary:
         covered = ", ".join(str(t + 1) for t in sorted(memory.summarized))

@@ -64,7 +64,7 @@ from ..params import GenerationParams
 from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
-from ..window import MEMORY_SETTINGS, Window, check_room
+from ..window import MEMORY_SETTINGS, Window, check_room, summarizes
 from .state import ServerState, state_of
 from .wire import (
     DONE,
@@ -339,7 +339,7 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
         if body.pins is not None:
             await asyncio.to_thread(saved.set_pins, body.pins)
         if body.memory is not None:
-            await asyncio.to_thread(saved.set_memory, body.memory)
+            await asyncio.to_thread(saved.set_summarize, summarizes(body.memory))
         if system is not None:
             await asyncio.to_thread(saved.set_system, system if system.strip() else None)
         if title is not None:

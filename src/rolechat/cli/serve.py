@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..engines.snapshots import format_size
 from ..errors import ModelLoadError
 from . import cli
 from .options import (
@@ -74,9 +75,11 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
                      body_timeout=body_timeout, cors_origins=cors_origins, store=store,
                      window=window)
-    batched = getattr(engine, "parallel", 1)
+    described = engine.describe()
+    batched, kv = described.get("parallel", 1), described.get("kv_cache_bytes")
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
                       + (f" · {batched} replies at once" if batched > 1 else "")
+                      + (f" · KV cache {format_size(kv)}" if kv else "")
                       + (" (API key required)" if keys else ""), style="dim")
     server = uvicorn.Server(config(app, host=host, port=port, header_timeout=header_timeout,
                                    body_timeout=body_timeout, keep_alive=keep_alive,

@@ -299,8 +299,17 @@ class LlamaAdapter(Adapter):
         self.n_threads = self.max_threads = n_threads
         self._free = None  # the caller decides from now on
 
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache's size: every sequence's keys and values (16-bit) for its context."""
+        api, model = self.api, self.model.model
+        heads = max(1, int(api.llama_model_n_head(model)))
+        per_token = (2 * int(api.llama_model_n_layer(model)) * int(api.llama_model_n_head_kv(model))
+                     * (int(api.llama_model_n_embd(model)) // heads) * 2)
+        return per_token * self.context_length * self.n_seq
+
     def describe(self) -> dict[str, Any]:
-        return {"threads": self.n_threads}
+        return {"threads": self.n_threads, "kv_cache_bytes": self.kv_bytes}
 
     def close(self) -> None:
         if self._batch is not None:

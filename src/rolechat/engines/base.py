@@ -10,7 +10,7 @@ Contract:
   :class:`~rolechat.engines.local.LocalEngine` (token ids, KV reuse and snapshots).
 - ``Usage`` reports, for every reply: prompt tokens, how many were reused rather than evaluated
   (``cached_tokens``), how many of those were restored from a snapshot (``restored_tokens``) and
-  where the reused tokens came from (``kv_source``: ``live`` cache, ``memory``, ``disk`` or
+  where the reused tokens came from (``kv_source``: a ``live`` sequence, ``ram``, ``disk`` or
   ``none``), generated tokens, time to first token and decode speed; ``estimated`` marks
   counts that are estimates.
 """

@@ -14,8 +14,9 @@ What it measures (one run, side by side, real servers on loopback, streaming req
     stateless endpoint. Median TTFT.
 
     Smooth streams: one reply is streaming when a 2,000-token prompt arrives; the running
-    reply's gaps between tokens while that prompt is taken in, at the 95th percentile, against
-    its gaps before it arrived.
+    reply's gaps between tokens while that prompt is taken in (every gap that overlaps the
+    intake), at the 95th percentile, against its gaps before it arrived; and how long the
+    intake took.
 
     Servers, each started fresh on the embedded model with 2 threads and four sequences of
     ``--context`` tokens (2048):
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -265,8 +267,9 @@ def smoothness(base: str, seed: int) -> dict[str, Any]:
 
 
 def p95(values: list[float]) -> float:
+    """The 95th percentile (nearest rank): with few values, the largest."""
     ordered = sorted(values)
-    return ordered[max(0, int(0.95 * len(ordered)) - 1)] if ordered else float("nan")
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else float("nan")
 
 
 # ----- servers ----------------------------------------------------------------------------------
@@ -295,18 +298,24 @@ def measure(name: str, command: list[str], base: str, env: dict[str, str] | None
         with httpx.Client(base_url=base, timeout=600) as client:  # warm the model up
             client.post("/v1/chat/completions", json={**chat_body("Hi", 4), "stream": False})
         result: dict[str, Any] = {"command": command[:1] + command[2:]}
-        result["stateless"] = stateless_bursts(base, args.users, args.max_tokens,
-                                               args.seed, args.repeats)
-        result["persona"] = persona_burst(base, 4, args.max_tokens, args.seed + 50, sessions)
-        if args.smooth:
+        if "stateless" in args.sections:
+            result["stateless"] = stateless_bursts(base, args.users, args.max_tokens,
+                                                   args.seed, args.repeats)
+        if "persona" in args.sections:
+            result["persona"] = persona_burst(base, 4, args.max_tokens, args.seed + 50,
+                                              sessions)
+        if "smooth" in args.sections:
             result["smooth"] = smoothness(base, args.seed + 70)
     return result
 
 
 def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
-    rows = [("N=4 median first token, sessions sharing a persona",
-             ours["persona"]["ttft_median_s"] / peer["persona"]["ttft_median_s"], "<= 0.5")]
-    mine, theirs = ours["stateless"], peer["stateless"]
+    rows = []
+    if "persona" in ours:
+        rows.append(("N=4 median first token, sessions sharing a persona",
+                     ours["persona"]["ttft_median_s"] / peer["persona"]["ttft_median_s"],
+                     "<= 0.5"))
+    mine, theirs = ours.get("stateless", {}), peer.get("stateless", {})
     if "1" in mine:
         one, p1 = mine["1"], theirs["1"]
         rows += [("N=1 first token", one["ttft_median_s"] / p1["ttft_median_s"], "<= 1.1"),
@@ -341,7 +350,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="bursts of N <= 4 (median)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-smooth", dest="smooth", action="store_false")
+    parser.add_argument("--sections", type=lambda s: s.split(","),
+                        default=["stateless", "persona", "smooth"],
+                        help="what to measure: stateless,persona,smooth")
     parser.add_argument("--no-one-at-a-time", dest="sequential", action="store_false",
                         help="skip rolechat --parallel 1")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

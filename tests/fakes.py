@@ -114,16 +114,16 @@ class FakeAdapter(Adapter):
         self.cells[seq] = list(ids)
         return seq
 
-    def step(self, entries: Sequence[tuple[int, int, int]]) -> list[int]:
+    def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
         if self.steps is not None:
             self.steps.acquire(timeout=30)
         self.threads.add(threading.get_ident())
         self._engine.batches.append(len(entries))
-        self._engine.events.append(("step", *sorted(seq for seq, _, _ in entries)))
-        for seq, token, position in entries:
+        self._engine.events.append(("step", *sorted(seq for seq, _, _, _ in entries)))
+        for seq, token, position, _ in entries:
             assert len(self.cells[seq]) == position
             self.cells[seq].append(token)
-        return [seq for seq, _, _ in entries]
+        return [seq for seq, _, _, _ in entries]
 
     def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:
         return self._engine.make_sampler(list(prompt))
@@ -164,7 +164,7 @@ class FakeEngine(LocalEngine):
 
     def __init__(self, context_length: int = 2048, fail_after: int | None = None,
                  kv_cache_ram: int = 1 << 30, model: str = "fake", parallel: int = 1,
-                 kv_store: KVStore | None = None) -> None:
+                 kv_store: KVStore | None = None, canonical_decode: bool = False) -> None:
         self.model = model
         self.context_length = context_length
         self.template = ChatTemplate(CHATML)
@@ -180,6 +180,8 @@ class FakeEngine(LocalEngine):
         self.events: list[tuple[Any, ...]] = []
         self.restores = 0
         adapter = FakeAdapter(self, parallel, context_length, model)
+        if canonical_decode:  # as llama.cpp's: every evaluation canonical, riders allowed
+            adapter.canonical_batch, adapter.decode_canonical = 1, True
         self.start(adapter, PromptEncoder(ByteTokenizer(), self.template), kv_store=kv_store,
                    kv_cache_ram=kv_cache_ram)
         # Fixed costs, not measured (the fake takes microseconds): beside a running reply, a

@@ -121,11 +121,52 @@ def test_a_long_prompt_is_taken_in_between_the_running_streams_steps() -> None:
         assert any(e[0] == "step" and 0 in e[1:] for e in engine.events[before:after])
 
 
+def test_replies_that_arrive_together_start_together() -> None:
+    """A burst: while prompts wait, the replies that have shown only their first token do not
+    step, so every prompt of the burst goes in first (and at full size), then all of them
+    decode together."""
+    engine = FakeEngine(parallel=3)
+    engine.scheduler.step_s, engine.scheduler.token_s = 0.010, 0.001  # beside: 20-token chunks
+    engine.replies += ["a" * 10, "b" * 10, "c" * 10]
+    with held(engine):
+        streams = [ask(engine, "p" * 60 + str(i)) for i in range(3)]
+    assert ["".join(s) for s in streams] == ["a" * 10, "b" * 10, "c" * 10]
+    first_step = next(i for i, e in enumerate(engine.events) if e[0] == "step")
+    # Each prompt in one chunk (nothing streaming to keep smooth), all before the first step;
+    # what comes after the replies is the idle work (the next turn's header ahead).
+    assert [e[0] for e in engine.events[:first_step]] == ["prompt"] * 3
+    assert engine.events[first_step] == ("step", 0, 1, 2)
+
+
+def test_beside_a_stream_a_small_chunk_rides_in_the_step() -> None:
+    """Where a decode step's KV is canonical (llama.cpp's settings), a prompt whose chunks would
+    be too small to be worth a call of their own goes one token per step, in the step's batch:
+    the running reply's next token costs one token more, not a call more."""
+    engine = FakeEngine(parallel=2, canonical_decode=True)
+    engine.scheduler.step_s, engine.scheduler.token_s = 0.010, 0.004  # chunks of 3: ride
+    engine.replies += ["r" * 150, "done"]
+    steps = engine.adapter.steps = threading.Semaphore(0)  # type: ignore[attr-defined]
+    running = ask(engine, "go")
+    assert next(running) == "r"
+    steps.release()  # its second token: it is streaming now
+    assert next(running) == "r"
+    late = ask(engine, "p" * 60)
+    steps.release(1000)
+    assert "".join(late) == "done" and "".join(running) == "r" * 148
+    late_prompt = len(engine.prompts[1])
+    # No prompt call for the late request (only, after its reply, the next turn's header ahead),
+    # and its whole prompt went in the running reply's steps, one token each.
+    assert [e for e in engine.events if e[:2] == ("prompt", 1)] == [("prompt", 1, 8)]
+    assert engine.events.count(("step", 0, 1)) >= late_prompt
+    assert late.completion is not None and late.completion.usage.prompt_tokens == late_prompt
+
+
 def test_chunk_sizes() -> None:
     engine = FakeEngine()
     scheduler = engine.scheduler
     scheduler.step_s, scheduler.token_s = 0.010, 0.004
-    assert scheduler._chunk_size(2000, others=True) == 5  # two steps' time
+    # Beside a stream: a step's fixed cost and two more tokens (the next token within 3x).
+    assert scheduler._chunk_size(2000, others=True) == 3
     assert scheduler._chunk_size(2000, others=False) == engine.adapter.prompt_chunk
     assert scheduler._chunk_size(3, others=False) == 3
     assert scheduler._chunk_size(257, others=False) == 257  # never a last chunk of 1 token...

@@ -6,13 +6,15 @@ Contract:
   in, logits rows out (nanochat's engine "knows nothing about tokenization").
 - ``evaluate(seq, ids, start)`` evaluates ``ids[start:]`` (one batch, at most ``max_batch``
   tokens) as a prompt at positions ``start...`` of sequence ``seq`` and returns the row of the
-  last token's logits; ``step(entries)`` evaluates one token for each ``(seq, token, position)``
-  in one batch and returns one row each. A row is valid until the next call.
+  last token's logits; ``step(entries)`` evaluates one token for each ``(seq, token, position,
+  logits)`` in one batch and returns a row for each (meaningful where ``logits`` is true). A row
+  is valid until the next call.
 - Numerics: keys and values a prompt batch of at least ``canonical_batch`` tokens computes are
   *canonical* — the same whatever the batch's size, its company or how the prompt was split;
-  a decode step's are not (they differ in the last bits). The scheduler tracks which tokens are
-  canonical, so that exact replies (greedy or seeded) are the same whatever the cache held.
-  ``step`` evaluates a sequence's token the same way whatever other sequences share the batch.
+  a decode step's are canonical too where ``decode_canonical`` says so, else they differ in the
+  last bits. The scheduler tracks which tokens are canonical, so that exact replies (greedy or
+  seeded) are the same whatever the cache held. ``step`` evaluates a sequence's token the same
+  way whatever other sequences share the batch.
 - ``keep(seq, n)`` drops the sequence's cells from position ``n`` on and says how many it
   holds (fewer than ``n`` where a cache cannot be cropped there); ``snapshot(seq, ids)``
   copies its state to host memory, ``restore(seq, snapshot, n)`` makes it hold exactly the
@@ -64,6 +66,9 @@ class Adapter(ABC):
     prompt_chunk: int = 256
     #: A prompt batch of at least this many tokens gives canonical keys and values.
     canonical_batch: int = 2
+    #: Whether a decode step's keys and values are canonical too (then nothing is ever
+    #: evaluated again).
+    decode_canonical: bool = False
     #: End-of-generation token ids.
     eog: set[int]
 
@@ -73,8 +78,9 @@ class Adapter(ABC):
         ``ids[:start]``); the row of the last token's logits."""
 
     @abstractmethod
-    def step(self, entries: Sequence[tuple[int, int, int]]) -> list[int]:
-        """Evaluate one ``(seq, token, position)`` per entry in one batch; their rows."""
+    def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+        """Evaluate one ``(seq, token, position, logits)`` per entry in one batch; their rows
+        (a row is meaningful where ``logits`` is true)."""
 
     @abstractmethod
     def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:

@@ -3,10 +3,14 @@
 Contract (see :mod:`rolechat.engines.adapter`):
 - The context is made with llama.cpp's C API through llama-cpp-python (its ``_internals``
   wrappers): ``n_seq`` sequences of ``context_length`` tokens each, every sequence in its own
-  stream of the KV cache (``kv_unified`` off) and flash attention off. With those settings a
-  sequence's keys, values and logits are the same bit for bit whatever else its batch holds,
-  and every prompt batch of two tokens or more computes the same (canonical) ones, however the
-  prompt is split (measured: docs/benchmarks.md, "Exact replies under batching").
+  stream of the KV cache (``kv_unified`` off), flash attention on, and never more than
+  :data:`MAX_QUERIES` tokens of one sequence in one batch. With those settings a sequence's keys,
+  values and logits are the same bit for bit whatever else its batch holds, and whether its
+  tokens were evaluated one at a time (decoding) or in prompt batches of any size up to that
+  limit, however the prompt is split: every token's keys and values are canonical, so nothing is
+  ever evaluated again (measured: docs/architecture.md, "Exact replies"). From 64 queries on,
+  llama.cpp's flash attention takes a tiled kernel whose results differ in the last bits; with
+  flash attention off, one query and several differ instead.
 - ``evaluate`` and ``step`` fill one ``llama_batch`` and call ``llama_decode`` once;
   ``sample`` runs the reply's own sampler chain (penalties, top-k, typical, top-p, min-p,
   temperature and a seeded distribution, or greedy) on a row of that batch's logits — the
@@ -40,7 +44,10 @@ from .kvcache import KVSnapshot, SnapshotError, as_ids
 RANDOM_SEED = 0xFFFFFFFF
 #: The penalties look at this many of the reply's last tokens (llama-cpp-python's default).
 PENALTY_LAST_N = 64
-#: Most tokens in one llama_decode call (the prompt chunk limit).
+#: Most tokens of one sequence in one llama_decode call: llama.cpp's flash attention computes
+#: up to 63 queries of a sequence the way it computes one (its tiled kernel starts at 64).
+MAX_QUERIES = 63
+#: The batch's capacity: a decode step holds one token of every sequence.
 MAX_BATCH = 512
 
 
@@ -82,10 +89,10 @@ class FreeCores:
 
     def look(self) -> int | None:
         """The threads to use now (None: too soon to tell; keep the last decision)."""
+        if time.monotonic() - self._last[0] < self.MIN_INTERVAL_S:
+            return None  # cheap: no reading of the system's counters at every step
         now = self._sample()
         wall = now[0] - self._last[0]
-        if wall < self.MIN_INTERVAL_S:
-            return None
         others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
         self._last = now
         return max(1, min(self._cores, int(self._cores - others + self.SLACK)))
@@ -163,8 +170,9 @@ class LlamaSampler(Sampler):
 class LlamaAdapter(Adapter):
     """A GGUF model's context of ``n_seq`` sequences."""
 
-    canonical_batch = 2
-    max_batch = MAX_BATCH
+    canonical_batch = 1
+    decode_canonical = True
+    max_batch = prompt_chunk = MAX_QUERIES
 
     def __init__(self, model: Any, model_identity: dict[str, Any], *, context_length: int,
                  n_seq: int = 1, n_threads: int | None = None) -> None:
@@ -177,18 +185,17 @@ class LlamaAdapter(Adapter):
         threads = n_threads or physical_cores()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = context_length * n_seq
-        params.n_batch = params.n_ubatch = min(MAX_BATCH, params.n_ctx)
+        params.n_batch = params.n_ubatch = max(MAX_BATCH, n_seq)
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
         self.ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         # llama.cpp rounds the allocation up; each sequence holds what was asked, at most.
         self.context_length = min(context_length, int(llama_cpp.llama_n_ctx_seq(self.ctx.ctx)))
-        self.max_batch = min(MAX_BATCH, int(params.n_batch))
-        self._batch: Any = llama_cpp.llama_batch_init(max(self.max_batch, n_seq), 0, 1)
+        self._batch: Any = llama_cpp.llama_batch_init(int(params.n_batch), 0, 1)
         vocab = model.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
@@ -199,6 +206,7 @@ class LlamaAdapter(Adapter):
         self._identity = {"model": model_identity, "engine": "llama.cpp",
                           "context_length": self.context_length,
                           "type_k": int(params.type_k), "type_v": int(params.type_v),
+                          "attention": f"flash, at most {MAX_QUERIES} queries a sequence",
                           "library": f"llama-cpp-python {version}"}
 
     # ----- evaluation --------------------------------------------------------------------
@@ -224,9 +232,9 @@ class LlamaAdapter(Adapter):
         self._decode(count)
         return count - 1
 
-    def step(self, entries: Sequence[tuple[int, int, int]]) -> list[int]:
-        for i, (seq, token, pos) in enumerate(entries):
-            self._put(i, token, pos, seq, True)
+    def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+        for i, (seq, token, pos, logits) in enumerate(entries):
+            self._put(i, token, pos, seq, logits)
         self._decode(len(entries))
         return list(range(len(entries)))
 

@@ -20,15 +20,19 @@ Contract:
   used only up to where its ids equal the prompt's, so it can never change a reply; at least one
   prompt token is evaluated.
 - Each loop makes one decode step — the next token of every sequence that is generating, in one
-  batch — and evaluates one chunk of one waiting prompt (in arrival order). While others are
-  generating, the chunk is sized so that it takes about :data:`CHUNK_FACTOR` decode steps, so
-  running streams stay smooth while a long prompt is taken in; alone, up to the adapter's
-  ``prompt_chunk``. Between chunks and steps, cancelled requests are dropped: a
+  batch — and evaluates one chunk of one waiting prompt (in arrival order). While replies are
+  streaming, the chunk is sized so that their next token comes at most :data:`GAP_FACTOR` times
+  later than without it, so they stay smooth while a long prompt is taken in; alone, up to the
+  adapter's ``prompt_chunk``. Replies that arrive together start together: one that has shown
+  fewer than :data:`STREAMING` tokens waits while prompts wait, so a burst's prompts go in at
+  full speed. Between chunks and steps, cancelled requests are dropped: a
   client that leaves frees its sequence at once and the others go on untouched.
 - Exact replies (greedy, or with a seed) are the same whatever the cache held and whatever else
   is in the batch: a sequence's numerics do not depend on its batch's company, and an exact
   request reuses only the *canonical* prefix (keys and values a prompt batch computed, see
   :mod:`rolechat.engines.adapter`) and evaluates at least ``canonical_batch`` tokens itself.
+  Where a decode step's KV is canonical too (llama.cpp here), everything is, and nothing is
+  evaluated again.
   After an exact reply, its tokens are evaluated again as a prompt when the engine is idle, so
   the next turn reuses all of it; the next turn's template text is evaluated ahead then too,
   and the sequence is snapshotted (RAM, and its file once the machine is quiet).
@@ -69,9 +73,16 @@ MIN_RESTORE_GAIN = 8
 #: Another sequence's prefix is copied only when it saves at least this many more tokens (a
 #: copy reads that whole sequence).
 MIN_COPY_GAIN = 32
-#: While others generate, a prompt chunk takes about this many decode steps' time: their
-#: next token comes at most this many steps later than without it.
-CHUNK_FACTOR = 2.0
+#: While others stream, a prompt goes in chunks small enough that their next token comes at
+#: most this many times later than without it: a step, then a chunk that costs about a step
+#: (a call's fixed cost) and a prompt token's time for each token after the first.
+GAP_FACTOR = 3.0
+#: A reply that has shown this many tokens is streaming: waiting prompts no longer hold it.
+STREAMING = 2
+#: Beside streaming replies, a prompt chunk smaller than this is not a call of its own: one of
+#: its tokens rides in each decode step instead (a call's fixed cost is about a step's, so a
+#: small chunk of its own costs the streams more than its tokens are worth).
+SEPARATE_CHUNK = 8
 
 
 def is_exact(params: GenerationParams) -> bool:
@@ -256,18 +267,26 @@ class Scheduler:
 
     def _cycle(self) -> None:
         """One round: admit, one decode step, one prompt chunk; when nothing else is to be done,
-        one piece of idle work."""
+        one piece of idle work. Replies that started together start together: while a prompt
+        waits, replies that have shown only their first token do not step yet, so every
+        prompt of a burst is taken in at full speed; replies already streaming step at every
+        round, and the prompt comes in small chunks between their steps."""
         self._admit()
         self.adapter.fit_threads()
-        decoding = [s for s in self.slots if s.request is not None
-                    and s.request.state == "decode"]
-        if decoding:
-            self._decode(decoding)
         prompt = min((s.request for s in self.slots if s.request is not None
                       and s.request.state in ("admitted", "prompt")),
                      key=lambda r: r.ticket, default=None)
-        if prompt is not None:
-            self._prompt_chunk(prompt, others=bool(decoding))
+        decoding = [s for s in self.slots if s.request is not None
+                    and s.request.state == "decode"]
+        streaming = [s for s in decoding if s.request is not None
+                     and s.request.timer.tokens >= STREAMING]
+        # Beside streams, a chunk too small to be worth a call of its own rides in the step.
+        ride = prompt if prompt is not None and streaming and self.adapter.decode_canonical \
+            and self._chunk_size(len(prompt.prompt), True) < SEPARATE_CHUNK else None
+        if decoding and (prompt is None or streaming):
+            self._decode(decoding, ride)
+        if prompt is not None and ride is None:
+            self._prompt_chunk(prompt, others=bool(streaming))
         if not decoding and prompt is None and not self._queue:
             busy = next((s for s in self.slots if s.pending is not None), None)
             if busy is not None:
@@ -344,9 +363,11 @@ class Scheduler:
         slot.pending = None
 
     # ----- prompts -----------------------------------------------------------------------
-    @staticmethod
-    def _limit(request: Request) -> int:
-        return len(request.prompt) - (2 if request.exact else 1)
+    def _limit(self, request: Request) -> int:
+        """How much of a prompt may be reused: at least one token is evaluated, and an exact
+        reply evaluates at least a canonical batch itself."""
+        least = max(1, self.adapter.canonical_batch) if request.exact else 1
+        return len(request.prompt) - least
 
     @staticmethod
     def _reusable(slot: Slot, request: Request, limit: int) -> int:
@@ -424,23 +445,17 @@ class Scheduler:
             if n >= 8 and self.measure:
                 self.token_s += 0.2 * ((time.perf_counter() - began) / n - self.token_s)
             self.chunks += 1
-            canonical = pos + n if slot.canonical >= pos and \
-                n >= self.adapter.canonical_batch else slot.canonical
-            slot.hold(prompt[:pos + n], canonical)
-            request.pos = pos + n
-            if request.pos == len(prompt):
-                request.state = "decode"
-                assert request.sampler is not None
-                self._take(request, request.sampler.sample(row))
         except Exception as exc:
             self._fail([slot], exc)
+            return
+        self._advance(request, slot, n, row)
 
     def _chunk_size(self, left: int, others: bool, *, idle: bool = False) -> int:
         """How many prompt tokens to evaluate now: all of them up to the limits, never leaving
         a last chunk smaller than a canonical batch. Idle work takes a quarter of a prompt's
         chunk, so that a request that arrives waits little for it."""
         if others:
-            size = int(CHUNK_FACTOR * self.step_s / max(self.token_s, 1e-6))
+            size = 1 + int((GAP_FACTOR - 2) * self.step_s / max(self.token_s, 1e-6))
         else:
             size = self.adapter.prompt_chunk // (4 if idle else 1)
         size = max(size, self.adapter.canonical_batch, 2)
@@ -451,25 +466,37 @@ class Scheduler:
         return max(size, 1)
 
     # ----- decoding ----------------------------------------------------------------------
-    def _decode(self, slots: list[Slot]) -> None:
-        """One token for every generating sequence, in one batch."""
+    def _decode(self, slots: list[Slot], ride: Request | None = None) -> None:
+        """One token for every generating sequence, in one batch; with ``ride``, the next token
+        of that waiting prompt too (where a decode step's KV is canonical)."""
         entries = []
         for slot in slots:
             request = slot.request
             assert request is not None and request.last is not None
-            entries.append((slot.seq, request.last, len(slot.ids)))
+            entries.append((slot.seq, request.last, len(slot.ids), True))
+        rider = None
+        if ride is not None:
+            if ride.state == "admitted":
+                self._start(ride)
+            rider = ride.slot
+            assert rider is not None
+            entries.append((rider.seq, ride.prompt[ride.pos], ride.pos,
+                            ride.pos == len(ride.prompt) - 1))
         began = time.perf_counter()
         try:
             rows = self.adapter.step(entries)
         except Exception as exc:
-            self._fail(slots, exc)
+            self._fail(slots + ([rider] if rider is not None else []), exc)
             return
         if self.measure:
             self.step_s += 0.2 * (time.perf_counter() - began - self.step_s)
         self.steps += 1
+        canonical = self.adapter.decode_canonical
         for slot, row in zip(slots, rows):
             request = slot.request
             assert request is not None and request.last is not None and request.sampler
+            if canonical and slot.canonical == len(slot.ids):
+                slot.canonical += 1
             slot.ids.append(request.last)
             slot.version += 1
             try:
@@ -477,6 +504,27 @@ class Scheduler:
             except Exception as exc:
                 self._fail([slot], exc)
                 continue
+            self._take(request, token)
+        if ride is not None and rider is not None:
+            self._advance(ride, rider, 1, rows[-1])
+
+    def _advance(self, request: Request, slot: Slot, n: int, row: int) -> None:
+        """``n`` more of ``request``'s prompt tokens are in its sequence; after the last one,
+        its first token is sampled from ``row``."""
+        prompt, pos = request.prompt, request.pos
+        canonical = pos + n if slot.canonical >= pos and (
+            n >= self.adapter.canonical_batch or self.adapter.decode_canonical) \
+            else slot.canonical
+        slot.hold(prompt[:pos + n], canonical)
+        request.pos = pos + n
+        if request.pos == len(prompt):
+            request.state = "decode"
+            assert request.sampler is not None
+            try:
+                token = request.sampler.sample(row)
+            except Exception as exc:
+                self._fail([slot], exc)
+                return
             self._take(request, token)
 
     def _take(self, request: Request, token: int) -> None:

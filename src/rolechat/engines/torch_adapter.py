@@ -302,8 +302,8 @@ class TorchAdapter(Adapter):
         self.kv.held = list(prompt_ids)
         return logits
 
-    def step(self, entries: Sequence[tuple[int, int, int]]) -> list[int]:
-        (_, token, position), = entries
+    def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+        (_, token, position, _), = entries
         assert position == len(self.kv.held)
         self.rows = [self.decode_one(self.torch.tensor(token, device=self.device))]
         return [0]

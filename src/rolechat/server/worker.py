@@ -142,11 +142,12 @@ async def joined_unless_gone(request: Any, job: Job,
     """:func:`joined`, for a client that waits for the whole reply: if it leaves (closes the
     connection, times out), the generation stops within a fraction of a second."""
     async def watch() -> None:
-        while not job.finished.is_set():
-            if await request.is_disconnected():
+        # The body was read: the next thing the connection can say is that it closed.
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
                 job.cancel()
                 return
-            await asyncio.sleep(0.2)
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:

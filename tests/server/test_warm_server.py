@@ -103,7 +103,7 @@ def test_interleaved_sessions_stay_warm_and_match_cold_replies(
 
 def test_a_stateless_client_alternating_conversations_stays_warm(
         tmp_path: Path, cold: LlamaCppEngine) -> None:
-    with rolechat_serve(tmp_path / "home") as base:
+    with rolechat_serve(tmp_path / "home", "--parallel", "4") as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id
         histories: list[list[dict[str, str]]] = [

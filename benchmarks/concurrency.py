@@ -18,12 +18,14 @@ What it measures (one run, side by side, real servers on loopback, streaming req
     intake), at the 95th percentile, against its gaps before it arrived; and how long the
     intake took.
 
-    Servers, each started fresh on the embedded model with 2 threads and four sequences of
-    ``--context`` tokens (2048):
+    Servers, each started fresh on the embedded model with 2 threads and ``--parallel``
+    sequences (default 4) of ``--context`` tokens (2048):
       1. rolechat, ``rolechat serve --parallel 4`` (continuous batching)
       2. rolechat, ``--parallel 1`` (one request at a time, as before batching)
       3. llama.cpp's ``llama-server -np 4 -c 4x2048`` (its defaults otherwise: continuous
          batching, flash attention auto) — the peer.
+    ``--parallel 2`` or ``8`` gives both servers that many sequences (how serve's default was
+    chosen: ``--sections stateless --users 1,4,8 --no-one-at-a-time`` at 2, 4 and 8).
 
 Targets, as ratios to llama-server in the same run (printed as PASS/MISS; exit 0 either way)
     N=1 first token <= 1.1x; N=1 decode >= 0.95x; N=4 worst first token <= 1.0x; N=4 wall time
@@ -348,6 +350,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--context", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=4,
+                        help="sequences of both servers (rolechat --parallel, llama-server -np)")
     parser.add_argument("--repeats", type=int, default=2, help="bursts of N <= 4 (median)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sections", type=lambda s: s.split(","),
@@ -364,12 +368,15 @@ def main() -> None:
                                            "platform": platform.platform()},
                                "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     with tempfile.TemporaryDirectory() as home:
-        command, base, env = rolechat_command(Path(home) / "a", args.context, 4, args.threads)
-        results["rolechat"] = measure("rolechat serve --parallel 4", command, base, env, args,
-                                      sessions=True)
-        command, base = peer_command(args.llama_server, model, args.context, 4, args.threads)
-        results["llama-server"] = measure("llama-server -np 4", command, base, None, args,
-                                          sessions=False)
+        parallel = args.parallel
+        command, base, env = rolechat_command(Path(home) / "a", args.context, parallel,
+                                              args.threads)
+        results["rolechat"] = measure(f"rolechat serve --parallel {parallel}", command, base,
+                                      env, args, sessions=True)
+        command, base = peer_command(args.llama_server, model, args.context, parallel,
+                                     args.threads)
+        results["llama-server"] = measure(f"llama-server -np {parallel}", command, base, None,
+                                          args, sessions=False)
         if args.sequential:
             command, base, env = rolechat_command(Path(home) / "b", args.context, 1,
                                                   args.threads)
@@ -377,7 +384,7 @@ def main() -> None:
                 "rolechat serve --parallel 1", command, base, env, args, sessions=True)
     rows = ratios(results["rolechat"], results["llama-server"])
     results["ratios"] = {label: value for label, value, _, _ in rows}
-    print("\nrolechat (--parallel 4) / llama-server (-np 4), same run:")
+    print(f"\nrolechat (--parallel {parallel}) / llama-server (-np {parallel}), same run:")
     for label, value, target, ok in rows:
         print(f"  {label:<62} {value:6.2f}  target {target:<7} {'PASS' if ok else 'MISS'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from fakes import FakeEngine
 from rolechat import Chat, GenerationParams, Message
+from rolechat.engines import scheduler as scheduler_module
 from rolechat.engines.base import Cancelled, Generation
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=200)
@@ -190,6 +193,39 @@ def test_resident_conversations_stay_in_their_sequences() -> None:
     assert names == {"conversation-a", "conversation-b"}
 
 
+def test_stateless_conversations_stay_in_their_own_sequences(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that send whole histories (the stateless endpoint) and alternate between
+    conversations each keep a sequence, even with every history opening alike and no
+    snapshot taken: a request takes over only the stateless sequence it continues."""
+    monkeypatch.setattr(scheduler_module, "SNAPSHOT_AFTER_S", 60.0)
+    engine = FakeEngine(parallel=3)
+    taken = count_snapshots(engine)
+    params = GenerationParams(temperature=0.7, max_new_tokens=8)
+    histories = [[Message("system", f"Document {i}: " + "words " * 40)] for i in range(3)]
+    for round_ in range(3):
+        for index, history in enumerate(histories):
+            history.append(Message("user", f"question {round_}"))
+            stream = engine.stream(history, params)
+            history.append(Message("assistant", "".join(stream)))
+            assert stream.completion is not None
+            usage = stream.completion.usage
+            if round_:
+                assert usage.kv_source == "live", (round_, index)
+                assert usage.prompt_tokens - usage.cached_tokens < 30  # the new message
+    assert taken == [] and engine.restores == 0
+    cells = engine.adapter.cells  # type: ignore[attr-defined]
+    assert len({tuple(c) for c in cells}) == 3 and min(map(len, cells)) > 250
+    # A fourth conversation, no sequence free: the least recently used is snapshotted first,
+    # and comes back from RAM.
+    "".join(engine.stream([Message("user", "something else " * 20)], params))
+    assert taken == [0]
+    histories[0].append(Message("user", "and now?"))
+    stream = engine.stream(histories[0], params)
+    "".join(stream)
+    assert stream.completion is not None and stream.completion.usage.kv_source == "ram"
+
+
 def test_the_least_recently_used_conversation_is_evicted_and_restored() -> None:
     engine = FakeEngine(parallel=2)
     chats = [Chat(engine, system=f"S{i}", params={"temperature": 0.0}) for i in range(3)]
@@ -203,6 +239,64 @@ def test_the_least_recently_used_conversation_is_evicted_and_restored() -> None:
     # ...and comes back from there.
     usage = chats[0].send("again").usage
     assert usage.kv_source == "ram" and usage.restored_tokens == usage.cached_tokens > 20
+
+
+def count_snapshots(engine: FakeEngine) -> list[int]:
+    """The sequences the adapter snapshots from now on, in order."""
+    taken: list[int] = []
+    adapter = engine.adapter
+    snapshot = adapter.snapshot
+
+    def counted(seq: int, ids: Any) -> Any:
+        taken.append(seq)
+        return snapshot(seq, ids)
+
+    adapter.snapshot = counted  # type: ignore[method-assign]
+    return taken
+
+
+def test_a_turn_sent_at_once_never_waits_behind_a_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "SNAPSHOT_AFTER_S", 60.0)
+    engine = FakeEngine(parallel=2)
+    taken = count_snapshots(engine)
+    chat = Chat(engine, system="S", params={"temperature": 0.0})
+    chat.cache_key = "conversation-a"
+    for round_ in range(3):
+        chat.send(f"round {round_}")
+    assert taken == [] and engine.kv.ram.get("conversation-a") is None
+    assert engine.flush()  # before the process ends, or when asked
+    assert taken == [0] and engine.kv.ram.get("conversation-a") is not None
+
+
+def test_an_idle_sequence_is_snapshotted_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "SNAPSHOT_AFTER_S", 0.05)
+    engine = FakeEngine(parallel=2)
+    taken = count_snapshots(engine)
+    chat = Chat(engine, system="S", params={"temperature": 0.0})
+    chat.cache_key = "conversation-a"
+    chat.send("hello")
+    deadline = time.monotonic() + 30
+    while engine.kv.ram.get("conversation-a") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snapshot = engine.kv.ram.get("conversation-a")
+    assert snapshot is not None and list(snapshot.ids) == engine.adapter.cells[0]
+    assert taken == [0]
+    # Then the scheduler has nothing left to do: it waits without a timeout.
+    assert engine.scheduler.call(engine.scheduler._snapshot_in) is None
+
+
+def test_nothing_is_snapshotted_where_the_kv_store_keeps_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "SNAPSHOT_AFTER_S", 0.0)
+    engine = FakeEngine(parallel=1, kv_cache_ram=0)
+    taken = count_snapshots(engine)
+    chats = [Chat(engine, system=f"S{i}", params={"temperature": 0.0}) for i in range(2)]
+    for index, chat in enumerate(chats):  # the second evicts the first
+        chat.cache_key = f"conversation-{index}"
+        chat.send("hello")
+    assert engine.flush()
+    assert taken == [] and engine.scheduler.call(engine.scheduler._snapshot_in) is None
 
 
 def test_a_new_conversation_copies_a_popular_personas_prefix() -> None:

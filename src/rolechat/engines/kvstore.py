@@ -230,6 +230,12 @@ class KVStore:
         self.ram.discard(name)
 
     # ----- writing -----------------------------------------------------------------------
+    def keeps(self, *, persistent: bool) -> bool:
+        """Whether a snapshot saved now would be kept anywhere (a conversation's also goes to
+        its file; a stateless one's only to RAM)."""
+        return bool(self.ram.max_bytes) or (persistent and self.disk is not None
+                                            and bool(self.disk.max_bytes))
+
     def save(self, name: str, snapshot: KVSnapshot, identity: dict[str, Any],
              data: bytes | None = None, *, ram: bool = True) -> None:
         """Keep ``snapshot`` as ``name``'s: in RAM (unless ``ram`` is False) and, with the

@@ -136,3 +136,27 @@ def test_a_seeded_reply_is_the_same_whatever_the_cache_held(warm: LlamaCppEngine
     again = Chat(warm, params=params).send("Tell me a short story.")  # now fully cached
     assert again.usage.cached_tokens > 0
     assert again.text == first
+
+
+LONG_GREEDY = {"temperature": 0.0, "max_new_tokens": 64}
+LETTER = ("Dear neighbours, the garden by the river needs help this spring: the old fence has "
+          "fallen, the pond is full of leaves, and the apple trees want pruning. ") * 12
+
+
+@pytest.mark.slow
+def test_a_long_conversation_matches_cold_replies(warm: LlamaCppEngine,
+                                                  cold: LlamaCppEngine) -> None:
+    """Past a few hundred tokens llama.cpp decodes a sequence that is alone in its batch with
+    another attention kernel than a prompt batch's: those tokens are not reused for an exact
+    reply until evaluated again, so every next greedy turn still matches a cold reply (with
+    them reused as they were, the second turn's text differed)."""
+    warm.reset_cache()
+    chat = Chat(warm, system="You are a helpful neighbour.", params=LONG_GREEDY)
+    chat.cache_key = "long"
+    first = chat.send(LETTER + "What should we do first?")
+    assert first.usage.prompt_tokens > 256 and first.usage.generated_tokens > 16
+    for text in ("Tell me more about the pond.", "And the apple trees?"):
+        before = chat.conversation.copy()
+        reply = chat.send(text)
+        assert reply.usage.cached_tokens > 256
+        assert reply.text == reference(cold, before, text, LONG_GREEDY), text

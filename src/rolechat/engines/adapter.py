@@ -12,9 +12,10 @@ Contract:
 - Numerics: keys and values a prompt batch of at least ``canonical_batch`` tokens computes are
   *canonical* — the same whatever the batch's size, its company or how the prompt was split;
   a decode step's are canonical too where ``decode_canonical`` says so, else they differ in the
-  last bits. The scheduler tracks which tokens are canonical, so that exact replies (greedy or
-  seeded) are the same whatever the cache held. ``step`` evaluates a sequence's token the same
-  way whatever other sequences share the batch.
+  last bits; ``canonical(entries)`` says it token by token for one call (llama.cpp computes a
+  long sequence's single token with another kernel when no neighbouring sequence shares its
+  part of the batch). The scheduler tracks which tokens are canonical, so that exact replies
+  (greedy or seeded) are the same whatever the cache held.
 - ``keep(seq, n)`` drops the sequence's cells from position ``n`` on and says how many it
   holds (fewer than ``n`` where a cache cannot be cropped there); ``snapshot(seq, ids)``
   copies its state to host memory, ``restore(seq, snapshot, n)`` makes it hold exactly the
@@ -81,6 +82,11 @@ class Adapter(ABC):
     def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
         """Evaluate one ``(seq, token, position, logits)`` per entry in one batch; their rows
         (a row is meaningful where ``logits`` is true)."""
+
+    def canonical(self, entries: Sequence[tuple[int, int]]) -> list[bool]:
+        """For one call evaluating one token of each ``(seq, position)`` (a decode step, or a
+        one-token prompt batch): whether each token's keys and values come out canonical."""
+        return [self.decode_canonical] * len(entries)
 
     @abstractmethod
     def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:

@@ -4,14 +4,17 @@ Contract (see :mod:`rolechat.engines.adapter`):
 - The context is made with llama.cpp's C API through llama-cpp-python (its ``_internals``
   wrappers): ``n_seq`` sequences of ``context_length`` tokens each, every sequence in its own
   stream of the KV cache (``kv_unified`` off), flash attention on, and never more than
-  :data:`MAX_QUERIES` tokens of one sequence in one batch. With those settings a sequence's keys,
-  values and logits are the same bit for bit whatever else its batch holds, and whether its
-  tokens were evaluated one at a time (decoding) or in prompt batches of any size up to that
-  limit, however the prompt is split: every token's keys and values are canonical, so nothing is
-  ever evaluated again (measured: docs/architecture.md, "Exact replies"). From 64 queries on,
-  llama.cpp's flash attention takes a tiled kernel whose results differ in the last bits; with
-  flash attention off, one query and several differ instead.
-- ``evaluate`` and ``step`` fill one ``llama_batch`` and call ``llama_decode`` once;
+  :data:`MAX_QUERIES` tokens of one sequence in one batch. With those settings a token's keys,
+  values and logits come out the same bit for bit whether it was evaluated in a prompt batch of
+  2 to 63 tokens (however the prompt was split), or decoded beside neighbouring sequences, or
+  decoded alone while its sequence holds fewer than :data:`LONE_LIMIT` tokens: all of those are
+  *canonical* (measured: docs/architecture.md, "Exact replies"). Two cases are not, and
+  :meth:`LlamaAdapter.canonical` says so token by token: a single token of a sequence alone in
+  its part of the batch once the sequence is longer (llama.cpp then splits its attention over
+  the KV cells between threads), and from 64 queries on (a tiled kernel). With flash attention
+  off, one query and several differ at any length.
+- ``evaluate`` and ``step`` fill one ``llama_batch`` and call ``llama_decode`` once (``step``
+  in sequence order, so that running sequences with consecutive ids make one graph);
   ``sample`` runs the reply's own sampler chain (penalties, top-k, typical, top-p, min-p,
   temperature and a seeded distribution, or greedy) on a row of that batch's logits — the
   chain llama-cpp-python's ``Llama.generate`` builds, so replies match its.
@@ -49,6 +52,12 @@ PENALTY_LAST_N = 64
 MAX_QUERIES = 63
 #: The batch's capacity: a decode step holds one token of every sequence.
 MAX_BATCH = 512
+#: From this position on, one token of a sequence alone in its part of a batch is not
+#: canonical: llama.cpp then splits the attention over the KV cells between its threads (its
+#: split-KV path, taken for a single query once the stream spans 512 padded cells, i.e. more
+#: than 256 used), and adds the parts up in another order than a batch of queries does. Kept
+#: below 256 for cells a sequence's stream leaves unused in the middle.
+LONE_LIMIT = 224
 
 
 def physical_cores() -> int:
@@ -170,7 +179,7 @@ class LlamaSampler(Sampler):
 class LlamaAdapter(Adapter):
     """A GGUF model's context of ``n_seq`` sequences."""
 
-    canonical_batch = 1
+    canonical_batch = 2
     decode_canonical = True
     max_batch = prompt_chunk = MAX_QUERIES
 
@@ -233,10 +242,23 @@ class LlamaAdapter(Adapter):
         return count - 1
 
     def step(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
-        for i, (seq, token, pos, logits) in enumerate(entries):
-            self._put(i, token, pos, seq, logits)
+        # In sequence order: llama.cpp puts a run of consecutive sequences into one part of
+        # the batch (one graph), and starts a new part at every gap or step back.
+        order = sorted(range(len(entries)), key=lambda i: entries[i][0])
+        rows = [0] * len(entries)
+        for row, i in enumerate(order):
+            seq, token, pos, logits = entries[i]
+            self._put(row, token, pos, seq, logits)
+            rows[i] = row
         self._decode(len(entries))
-        return list(range(len(entries)))
+        return rows
+
+    def canonical(self, entries: Sequence[tuple[int, int]]) -> list[bool]:
+        """A token is canonical unless its sequence is alone in its part of the batch (no
+        neighbouring sequence id beside it) at :data:`LONE_LIMIT` or further."""
+        seqs = {seq for seq, _ in entries}
+        return [pos < LONE_LIMIT or seq - 1 in seqs or seq + 1 in seqs
+                for seq, pos in entries]
 
     def sampler(self, params: GenerationParams, prompt: Sequence[int] = ()) -> Sampler:
         return LlamaSampler(self, params)

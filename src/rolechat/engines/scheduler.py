@@ -27,12 +27,12 @@ Contract:
   fewer than :data:`STREAMING` tokens waits while prompts wait, so a burst's prompts go in at
   full speed. Between chunks and steps, cancelled requests are dropped: a
   client that leaves frees its sequence at once and the others go on untouched.
-- Exact replies (greedy, or with a seed) are the same whatever the cache held and whatever else
-  is in the batch: a sequence's numerics do not depend on its batch's company, and an exact
-  request reuses only the *canonical* prefix (keys and values a prompt batch computed, see
-  :mod:`rolechat.engines.adapter`) and evaluates at least ``canonical_batch`` tokens itself.
-  Where a decode step's KV is canonical too (llama.cpp here), everything is, and nothing is
-  evaluated again.
+- Exact replies (greedy, or with a seed) are the same whatever the cache held: an exact
+  request reuses only the *canonical* prefix (keys and values computed the way a prompt batch
+  computes them, see :mod:`rolechat.engines.adapter`) and evaluates at least
+  ``canonical_batch`` tokens itself. The adapter says which decoded tokens are canonical
+  (llama.cpp: all but a long sequence's token decoded alone in its part of the batch), and a
+  waiting prompt rides in decode steps only where its tokens would be.
   After an exact reply, its tokens are evaluated again as a prompt when the engine is idle, so
   the next turn reuses all of it; the next turn's template text is evaluated ahead then too.
   A sequence is snapshotted (RAM, and its file once the machine is quiet) when it has been
@@ -301,7 +301,7 @@ class Scheduler:
         streaming = [s for s in decoding if s.request is not None
                      and s.request.timer.tokens >= STREAMING]
         # Beside streams, a chunk too small to be worth a call of its own rides in the step.
-        ride = prompt if prompt is not None and streaming and self.adapter.decode_canonical \
+        ride = prompt if prompt is not None and streaming and self._rides(prompt, decoding) \
             and self._chunk_size(len(prompt.prompt), True) < SEPARATE_CHUNK else None
         if decoding and (prompt is None or streaming):
             self._decode(decoding, ride)
@@ -313,6 +313,13 @@ class Scheduler:
                 self._checkpoint(busy, yielding=True)
             elif self._snapshot_in() == 0.0:
                 self._save(min(self._unsaved(), key=lambda s: s.used))
+
+    def _rides(self, prompt: Request, decoding: list[Slot]) -> bool:
+        """Whether ``prompt``'s tokens would come out canonical riding in the decode steps."""
+        if prompt.slot is None:
+            return False
+        entries = [(s.seq, len(s.ids)) for s in decoding]
+        return self.adapter.canonical([*entries, (prompt.slot.seq, len(prompt.prompt))])[-1]
 
     def _new_work(self) -> bool:
         """A request arrived (idle work makes way for it; calls wait their turn)."""
@@ -481,7 +488,13 @@ class Scheduler:
         except Exception as exc:
             self._fail([slot], exc)
             return
-        self._advance(request, slot, n, row)
+        self._advance(request, slot, n, row, self._batch_canonical(slot, pos, n))
+
+    def _batch_canonical(self, slot: Slot, pos: int, n: int) -> bool:
+        """Whether a prompt batch of ``n`` tokens at ``pos`` gives canonical keys and values."""
+        if n >= self.adapter.canonical_batch:
+            return True
+        return n == 1 and self.adapter.canonical([(slot.seq, pos)])[0]
 
     def _chunk_size(self, left: int, others: bool, *, idle: bool = False) -> int:
         """How many prompt tokens to evaluate now: all of them up to the limits, never leaving
@@ -524,11 +537,11 @@ class Scheduler:
         if self.measure:
             self.step_s += 0.2 * (time.perf_counter() - began - self.step_s)
         self.steps += 1
-        canonical = self.adapter.decode_canonical
-        for slot, row in zip(slots, rows):
+        canonical = self.adapter.canonical([(seq, pos) for seq, _, pos, _ in entries])
+        for slot, row, exact in zip(slots, rows, canonical):
             request = slot.request
             assert request is not None and request.last is not None and request.sampler
-            if canonical and slot.canonical == len(slot.ids):
+            if exact and slot.canonical == len(slot.ids):
                 slot.canonical += 1
             slot.ids.append(request.last)
             slot.version += 1
@@ -539,15 +552,13 @@ class Scheduler:
                 continue
             self._take(request, token)
         if ride is not None and rider is not None:
-            self._advance(ride, rider, 1, rows[-1])
+            self._advance(ride, rider, 1, rows[-1], canonical[-1])
 
-    def _advance(self, request: Request, slot: Slot, n: int, row: int) -> None:
-        """``n`` more of ``request``'s prompt tokens are in its sequence; after the last one,
-        its first token is sampled from ``row``."""
+    def _advance(self, request: Request, slot: Slot, n: int, row: int, exact: bool) -> None:
+        """``n`` more of ``request``'s prompt tokens are in its sequence (canonical where
+        ``exact``); after the last one, its first token is sampled from ``row``."""
         prompt, pos = request.prompt, request.pos
-        canonical = pos + n if slot.canonical >= pos and (
-            n >= self.adapter.canonical_batch or self.adapter.decode_canonical) \
-            else slot.canonical
+        canonical = pos + n if slot.canonical >= pos and exact else slot.canonical
         slot.hold(prompt[:pos + n], canonical)
         request.pos = pos + n
         if request.pos == len(prompt):
@@ -654,7 +665,7 @@ class Scheduler:
                     self._fail([slot], RuntimeError("checkpoint failed"))
                     return
                 canonical = start + n if slot.canonical >= start and \
-                    n >= self.adapter.canonical_batch else slot.canonical
+                    self._batch_canonical(slot, start, n) else slot.canonical
                 start += n
                 slot.hold(target[:start], canonical)
 

@@ -350,3 +350,26 @@ def test_every_evaluation_runs_on_the_scheduler_thread() -> None:
     engine.flush()
     assert len(results) == 4
     assert engine.adapter.threads == {engine.scheduler._thread.ident}  # type: ignore[attr-defined]
+
+
+def test_a_prompt_for_a_reply_that_is_not_exact_goes_in_big_batches() -> None:
+    """As with llama.cpp: 63 tokens a call keep keys and values canonical, 512 evaluate faster.
+    A prompt for a sampled reply alone takes the big batches and is marked not canonical; an
+    exact reply to the same text reuses none of it and goes in canonical chunks."""
+    engine = FakeEngine(parallel=1, context_length=8192, canonical_decode=True)
+    adapter = engine.adapter
+    adapter.max_batch = adapter.prompt_chunk = 63
+    adapter.loose_batch = 512
+    adapter.canonical_batch = 2
+    sampled = GenerationParams(temperature=0.9, max_new_tokens=8)
+    assert "".join(ask(engine, "w" * 1000, sampled)) == "echo"
+    chunks = [e[2] for e in engine.events if e[0] == "prompt"]
+    assert chunks[0] == 512 and 1000 < chunks[0] + chunks[1] <= 1024  # then the idle look-ahead
+    assert engine.scheduler.slots[0].canonical == 0  # nothing of it is canonical
+    engine.events.clear()
+    stream = ask(engine, "w" * 1000)
+    assert "".join(stream) == "echo"
+    assert stream.completion is not None and stream.completion.usage.cached_tokens == 0
+    chunks = [e[2] for e in engine.events if e[0] == "prompt"]
+    assert max(chunks) == 63 and sum(chunks) > 1000
+    assert engine.scheduler.slots[0].canonical >= 1000

@@ -5,10 +5,11 @@ Contract:
   ``context_length`` tokens. It knows nothing about conversations, templates or text: token ids
   in, logits rows out (nanochat's engine "knows nothing about tokenization").
 - ``evaluate(seq, ids, start)`` evaluates ``ids[start:]`` (one batch, at most ``max_batch``
-  tokens) as a prompt at positions ``start...`` of sequence ``seq`` and returns the row of the
-  last token's logits; ``step(entries)`` evaluates one token for each ``(seq, token, position,
-  logits)`` in one batch and returns a row for each (meaningful where ``logits`` is true). A row
-  is valid until the next call.
+  tokens, or ``loose_batch`` where they need not be canonical) as a prompt at positions
+  ``start...`` of sequence ``seq`` and returns the row of the last token's logits;
+  ``step(entries)`` evaluates one token for each ``(seq, token, position, logits)`` in one
+  batch and returns a row for each (meaningful where ``logits`` is true). A row is valid until
+  the next call.
 - Numerics: keys and values a prompt batch of at least ``canonical_batch`` tokens computes are
   *canonical* — the same whatever the batch's size, its company or how the prompt was split;
   a decode step's are canonical too where ``decode_canonical`` says so, else they differ in the
@@ -65,6 +66,10 @@ class Adapter(ABC):
     #: Prompt tokens evaluated in one chunk when no other sequence is generating (a client that
     #: leaves stops its prompt within one chunk).
     prompt_chunk: int = 256
+    #: Most tokens one ``evaluate`` call takes where its keys and values need not be canonical
+    #: (a prompt for a reply that is not exact, with no other sequence generating); batches
+    #: above ``max_batch`` are never canonical. 0: no more than ``max_batch``.
+    loose_batch: int = 0
     #: A prompt batch of at least this many tokens gives canonical keys and values.
     canonical_batch: int = 2
     #: Whether a decode step's keys and values are canonical too (then nothing is ever

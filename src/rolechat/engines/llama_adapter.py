@@ -4,7 +4,8 @@ Contract (see :mod:`rolechat.engines.adapter`):
 - The context is made with llama.cpp's C API through llama-cpp-python (its ``_internals``
   wrappers): ``n_seq`` sequences of ``context_length`` tokens each, every sequence in its own
   stream of the KV cache (``kv_unified`` off), flash attention on, and never more than
-  :data:`MAX_QUERIES` tokens of one sequence in one batch. With those settings a token's keys,
+  :data:`MAX_QUERIES` tokens of one sequence in one batch where they must be canonical (up to
+  :data:`MAX_BATCH`, ``loose_batch``, where not: faster). With those settings a token's keys,
   values and logits come out the same bit for bit whether it was evaluated in a prompt batch of
   2 to 63 tokens (however the prompt was split), or decoded beside neighbouring sequences, or
   decoded alone while its sequence holds fewer than :data:`LONE_LIMIT` tokens: all of those are
@@ -182,6 +183,7 @@ class LlamaAdapter(Adapter):
     canonical_batch = 2
     decode_canonical = True
     max_batch = prompt_chunk = MAX_QUERIES
+    loose_batch = MAX_BATCH
 
     def __init__(self, model: Any, model_identity: dict[str, Any], *, context_length: int,
                  n_seq: int = 1, n_threads: int | None = None) -> None:
@@ -235,7 +237,7 @@ class LlamaAdapter(Adapter):
 
     def evaluate(self, seq: int, ids: Sequence[int], start: int) -> int:
         count = len(ids) - start
-        assert 0 < count <= self.max_batch
+        assert 0 < count <= self.loose_batch
         for i in range(count):
             self._put(i, ids[start + i], start + i, seq, i == count - 1)
         self._decode(count)

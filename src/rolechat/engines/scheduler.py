@@ -479,10 +479,10 @@ class Scheduler:
             if request.state == "admitted":
                 self._start(request)
             prompt, pos = request.prompt, request.pos
-            n = self._chunk_size(len(prompt) - pos, others)
+            n = self._chunk_size(len(prompt) - pos, others, loose=not request.exact)
             began = time.perf_counter()
             row = self.adapter.evaluate(slot.seq, prompt[:pos + n], pos)
-            if n >= 8 and self.measure:
+            if 8 <= n <= self.adapter.max_batch and self.measure:
                 self.token_s += 0.2 * ((time.perf_counter() - began) / n - self.token_s)
             self.chunks += 1
         except Exception as exc:
@@ -492,23 +492,31 @@ class Scheduler:
 
     def _batch_canonical(self, slot: Slot, pos: int, n: int) -> bool:
         """Whether a prompt batch of ``n`` tokens at ``pos`` gives canonical keys and values."""
+        if n > self.adapter.max_batch:
+            return False
         if n >= self.adapter.canonical_batch:
             return True
         return n == 1 and self.adapter.canonical([(slot.seq, pos)])[0]
 
-    def _chunk_size(self, left: int, others: bool, *, idle: bool = False) -> int:
+    def _chunk_size(self, left: int, others: bool, *, idle: bool = False,
+                    loose: bool = False) -> int:
         """How many prompt tokens to evaluate now: all of them up to the limits, never leaving
         a last chunk smaller than a canonical batch. Idle work takes a quarter of a prompt's
-        chunk, so that a request that arrives waits little for it."""
+        chunk, so that a request that arrives waits little for it. A ``loose`` prompt (for a
+        reply that is not exact) alone takes the adapter's ``loose_batch`` at once: its keys
+        and values need not be canonical, and bigger batches evaluate faster."""
+        cap = self.adapter.max_batch
         if others:
             size = 1 + int((GAP_FACTOR - 2) * self.step_s / max(self.token_s, 1e-6))
+        elif loose and self.adapter.loose_batch > cap and not idle:
+            size = cap = self.adapter.loose_batch
         else:
             size = self.adapter.prompt_chunk // (4 if idle else 1)
         size = max(size, self.adapter.canonical_batch, 2)
-        size = min(size, self.adapter.max_batch, left)
+        size = min(size, cap, left)
         rest = left - size
         if 0 < rest < self.adapter.canonical_batch:
-            size = left if left <= self.adapter.max_batch else size - self.adapter.canonical_batch
+            size = left if left <= cap else size - self.adapter.canonical_batch
         return max(size, 1)
 
     # ----- decoding ----------------------------------------------------------------------

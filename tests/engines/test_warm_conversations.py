@@ -144,13 +144,19 @@ LETTER = ("Dear neighbours, the garden by the river needs help this spring: the 
 
 
 @pytest.mark.slow
-def test_a_long_conversation_matches_cold_replies(warm: LlamaCppEngine,
-                                                  cold: LlamaCppEngine) -> None:
+def test_a_long_conversation_matches_cold_replies(warm: LlamaCppEngine, cold: LlamaCppEngine,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Past a few hundred tokens llama.cpp decodes a sequence that is alone in its batch with
     another attention kernel than a prompt batch's: those tokens are not reused for an exact
     reply until evaluated again, so every next greedy turn still matches a cold reply (with
-    them reused as they were, the second turn's text differed)."""
+    them reused as they were, the second turn's text differed), even when the machine's load
+    leaves the two engines different numbers of free cores: an exact reply's lone long steps
+    always run on all the threads (with one thread, the text differed)."""
     warm.reset_cache()
+    # As on a busy machine: the warm engine is given one free core, the cold one all of them
+    # (a lone long sequence's decode step splits its cells between the threads).
+    assert warm.adapter._free is not None  # type: ignore[attr-defined]
+    monkeypatch.setattr(warm.adapter._free, "look", lambda: 1)  # type: ignore[attr-defined]
     chat = Chat(warm, system="You are a helpful neighbour.", params=LONG_GREEDY)
     chat.cache_key = "long"
     first = chat.send(LETTER + "What should we do first?")

@@ -124,8 +124,10 @@ class Adapter(ABC):
         """What a snapshot of this context is valid for (model, context length, cache layout,
         library versions): JSON-able, equal only where snapshots restore into each other."""
 
-    def fit_threads(self) -> None:  # noqa: B027 - optional hook
-        """Before work after a pause: use the threads the machine can give now."""
+    def fit_threads(self, *, steady: bool = False) -> None:  # noqa: B027 - optional hook
+        """Before each step: use the threads the machine can give now; with ``steady``, the
+        same number every time (the next step holds an exact reply's token whose result
+        depends on it)."""
 
     def set_threads(self, n_threads: int) -> None:  # noqa: B027 - optional hook
         """Use ``n_threads`` CPU threads from now on."""

@@ -211,7 +211,7 @@ class LlamaAdapter(Adapter):
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
         self._pieces: dict[int, bytes] = {}
-        self.n_threads = self.max_threads = threads
+        self.n_threads = self.max_threads = self._fitted = threads
         self._free = FreeCores(threads) if n_threads is None else None
         version = importlib.metadata.version("llama-cpp-python")
         self._identity = {"model": model_identity, "engine": "llama.cpp",
@@ -318,17 +318,23 @@ class LlamaAdapter(Adapter):
         return self._identity
 
     # ----- threads -----------------------------------------------------------------------
-    def fit_threads(self) -> None:
+    def fit_threads(self, *, steady: bool = False) -> None:
         """One thread per core that other processes leave free (all of them under a light
-        load), unless the caller fixed the count."""
+        load), unless the caller fixed the count. ``steady``: all of them whatever the load,
+        because the next step's result depends on the thread count — llama.cpp's split-KV
+        attention (a long sequence's token decoded alone, see :data:`LONE_LIMIT`) gives each
+        thread a share of the cells, so an exact reply must always split them alike."""
         wanted = self._free.look() if self._free is not None else None
-        if wanted is not None and wanted != self.n_threads:
-            self.api.llama_set_n_threads(self.ctx.ctx, wanted, wanted)
-            self.n_threads = wanted
+        if wanted is not None:
+            self._fitted = wanted
+        target = self.max_threads if steady else self._fitted
+        if target != self.n_threads:
+            self.api.llama_set_n_threads(self.ctx.ctx, target, target)
+            self.n_threads = target
 
     def set_threads(self, n_threads: int) -> None:
         self.api.llama_set_n_threads(self.ctx.ctx, n_threads, n_threads)
-        self.n_threads = self.max_threads = n_threads
+        self.n_threads = self.max_threads = self._fitted = n_threads
         self._free = None  # the caller decides from now on
 
     @property

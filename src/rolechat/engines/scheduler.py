@@ -292,12 +292,12 @@ class Scheduler:
         prompt of a burst is taken in at full speed; replies already streaming step at every
         round, and the prompt comes in small chunks between their steps."""
         self._admit()
-        self.adapter.fit_threads()
         prompt = min((s.request for s in self.slots if s.request is not None
                       and s.request.state in ("admitted", "prompt")),
                      key=lambda r: r.ticket, default=None)
         decoding = [s for s in self.slots if s.request is not None
                     and s.request.state == "decode"]
+        self.adapter.fit_threads(steady=self._steady(decoding))
         streaming = [s for s in decoding if s.request is not None
                      and s.request.timer.tokens >= STREAMING]
         # Beside streams, a chunk too small to be worth a call of its own rides in the step.
@@ -313,6 +313,13 @@ class Scheduler:
                 self._checkpoint(busy, yielding=True)
             elif self._snapshot_in() == 0.0:
                 self._save(min(self._unsaved(), key=lambda s: s.used))
+
+    def _steady(self, decoding: list[Slot]) -> bool:
+        """Whether an exact reply's next token would not be canonical: its result then depends
+        on the thread count, which must not change with the machine's load."""
+        canonical = self.adapter.canonical([(s.seq, len(s.ids)) for s in decoding])
+        return any(s.request is not None and s.request.exact and not flag
+                   for s, flag in zip(decoding, canonical))
 
     def _rides(self, prompt: Request, decoding: list[Slot]) -> bool:
         """Whether ``prompt``'s tokens would come out canonical riding in the decode steps."""

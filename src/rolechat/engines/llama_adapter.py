@@ -217,7 +217,10 @@ class LlamaAdapter(Adapter):
         self._identity = {"model": model_identity, "engine": "llama.cpp",
                           "context_length": self.context_length,
                           "type_k": int(params.type_k), "type_v": int(params.type_v),
-                          "attention": f"flash, at most {MAX_QUERIES} queries a sequence",
+                          # what a snapshot's canonical count means (older files counted
+                          # every decoded token)
+                          "attention": f"flash, at most {MAX_QUERIES} queries a sequence, "
+                                       f"lone decodes canonical below {LONE_LIMIT}",
                           "library": f"llama-cpp-python {version}"}
 
     # ----- evaluation --------------------------------------------------------------------

@@ -65,6 +65,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversations import ROLECHAT, free_port, server
+from sse import sse_events
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "concurrency.json"
 WORDS = ("river", "harbor", "lantern", "orchard", "copper", "meadow", "falcon", "quarry",
@@ -128,24 +129,17 @@ def stream(client: httpx.Client, path: str, body: dict[str, Any], result: Stream
            on_chunk: Any = None) -> None:
     result.sent = time.perf_counter()
     try:
-        with client.stream("POST", path, json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                choices = event.get("choices") or []
-                text = (choices[0].get("delta") or {}).get("content") if choices else \
-                    event.get("delta")
-                if text:
-                    result.times.append(time.perf_counter())
-                    if on_chunk is not None:
-                        on_chunk(len(result.times))
-                usage = event.get("usage")
-                if usage:
-                    result.tokens = int(usage.get("completion_tokens", 0))
+        for event in sse_events(client, path, body):
+            choices = event.get("choices") or []
+            text = (choices[0].get("delta") or {}).get("content") if choices else \
+                event.get("delta")
+            if text:
+                result.times.append(time.perf_counter())
+                if on_chunk is not None:
+                    on_chunk(len(result.times))
+            usage = event.get("usage")
+            if usage:
+                result.tokens = int(usage.get("completion_tokens", 0))
     except Exception as exc:  # recorded; the burst goes on
         result.error = f"{type(exc).__name__}: {exc}"
     if not result.tokens:

@@ -56,6 +56,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sse import sse_events
+
 ROLECHAT = Path(sys.executable).parent / "rolechat"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "conversations.json"
 CONTEXT = 8192
@@ -139,19 +142,12 @@ def stream_ttft(client: httpx.Client, url: str, body: dict[str, Any],
     first: float | None = None
     parts: list[str] = []
     last: dict[str, Any] = {}
-    with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            last = event
-            text = text_of(event)
-            if text:
-                first = first if first is not None else time.perf_counter()
-                parts.append(text)
+    for event in sse_events(client, url, body):
+        last = event
+        text = text_of(event)
+        if text:
+            first = first if first is not None else time.perf_counter()
+            parts.append(text)
     return (first or time.perf_counter()) - start, "".join(parts), last
 
 

@@ -6,14 +6,13 @@ first (no thread left behind that slows later steps)."""
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 
+from arrivals import arriving_together
 from rolechat import GenerationParams, Message
 from rolechat.engines.base import Generation
 from rolechat.engines.llama_cpp import LlamaCppEngine
@@ -36,25 +35,6 @@ def ask(engine: LlamaCppEngine, text: str, params: GenerationParams) -> Generati
     return engine.stream([Message("user", text)], params)
 
 
-@contextmanager
-def together(engine: LlamaCppEngine) -> Iterator[None]:
-    """Requests made inside arrive at the scheduler together (it waits in a call meanwhile)."""
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(60)
-
-    thread = threading.Thread(target=engine.scheduler.call, args=(hold,))
-    thread.start()
-    assert started.wait(60)
-    try:
-        yield
-    finally:
-        release.set()
-        thread.join(60)
-
-
 def alone(engine: LlamaCppEngine, text: str, params: GenerationParams) -> str:
     engine.reset_cache()
     return "".join(ask(engine, text, params))
@@ -69,7 +49,7 @@ def test_an_exact_reply_is_the_same_in_any_company(engine: LlamaCppEngine,
 
     # Beside three other running sequences: one decode step carries all four.
     engine.reset_cache()
-    with together(engine):
+    with arriving_together(engine):
         streams = [ask(engine, q, params) for q in QUESTIONS]
     assert ["".join(s) for s in streams] == expected
 
@@ -88,7 +68,7 @@ def test_cancelling_one_stream_leaves_the_others_unchanged(engine: LlamaCppEngin
     expected = [alone(engine, q, GREEDY) for q in QUESTIONS]
     engine.reset_cache()
     before = engine.kv_stats()["cancelled"]
-    with together(engine):
+    with arriving_together(engine):
         streams = [ask(engine, q, GREEDY) for q in QUESTIONS]
     next(streams[1])
     streams[1].close()  # the client left after its first words
@@ -105,7 +85,7 @@ def test_a_request_that_finds_every_sequence_busy_waits_its_turn() -> None:
         expected = [alone(engine, q, GREEDY) for q in QUESTIONS[:3]]
         engine.reset_cache()
         heard: list[list[int]] = [[], [], []]
-        with together(engine):
+        with arriving_together(engine):
             streams = [ask(engine, q, GREEDY) for q in QUESTIONS[:3]]
         for index, stream in enumerate(streams):
             stream.on_wait = heard[index].append

@@ -8,38 +8,17 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
+from arrivals import arriving_together
 from fakes import FakeEngine
 from rolechat import Chat, GenerationParams, Message
 from rolechat.engines import scheduler as scheduler_module
 from rolechat.engines.base import Cancelled, Generation
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=200)
-
-
-@contextmanager
-def held(engine: FakeEngine) -> Iterator[None]:
-    """The scheduler waits (inside a call) until the block ends: the requests submitted in
-    the block arrive together."""
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(30)
-
-    thread = threading.Thread(target=engine.scheduler.call, args=(hold,))
-    thread.start()
-    assert started.wait(30)
-    try:
-        yield
-    finally:
-        release.set()
-        thread.join(30)
 
 
 def ask(engine: FakeEngine, text: str, params: GenerationParams = GREEDY,
@@ -50,7 +29,7 @@ def ask(engine: FakeEngine, text: str, params: GenerationParams = GREEDY,
 def test_replies_run_together_in_one_batch() -> None:
     engine = FakeEngine(parallel=3)
     engine.replies += ["a" * 20, "b" * 20, "c" * 20]
-    with held(engine):
+    with arriving_together(engine):
         streams = [ask(engine, f"question {i}") for i in range(3)]
     assert ["".join(s) for s in streams] == ["a" * 20, "b" * 20, "c" * 20]
     assert max(engine.batches) == 3  # one decode step carried all three
@@ -62,7 +41,7 @@ def test_a_request_waits_for_a_sequence_and_hears_how_many_are_ahead() -> None:
     engine = FakeEngine(parallel=1)
     engine.replies += ["first", "second", "third"]
     heard: list[list[int]] = [[], [], []]
-    with held(engine):
+    with arriving_together(engine):
         streams = [ask(engine, f"q{i}") for i in range(3)]
     for index, stream in enumerate(streams):
         stream.on_wait = heard[index].append
@@ -74,7 +53,7 @@ def test_cancelling_one_stream_frees_it_and_leaves_the_others() -> None:
     engine = FakeEngine(parallel=3)
     engine.replies += ["x" * 40, "y" * 40, "z" * 40]
     steps = engine.adapter.steps = threading.Semaphore(0)  # type: ignore[attr-defined]
-    with held(engine):
+    with arriving_together(engine):
         streams = [ask(engine, f"q{i}") for i in range(3)]
     steps.release()  # the first's first step: then the second's prompt, and its first token
     assert next(streams[1]) == "y"
@@ -131,7 +110,7 @@ def test_replies_that_arrive_together_start_together() -> None:
     engine = FakeEngine(parallel=3)
     engine.scheduler.step_s, engine.scheduler.token_s = 0.010, 0.001  # beside: 20-token chunks
     engine.replies += ["a" * 10, "b" * 10, "c" * 10]
-    with held(engine):
+    with arriving_together(engine):
         streams = [ask(engine, "p" * 60 + str(i)) for i in range(3)]
     assert ["".join(s) for s in streams] == ["a" * 10, "b" * 10, "c" * 10]
     first_step = next(i for i, e in enumerate(engine.events) if e[0] == "step")
@@ -323,7 +302,7 @@ def test_a_new_conversation_copies_a_popular_personas_prefix() -> None:
 def test_a_conversations_next_request_waits_for_its_running_reply() -> None:
     engine = FakeEngine(parallel=2)
     engine.replies += ["one", "two"]
-    with held(engine):
+    with arriving_together(engine):
         first = ask(engine, "q", name="conversation-1")
         second = ask(engine, "q again", name="conversation-1")
     heard: list[int] = []

@@ -181,7 +181,6 @@ class LlamaAdapter(Adapter):
     """A GGUF model's context of ``n_seq`` sequences."""
 
     canonical_batch = 2
-    decode_canonical = True
     max_batch = prompt_chunk = MAX_QUERIES
     loose_batch = MAX_BATCH
 

@@ -6,6 +6,7 @@ test_security.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
@@ -25,11 +26,20 @@ TIMEOUT = 2  # --header-timeout and --body-timeout of the server here
 COUNT = "Count from 1 to 1000, separated by commas."
 LONG = {"messages": [{"role": "user", "content": COUNT}], "max_tokens": 900, "temperature": 0}
 LONG_SESSION = {"params": {"max_new_tokens": 900, "temperature": 0}}
-#: A prompt of ~900 tokens: its evaluation alone takes several seconds here (and the reply to
-#: it, however short the model makes it, comes after).
-LETTER = "A long letter about the weather. " * 110 + "Summarize it."
-DOCUMENT = {"messages": [{"role": "user", "content": LETTER}], "max_tokens": 8,
-            "temperature": 0}
+_letters = itertools.count()
+
+
+def letter() -> str:
+    """A prompt of ~900 tokens: its evaluation alone takes several seconds here (and the reply
+    to it, however short the model makes it, comes after). Each one opens differently, so no
+    request finds an earlier one's prompt in the KV cache and skips its evaluation."""
+    weather = "A long letter about the weather. " * 110
+    return f"Letter {next(_letters)}. {weather}Summarize it."
+
+
+def document(**extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": letter()}], "max_tokens": 8,
+            "temperature": 0, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +145,7 @@ def test_a_stateless_client_that_times_out_frees_the_worker(base: str,
                                                             client: httpx.Client) -> None:
     before = status(client)["cancelled"]
     with pytest.raises(httpx.ReadTimeout):  # its ~900-token prompt alone takes longer
-        httpx.post(f"{base}/v1/chat/completions", json={**DOCUMENT, "max_tokens": 100},
+        httpx.post(f"{base}/v1/chat/completions", json=document(max_tokens=100),
                    timeout=1.5)
     wait_idle(client, before)
     check_the_next_request_starts_at_once(client)
@@ -157,12 +167,12 @@ def test_a_client_that_leaves_during_the_prompt_stops_it(base: str, client: http
     before, chunks = status(client)["cancelled"], prompt_chunks(client)
     if streaming:
         sock = raw_request(base, "POST", "/v1/chat/completions",
-                           json.dumps({**DOCUMENT, "stream": True}).encode())
+                           json.dumps(document(stream=True)).encode())
         read_until(sock, b"data: ")  # the stream began: the prompt is being evaluated
         sock.close()
     else:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/v1/chat/completions", json=DOCUMENT, timeout=0.5)
+            httpx.post(f"{base}/v1/chat/completions", json=document(), timeout=0.5)
     wait_idle(client, before)
     assert prompt_chunks(client) - chunks < 4  # stopped before the prompt's end
     check_the_next_request_starts_at_once(client)
@@ -183,7 +193,7 @@ def test_a_session_client_that_times_out_is_stored_interrupted(
     before = status(client)["cancelled"]
     with pytest.raises(httpx.ReadTimeout):  # its ~900-token prompt alone takes longer
         httpx.post(f"{base}/v1/conversations/{cid}/messages", timeout=1.5,
-                   json={"content": LETTER})
+                   json={"content": letter()})
     wait_idle(client, before)
     turns = session_turns(home, cid)  # never complete; the reply so far kept, marked
     assert turns in ([("user", "interrupted")],

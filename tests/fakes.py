@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from rolechat.constraint import Constraint
 from rolechat.engines.adapter import Adapter, Sampler
 from rolechat.engines.kvcache import KVSnapshot, SnapshotError, as_ids
 from rolechat.engines.kvstore import KVStore
@@ -125,7 +126,10 @@ class FakeAdapter(Adapter):
             self.cells[seq].append(token)
         return [seq for seq, _, _, _ in entries]
 
-    def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:
+    def sampler(self, params: GenerationParams, prompt: Sequence[int],
+                constraint: Constraint | None = None) -> Sampler:
+        if constraint is not None:
+            self._engine.constraints.append(constraint)
         return self._engine.make_sampler(list(prompt))
 
     def keep(self, seq: int, n: int) -> int:
@@ -179,6 +183,9 @@ class FakeEngine(LocalEngine):
         #: Both, in order: ("prompt", sequence, tokens) and ("step", sequence, ...).
         self.events: list[tuple[Any, ...]] = []
         self.restores = 0
+        #: The constraint of every constrained reply (the fake spells its queued replies
+        #: whatever the grammar: tests queue replies that follow it).
+        self.constraints: list[Constraint] = []
         adapter = FakeAdapter(self, parallel, context_length, model)
         if canonical_decode:  # as llama.cpp's: every evaluation canonical, riders allowed
             adapter.canonical_batch, adapter.decode_canonical = 1, True

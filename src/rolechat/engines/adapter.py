@@ -22,8 +22,9 @@ Contract:
   copies its state to host memory, ``restore(seq, snapshot, n)`` makes it hold exactly the
   snapshot's first ``n`` tokens, bit for bit; ``dumps``/``loads``/``identity`` serve the disk
   tier.
-- ``sampler(params, prompt)`` makes one reply's :class:`Sampler`: it draws tokens from rows
-  (with the reply's own random state, penalties and seed) and spells them (``piece``).
+- ``sampler(params, prompt, constraint)`` makes one reply's :class:`Sampler`: it draws tokens
+  from rows (with the reply's own random state, penalties and seed, and only tokens the
+  constraint's grammar allows) and spells them (``piece``).
 - Every call happens on the scheduler's thread, except ``identity``, ``dumps`` and ``loads``.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..constraint import Constraint
 from ..params import GenerationParams
 from .kvcache import KVSnapshot
 
@@ -94,8 +96,10 @@ class Adapter(ABC):
         return [self.decode_canonical] * len(entries)
 
     @abstractmethod
-    def sampler(self, params: GenerationParams, prompt: Sequence[int]) -> Sampler:
-        """A new reply's sampler, for a reply to ``prompt``."""
+    def sampler(self, params: GenerationParams, prompt: Sequence[int],
+                constraint: Constraint | None = None) -> Sampler:
+        """A new reply's sampler, for a reply to ``prompt`` that follows ``constraint``;
+        InvalidInput where its grammar cannot be applied."""
 
     @abstractmethod
     def keep(self, seq: int, n: int) -> int:

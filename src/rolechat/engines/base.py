@@ -23,12 +23,13 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..constraint import Constraint
 from ..conversation import Message
 from ..errors import ContextOverflow, InvalidInput
 from ..params import GenerationParams
 from ..template import ChatTemplate
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 #: Where a reply's reused prompt tokens came from: the sequence's own cache or another live
 #: sequence, a snapshot in RAM, a snapshot file on disk, or nowhere.
 KVSource = Literal["none", "live", "ram", "disk"]
@@ -166,11 +167,13 @@ class Engine(ABC):
     @abstractmethod
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
                prompt_ids: Sequence[int] | None = None,
-               cache_key: str | None = None) -> Generation:
+               cache_key: str | None = None,
+               constraint: Constraint | None = None) -> Generation:
         """Generate a reply to ``messages`` (which end with a user message), chunk by chunk.
         ``prompt_ids`` are the ids the window already counted (local engines use them instead
         of tokenizing again); ``cache_key`` names the conversation, so that a local engine can
-        keep its KV state warm between its turns."""
+        keep its KV state warm between its turns; ``constraint`` is a grammar the reply must
+        follow (:mod:`rolechat.constraint`)."""
 
     @abstractmethod
     def count_tokens(self, messages: Sequence[Message], *,

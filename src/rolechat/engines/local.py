@@ -25,6 +25,7 @@ import threading
 from collections.abc import Generator, Sequence
 from typing import Any
 
+from ..constraint import Constraint
 from ..conversation import Message
 from ..params import GenerationParams
 from .adapter import Adapter
@@ -103,10 +104,12 @@ class LocalEngine(Engine):
     # ----- generation --------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
                prompt_ids: Sequence[int] | None = None,
-               cache_key: str | None = None) -> Generation:
+               cache_key: str | None = None,
+               constraint: Constraint | None = None) -> Generation:
         ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(messages)
         max_new = reply_room(len(ids), self.context_length, params)
-        request = self.scheduler.submit(Request(ids, params, cache_key, max_new))
+        request = self.scheduler.submit(Request(ids, params, cache_key, max_new,
+                                                constraint=constraint))
         return Generation(_read(request), request.cancel)
 
     # ----- the KV state ------------------------------------------------------------------

@@ -61,11 +61,13 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..constraint import Constraint
 from ..conversation import Message
 from ..errors import EngineError, ModelLoadError
 from ..params import GenerationParams
 from ..streaming import ReplyText
 from ..template import ChatTemplate, read_template_option
+from ..toolcalls import call_block
 from .base import Completion, Engine, FinishReason, Generation, Timer, reply_room
 from .tokenizers import PromptEncoder, Tokenizer, load_tokenizer, template_for
 
@@ -251,23 +253,25 @@ class OpenAIEngine(Engine):
     # ----- generation --------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], params: GenerationParams, *,
                prompt_ids: Sequence[int] | None = None,
-               cache_key: str | None = None) -> Generation:
+               cache_key: str | None = None,
+               constraint: Constraint | None = None) -> Generation:
         """Send ``messages`` to the server and stream its reply (the server applies its own
         template and keeps its own prefix cache: ``prompt_ids`` and ``cache_key`` are not
-        used)."""
-        return Generation(self._locked(list(messages), params))
+        used; a ``constraint`` goes as its OpenAI fields, and the server applies it)."""
+        return Generation(self._locked(list(messages), params, constraint))
 
-    def _locked(self, messages: list[Message],
-                params: GenerationParams) -> Generator[str, None, Completion]:
+    def _locked(self, messages: list[Message], params: GenerationParams,
+                constraint: Constraint | None) -> Generator[str, None, Completion]:
         with self._lock:
-            return (yield from self._remote(messages, params))
+            return (yield from self._remote(messages, params, constraint))
 
     def request(self, messages: Sequence[Message], params: GenerationParams,
-                max_tokens: int) -> dict[str, Any]:
+                max_tokens: int, constraint: Constraint | None = None) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` for one reply."""
         body: dict[str, Any] = {
             "model": self.model, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [m.to_openai() for m in messages
+                         if not (m.role == "system" and m.tools and not m.content)],
             "max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p}
         if params.seed is not None:
             body["seed"] = params.seed
@@ -283,21 +287,24 @@ class OpenAIEngine(Engine):
                 extra[name] = value
         if extra:
             body["extra_body"] = extra
+        if constraint is not None:
+            body.update(constraint.openai)
         return body
 
-    def _remote(self, messages: list[Message],
-                params: GenerationParams) -> Generator[str, None, Completion]:
+    def _remote(self, messages: list[Message], params: GenerationParams,
+                constraint: Constraint | None) -> Generator[str, None, Completion]:
         prompt_tokens = self.count_tokens(messages)
         max_new = reply_room(prompt_tokens, self.context_length, params)
         timer = Timer()
         try:
             response = self.client.chat.completions.create(
-                **self.request(messages, params, max_new))
+                **self.request(messages, params, max_new, constraint))
         except self._openai.APIError as exc:
             raise self._error(exc, prompt_tokens) from None
         usage: Any = None
         server_finish: str | None = None
         reply = ReplyText(params.stop)
+        calls: dict[int, list[str]] = {}  # index → [name, arguments so far]
         try:
             for event in response:
                 if event.usage is not None:
@@ -305,6 +312,12 @@ class OpenAIEngine(Engine):
                 for choice in event.choices:
                     if choice.finish_reason is not None:
                         server_finish = choice.finish_reason
+                    for call in (choice.delta.tool_calls or []) if choice.delta else []:
+                        timer.token()
+                        entry = calls.setdefault(call.index, ["", ""])
+                        if call.function is not None:
+                            entry[0] += call.function.name or ""
+                            entry[1] += call.function.arguments or ""
                     content = choice.delta.content if choice.delta is not None else None
                     if not content:
                         continue
@@ -321,6 +334,14 @@ class OpenAIEngine(Engine):
         tail = reply.finish()
         if tail:
             yield tail
+        for name, arguments in (calls[i] for i in sorted(calls)):
+            # The server's calls as the blocks rolechat reads from any model's reply.
+            try:
+                block = call_block(name, arguments or "{}")
+            except ValueError:  # arguments cut off (max_tokens): not a call
+                continue
+            reply.text += ("\n" if reply.text else "") + block
+            yield ("\n" if len(reply.text) > len(block) else "") + block
         finish: FinishReason = ("length" if server_finish == "length" and not reply.stopped
                                 else "stop")
         estimated = usage is None and not self.exact_counts

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from ..constraint import Constraint
 from ..params import GenerationParams
 from ..streaming import ReplyText
 from .adapter import Adapter, Sampler
@@ -120,9 +121,10 @@ class Request:
     _tickets = itertools.count()
 
     def __init__(self, prompt: list[int], params: GenerationParams, name: str | None,
-                 max_new: int) -> None:
+                 max_new: int, *, constraint: Constraint | None = None) -> None:
         self.prompt = prompt
         self.params = params
+        self.constraint = constraint
         self.name = name
         self.exact = is_exact(params)
         self.max_new = max_new
@@ -357,6 +359,13 @@ class Scheduler:
             if slot is None:
                 continue
             self._queue.remove(request)
+            try:  # a grammar that does not compile fails its request, nothing else
+                request.sampler = self.adapter.sampler(request.params, request.prompt,
+                                                       request.constraint)
+            except Exception as exc:
+                request.state = "done"
+                request.out.put(exc)
+                continue
             self._occupy(slot, request)
             slot.request, request.state = request, "admitted"
         for ahead, request in enumerate(self._queue):
@@ -455,7 +464,6 @@ class Scheduler:
                 reuse = Reuse(held, 0, "live" if held else "none")
             slot.hold(slot.ids[:held], slot.canonical)
         request.reuse, request.pos, request.state = reuse, reuse.cached, "prompt"
-        request.sampler = self.adapter.sampler(request.params, request.prompt)
 
     def _candidates(self, slot: Slot, name: str | None) -> Iterable[Candidate]:
         """What else may hold the prompt's prefix: the other sequences, then the KV store's
@@ -738,8 +746,6 @@ class Scheduler:
             raise RuntimeError("every sequence is busy")
         self._occupy(slot, request)
         self._start(request)
-        if request.sampler is not None:
-            request.sampler.close()
         return request.reuse.cached
 
     def stats(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..constraint import Constraint
 from ..params import GenerationParams
 from .adapter import Adapter, Sampler
 from .kvcache import KVCache, KVSnapshot, SnapshotError, as_ids
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from .buckets import FastPath
+    from .hf_grammar import TokenGrammar
 
 
 class IncrementalDetokenizer:
@@ -230,8 +232,15 @@ class TorchSampler(Sampler):
     """One reply's sampling state: its generator, the ids the penalties look at, its text."""
 
     def __init__(self, adapter: TorchAdapter, params: GenerationParams,
-                 prompt: Sequence[int]) -> None:
+                 prompt: Sequence[int], constraint: Constraint | None = None) -> None:
         torch = adapter.torch
+        self._grammar: TokenGrammar | None = None
+        if constraint is not None and constraint.gbnf is not None:
+            from .hf_grammar import TokenGrammar, compile_grammar
+
+            self._grammar = TokenGrammar(compile_grammar(
+                adapter.tokenizer, constraint.gbnf, triggers=constraint.triggers,
+                eog=adapter.eog))
         self._adapter = adapter
         self._params = params
         self._generator = torch.Generator(device=adapter.device).manual_seed(
@@ -243,8 +252,17 @@ class TorchSampler(Sampler):
         self._detok = IncrementalDetokenizer(adapter.tokenizer)
 
     def sample(self, row: int) -> int:
-        token = sample(self._adapter.rows[row], self._params, self._generator, self._seen,
-                       self._counts)
+        logits = self._adapter.rows[row]
+        token = sample(logits, self._params, self._generator, self._seen, self._counts)
+        grammar = self._grammar
+        if grammar is not None:
+            # Sample first; only a refused token costs a mask and another draw (a lazy
+            # grammar's trigger may refuse one more token each time: the loop converges).
+            while not grammar.allows(int(token)):
+                masked = logits.clone()
+                grammar.mask(masked)
+                token = sample(masked, self._params, self._generator, self._seen, self._counts)
+            grammar.accept(int(token))
         if self._params.repetition_penalty != 1.0:
             self._seen = self._adapter.torch.cat([self._seen, token.view(1)])
         if self._counts is not None:
@@ -320,8 +338,9 @@ class TorchAdapter(Adapter):
                                         **{self._cache_arg: self.kv.ensure()}).logits
             return logits[0, -1]
 
-    def sampler(self, params: GenerationParams, prompt: Sequence[int] = ()) -> Sampler:
-        return TorchSampler(self, params, prompt)
+    def sampler(self, params: GenerationParams, prompt: Sequence[int] = (),
+                constraint: Constraint | None = None) -> Sampler:
+        return TorchSampler(self, params, prompt, constraint)
 
     # ----- the cache ---------------------------------------------------------------------
     def keep(self, seq: int, n: int) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -270,3 +271,70 @@ def test_each_render_has_its_own_budget() -> None:
         worker.join()
     assert results == ["ok"] * 3
     assert busy.render([]) == "ok"
+
+
+def round_trip() -> list[Message]:
+    """A tools → call → result → answer round trip, then the next question, as rolechat holds
+    it (two parallel calls, one with no system prompt left to the template)."""
+    from rolechat.toolcalls import ToolCall
+
+    calls = (ToolCall("call_a", "get_weather", '{"city": "Paris", "days": [1, 2]}'),
+             ToolCall("call_b", "get_weather", '{"city": "Rome"}'))
+    return [Message("user", "Paris and Rome?"), Message("assistant", "", calls),
+            Message("tool", '{"temp": 21}', tool_call_id="call_a"),
+            Message("tool", '{"temp": 25}', tool_call_id="call_b"),
+            Message("assistant", "21 °C and 25 °C."), Message("user", "Thanks")]
+
+
+def openai_round_trip() -> list[dict[str, Any]]:
+    """The same messages as transformers' templates take them: arguments as objects, the
+    called function's name on each tool message."""
+    out: list[dict[str, Any]] = []
+    for m in round_trip():
+        item = m.to_openai()
+        if m.tool_calls:
+            item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": json.loads(c.arguments)}} for c in m.tool_calls]
+        if m.role == "tool":
+            item["name"] = "get_weather"
+        out.append(item)
+    return out
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+@pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B",
+                                  "NousResearch-Hermes-3-Llama-3.1-8B-tool_use"])
+def test_a_tool_round_trip_renders_as_transformers_does(
+        name: str, system: str | None, same_day: Callable[[str], Any]) -> None:
+    source = real_templates()[name]
+    render = same_day(source)
+    head = [{"role": "system", "content": system}] if system else []
+    expected = transformers_text(render, source, [*head, *openai_round_trip()], tools=TOOLS,
+                                 add_generation_prompt=True)
+    template = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    assert template.native_tools
+    offered = [Message("system", system or "", tools=tuple(TOOLS))]
+    messages = [*offered, *round_trip()]
+    assert template.render(messages) == expected
+    segments = template.segments(messages)
+    assert segments is not None and "".join(s for s, _ in segments) == expected
+    assert ('{"temp": 21}', True) in segments  # a tool's result is content, never control text
+
+
+def test_without_tool_support_the_generic_format_is_qwens_text(
+        smollm2_template: str, same_day: Callable[[str], Any]) -> None:
+    """SmolLM2's template knows nothing of tools: rolechat writes the same text Qwen2.5's
+    template writes (ChatML both), all of it content."""
+    template = ChatTemplate(smollm2_template)
+    assert not template.native_tools
+    qwen = real_templates()["Qwen-Qwen2.5-7B-Instruct"]
+    render = same_day(qwen)
+    expected = transformers_text(render, qwen, [{"role": "system", "content": "Be brief."},
+                                                *openai_round_trip()], tools=TOOLS,
+                                 add_generation_prompt=True)
+    messages = [Message("system", "Be brief.", tools=tuple(TOOLS)), *round_trip()]
+    assert template.render(messages) == expected
+    segments = template.segments(messages)
+    assert segments is not None
+    template_text = "".join(text for text, is_content in segments if not is_content)
+    assert "<tool_call>" not in template_text and "<tool_response>" not in template_text

@@ -4,6 +4,13 @@ Contract:
 - Messages alternate ``user``, ``assistant``, ``user``, ... starting with ``user``; the list may
   end with a user message that has no reply yet (``pending``). A *turn* is one user message and
   the assistant's reply to it.
+- Tool calls: between a user message and the reply may stand *steps*, each an assistant
+  message with ``tool_calls`` followed by one ``tool`` message per call (its ``tool_call_id``),
+  as OpenAI's messages have them; they belong to the turn (``Turn.steps``), so whatever keeps
+  or drops whole turns keeps a call with its results. A turn whose steps end with results and
+  no reply yet is open (``pending`` is its user message, ``open_steps`` its steps). A tool
+  message that answers no call, a call left without its result, and a reply with
+  ``tool_calls`` that end a conversation are refused, naming the message.
 - Every way in validates and raises :class:`~rolechat.errors.InvalidInput` naming the bad item:
   the seed's tuple history ``[(user, assistant), ...]``, the OpenAI ``[{"role", "content"}]``
   list, and rolechat's own JSON ``{"system": ..., "messages": [...]}``.
@@ -20,14 +27,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidInput
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 #: A message's status in a file or the store. Only ``complete`` messages make turns; a file's
 #: ``pending`` message (exported while its reply was generating) is read as ``interrupted``.
 STATUSES = ("complete", "interrupted", "pending")
@@ -60,15 +67,78 @@ def check_text(value: Any, what: str, *, allow_blank: bool = False) -> str:
 class Message:
     role: Role
     content: str
+    #: An assistant message's tool calls (:class:`~rolechat.toolcalls.ToolCall`).
+    tool_calls: tuple[Any, ...] = ()
+    #: A tool message: the call it answers.
+    tool_call_id: str | None = None
+    #: A system message: the tools a prompt offers the model (OpenAI's ``tools`` items). A
+    #: system message with blank content and tools stands for "no system prompt" (the
+    #: template renders none).
+    tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
-    def to_openai(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
 class Turn:
     user: str
     assistant: str
+    #: The tool calls and their results between the user's message and the reply.
+    steps: tuple[Message, ...] = ()
+
+    def messages(self) -> list[Message]:
+        return [Message("user", self.user), *self.steps, Message("assistant", self.assistant)]
+
+
+def _turn_ends(messages: Sequence[Message], where: Callable[[int], str]) -> list[int]:
+    """Check the order of ``messages`` (user, steps, reply, ...; see the module's contract);
+    the index of each turn's user message, and ``len(messages)`` last. ``where(i)`` names
+    message ``i`` in errors."""
+    starts, i, n = [], 0, len(messages)
+    while i < n:
+        if messages[i].role != "user":
+            got = messages[i].role
+            why = ("a tool message must follow the assistant message whose call it answers"
+                   if got == "tool" else f"should be a user message, got {got}")
+            raise InvalidInput(f"{where(i)} {why}.", "Messages must alternate user, assistant, "
+                               "user, ... starting with user; tool results follow their call.",
+                               field=where(i))
+        starts.append(i)
+        i += 1
+        while i < n and messages[i].role == "assistant" and messages[i].tool_calls:
+            call_at, ids = i, [c.id for c in messages[i].tool_calls]
+            i += 1
+            answered: list[str] = []
+            while i < n and messages[i].role == "tool":
+                if messages[i].tool_call_id not in ids or messages[i].tool_call_id in answered:
+                    raise InvalidInput(
+                        f"{where(i)} answers no call of the assistant message before it "
+                        f"(tool_call_id {messages[i].tool_call_id!r}; calls: "
+                        f"{', '.join(ids)}).", "Set tool_call_id to the id of the call it "
+                        "answers, once per call.", field=f"{where(i)}.tool_call_id")
+                answered.append(str(messages[i].tool_call_id))
+                i += 1
+            if len(answered) < len(ids):
+                missing = ", ".join(c for c in ids if c not in answered)
+                raise InvalidInput(f"{where(call_at)}'s tool calls have no results ({missing}).",
+                                   "Send one tool message per call, with its tool_call_id, "
+                                   "right after it.", field=where(call_at))
+        if i < n:
+            if messages[i].role != "assistant":
+                why = ("a tool message must follow the assistant message whose call it "
+                       "answers" if messages[i].role == "tool"
+                       else f"should be an assistant message, got {messages[i].role}")
+                raise InvalidInput(f"{where(i)} {why}.", "Messages must alternate user, "
+                                   "assistant, user, ... starting with user; tool results "
+                                   "follow their call.", field=where(i))
+            i += 1
+    return [*starts, n]
 
 
 def _content_of(item: Mapping[str, Any], where: str) -> Any:
@@ -98,56 +168,86 @@ class Conversation:
             check_text(self.system, "system prompt")
         self.messages = list(self.messages)
         for index, message in enumerate(self.messages):
-            expected = "user" if index % 2 == 0 else "assistant"
-            if not isinstance(message, Message) or message.role != expected:
+            if not isinstance(message, Message) or message.role == "system":
                 got = message.role if isinstance(message, Message) else type(message).__name__
-                article = "an" if expected == "assistant" else "a"
-                raise InvalidInput(
-                    f"messages[{index}] should be {article} {expected} message, got {got}.",
-                    "Messages must alternate user, assistant, user, ... starting with user.",
-                    field=f"messages[{index}]")
+                raise InvalidInput(f"messages[{index}] should be a user or assistant message, "
+                                   f"got {got}.", "Pass the system prompt as system=.",
+                                   field=f"messages[{index}]")
             check_text(message.content, f"{message.role} message {index}",
-                       allow_blank=message.role == "assistant")
+                       allow_blank=message.role != "user")
+        self._starts = _turn_ends(self.messages, lambda i: f"messages[{i}]")
+        if self.messages and self.messages[-1].tool_calls:
+            raise InvalidInput(f"messages[{len(self.messages) - 1}]'s tool calls have no "
+                               "results.", "Send one tool message per call after it.",
+                               field=f"messages[{len(self.messages) - 1}]")
 
     # ----- views ---------------------------------------------------------------------------
+    def _spans(self) -> list[list[Message]]:
+        self._starts = _turn_ends(self.messages, lambda i: f"messages[{i}]")
+        return [self.messages[a:b] for a, b in zip(self._starts, self._starts[1:])]
+
     @property
     def turns(self) -> list[Turn]:
         """Completed turns, oldest first."""
-        m = self.messages
-        return [Turn(m[i].content, m[i + 1].content) for i in range(0, len(m) - 1, 2)]
+        return [Turn(span[0].content, span[-1].content, tuple(span[1:-1]))
+                for span in self._spans() if len(span) > 1 and span[-1].role == "assistant"]
 
     @property
     def pending(self) -> str | None:
-        """The last user message if it has no reply yet."""
-        return self.messages[-1].content if len(self.messages) % 2 == 1 else None
+        """The last user message if it has no reply yet (its turn may hold tool calls and
+        their results already: :attr:`open_steps`)."""
+        spans = self._spans()
+        if spans and spans[-1][-1].role != "assistant":
+            return spans[-1][0].content
+        return None
+
+    @property
+    def open_steps(self) -> tuple[Message, ...]:
+        """The tool calls and results of the turn that has no reply yet."""
+        spans = self._spans()
+        if spans and spans[-1][-1].role != "assistant":
+            return tuple(spans[-1][1:])
+        return ()
 
     def prompt_messages(self, user: str | None = None, *, first_turn: int = 0) -> list[Message]:
-        """System prompt, completed turns from ``first_turn`` on, then ``user`` (or pending)."""
+        """System prompt, completed turns from ``first_turn`` on, then ``user`` (or the
+        pending message and its steps)."""
         out = [Message("system", self.system)] if self.system is not None else []
         for turn in self.turns[first_turn:]:
-            out += [Message("user", turn.user), Message("assistant", turn.assistant)]
-        last = user if user is not None else self.pending
-        if last is not None:
-            out.append(Message("user", last))
+            out += turn.messages()
+        if user is not None:
+            out.append(Message("user", user))
+        elif self.pending is not None:
+            out += [Message("user", self.pending), *self.open_steps]
         return out
 
     # ----- changes -------------------------------------------------------------------------
-    def append_turn(self, user: str, assistant: str) -> None:
+    def append_turn(self, user: str, assistant: str, steps: Sequence[Message] = ()) -> None:
         if self.pending is not None:
             raise InvalidInput("The conversation already ends with a user message.",
                                "Answer or remove the pending message first.")
         check_text(user, "user message")
         check_text(assistant, "assistant message", allow_blank=True)
-        self.messages += [Message("user", user), Message("assistant", assistant)]
+        added = [Message("user", user), *steps, Message("assistant", assistant)]
+        _turn_ends(added, lambda i: f"the turn's message {i}")
+        self.messages += added
+
+    def pop_open(self) -> tuple[str, tuple[Message, ...]] | None:
+        """Remove the turn that has no reply yet; its user message and steps (None: none)."""
+        user, steps = self.pending, self.open_steps
+        if user is None:
+            return None
+        del self.messages[len(self.messages) - 1 - len(steps):]
+        return user, steps
 
     def pop_turn(self) -> Turn | None:
         """Remove and return the last completed turn (dropping any pending message first)."""
-        if self.pending is not None:
-            self.messages.pop()
+        self.pop_open()
         if not self.messages:
             return None
-        assistant, user = self.messages.pop(), self.messages.pop()
-        return Turn(user.content, assistant.content)
+        turn = self.turns[-1]
+        del self.messages[len(self.messages) - 2 - len(turn.steps):]
+        return turn
 
     def copy(self) -> Conversation:
         return Conversation(self.system, list(self.messages))
@@ -190,7 +290,8 @@ class Conversation:
 
     def to_markdown(self, title: str = "Conversation") -> str:
         """A readable export: the system prompt, then each turn under "You" / "Assistant"."""
-        complete = self.messages[:2 * len(self.turns)]  # a pending message is no turn yet
+        open_turn = 1 + len(self.open_steps) if self.pending is not None else 0
+        complete = self.messages[:len(self.messages) - open_turn]  # an open turn is no turn yet
         return render_markdown(title, self.system, [(m, "complete") for m in complete])
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,15 +346,16 @@ def read_transcript(data: Any) -> tuple[str | None, list[tuple[Message, str]]]:
 def read_messages(messages: Any) -> tuple[str | None, list[tuple[Message, str]]]:
     """Every message of an OpenAI-style list, checked, in order, with its status: the system
     prompt apart, then ``(message, status)`` pairs. Complete messages alternate user,
-    assistant, ...; an ``interrupted`` user message may stand between turns, followed by its
-    ``interrupted`` reply so far (as the store keeps them). A ``pending`` message is read as
-    ``interrupted``. Errors name the item by its place in ``messages``."""
+    assistant, ... (with tool calls and their results between; see the module's contract); an
+    ``interrupted`` user message may stand between turns, followed by its ``interrupted`` reply
+    so far (as the store keeps them). A ``pending`` message is read as ``interrupted``. Errors
+    name the item by its place in ``messages``."""
     if not isinstance(messages, list):
         raise InvalidInput(f"messages must be a list, got {type(messages).__name__}.",
                            'Pass [{"role": "user", "content": "..."}].', field="messages")
     system: str | None = None
     entries: list[tuple[Message, str]] = []
-    expected = "user"
+    places: list[int] = []  # where each complete message stands in ``messages``
     for index, item in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(item, Mapping):
@@ -274,27 +376,55 @@ def read_messages(messages: Any) -> tuple[str | None, list[tuple[Message, str]]]
         if status not in STATUSES:
             raise InvalidInput(f"{where} has unknown status {status!r}.",
                                "Use complete or interrupted, or leave status out.", field=where)
-        text = check_text(content, f"{role} message ({where})", allow_blank=role == "assistant")
+        message = _tool_message(item, role, content, where)
         if status == "complete":
-            if role != expected:
-                article = "an" if expected == "assistant" else "a"
-                raise InvalidInput(
-                    f"{where} should be {article} {expected} message, got {role}.",
-                    "Messages must alternate user, assistant, user, ... starting with user.",
-                    field=where)
-            expected = "assistant" if role == "user" else "user"
-        else:
-            status = "interrupted"
-            follows_cut_user = (bool(entries) and entries[-1][1] == "interrupted"
-                                and entries[-1][0].role == "user")
-            if (role == "user" and expected != "user") or (role == "assistant"
-                                                           and not follows_cut_user):
-                raise InvalidInput(
-                    f"{where}: an interrupted {role} message cannot stand here.",
-                    "An interrupted user message comes between turns, and its interrupted "
-                    "reply right after it.", field=where)
-        entries.append((Message(role, text), status))
+            entries.append((message, status))
+            places.append(index)
+            continue
+        status = "interrupted"
+        complete = [m for m, s in entries if s == "complete"]
+        between_turns = not complete or (complete[-1].role == "assistant"
+                                         and not complete[-1].tool_calls)
+        follows_cut_user = (bool(entries) and entries[-1][1] == "interrupted"
+                            and entries[-1][0].role == "user")
+        if message.tool_calls or role == "tool" or (role == "user" and not between_turns) or (
+                role == "assistant" and not follows_cut_user):
+            raise InvalidInput(
+                f"{where}: an interrupted {role} message cannot stand here.",
+                "An interrupted user message comes between turns, and its interrupted "
+                "reply right after it.", field=where)
+        entries.append((message, status))
+    complete = [m for m, s in entries if s == "complete"]
+    _turn_ends(complete, lambda i: f"messages[{places[i]}]")
+    if complete and complete[-1].tool_calls:
+        raise InvalidInput(f"messages[{places[-1]}]'s tool calls have no results.",
+                           "Send one tool message per call, with its tool_call_id, after it.",
+                           field=f"messages[{places[-1]}]")
     return system, entries
+
+
+def _tool_message(item: Mapping[str, Any], role: Role, content: Any, where: str) -> Message:
+    """One user, assistant or tool message, its tool fields checked."""
+    from .toolcalls import ToolCall
+
+    calls = item.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise InvalidInput(f"{where}: only an assistant message has tool_calls.",
+                           "Leave tool_calls out.", field=f"{where}.tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise InvalidInput(f"{where}.tool_calls must be a list.", "Send a list of calls.",
+                           field=f"{where}.tool_calls")
+    parsed = tuple(ToolCall.from_openai(call, f"{where}.tool_calls[{k}]")
+                   for k, call in enumerate(calls or []))
+    if parsed and content is None:
+        content = ""
+    call_id = item.get("tool_call_id")
+    if role == "tool" and (not isinstance(call_id, str) or not call_id):
+        raise InvalidInput(f"{where}: a tool message needs the tool_call_id of the call it "
+                           "answers.", "Send the call's id as tool_call_id.",
+                           field=f"{where}.tool_call_id")
+    text = check_text(content, f"{role} message ({where})", allow_blank=role != "user")
+    return Message(role, text, parsed, call_id if role == "tool" else None)
 
 
 #: A fence line: up to three spaces, three or more backticks or tildes, then the rest.

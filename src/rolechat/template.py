@@ -17,6 +17,14 @@ Contract:
 - Every template failure — ``raise_exception`` in the template, bad syntax, a bound broken, any
   error the template's code raises — becomes one :class:`~rolechat.errors.InvalidInput` naming
   what the template did.
+- Tools: the tools a system message offers, the assistant's ``tool_calls`` (arguments as
+  objects, as transformers' templates expect) and ``tool`` messages (with the called
+  function's ``name``) go to a template that uses a ``tools`` variable and whose models call
+  tools with ``<tool_call>`` blocks (``native_tools``: Qwen2.5's, Qwen3's, Hermes'), exactly
+  as ``apply_chat_template(..., tools=...)`` passes them. Any other template (SmolLM2's, with
+  no tool support; Llama 3.1's and Mistral's, whose models write calls in their own formats)
+  renders the generic format of :mod:`rolechat.toolcalls` instead: plain messages, all of it
+  content, telling the model to write ``<tool_call>`` blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from .conversation import Message
 from .errors import InvalidInput
@@ -97,6 +106,11 @@ class ChatTemplate:
         self.eos_token = eos_token
         try:
             self._template = _ENV.from_string(source)
+            # Tools go through the template when it takes them and its models write the
+            # calls rolechat reads (Hermes' and Qwen's <tool_call> blocks); any other
+            # template gets the generic format, which tells the model that format.
+            self.native_tools = "<tool_call>" in source and \
+                "tools" in jinja2.meta.find_undeclared_variables(_ENV.parse(source))
         except jinja2.TemplateSyntaxError as exc:
             raise InvalidInput(f"The chat template does not compile: {exc.message} "
                                f"(line {exc.lineno}).", _FIX) from None
@@ -106,14 +120,48 @@ class ChatTemplate:
             raise InvalidInput("The chat template does not compile: it nests too deep or is "
                                "too large.", _FIX) from None
 
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _prepare(self, messages: Sequence[Message]) -> tuple[list[dict[str, Any]],
+                                                             list[dict[str, Any]] | None]:
+        """The messages as the template takes them, and the tools (None: none offered)."""
+        tools = next((list(m.tools) for m in messages if m.tools), None)
+        if tools is None and not any(m.tool_calls or m.role == "tool" for m in messages):
+            return [m.to_openai() for m in messages], None
+        # A system message with tools and no text stands for "no system prompt".
+        kept = [m for m in messages if not (m.role == "system" and m.tools and not m.content)]
+        if not self.native_tools:
+            from .toolcalls import generic_messages, generic_system
+
+            plain = generic_messages([m.to_openai() for m in kept])
+            if tools:
+                system = plain[0]["content"] if plain and plain[0]["role"] == "system" else None
+                plain = [{"role": "system", "content": generic_system(system, tools)},
+                         *(plain[1:] if system is not None else plain)]
+            return plain, None
+        names = {c.id: c.name for m in kept for c in m.tool_calls}
+        out = []
+        for m in kept:
+            item = m.to_openai()
+            if m.tool_calls:
+                item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": json.loads(c.arguments)}}
+                    for c in m.tool_calls]
+            if m.role == "tool" and m.tool_call_id in names:
+                item["name"] = names[m.tool_call_id]
+            out.append(item)
+        return out, tools
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         size = len(self.source) + len(self.bos_token) + len(self.eos_token) + sum(
-            len(m["role"]) + len(m["content"]) for m in messages)
+            len(m["role"]) + len(m["content"]) + len(json.dumps(m.get("tool_calls", "")))
+            for m in messages) + (len(json.dumps(tools)) if tools else 0)
+        extra = {"tools": tools} if tools else {}
         try:
             with limits(size, len(messages)):
                 return self._template.render(messages=list(messages),
                                              add_generation_prompt=add_generation_prompt,
-                                             bos_token=self.bos_token, eos_token=self.eos_token)
+                                             bos_token=self.bos_token, eos_token=self.eos_token,
+                                             **extra)
         except TemplateRaised as exc:
             raise InvalidInput(f"The model's chat template refused these messages: {exc}",
                                "Check the roles and their order.") from None
@@ -132,7 +180,8 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The exact text the model receives."""
-        return self._render([m.to_openai() for m in messages], add_generation_prompt)
+        prepared, tools = self._prepare(messages)
+        return self._render(prepared, add_generation_prompt, tools)
 
     def segments(self, messages: Sequence[Message], *,
                  add_generation_prompt: bool = True) -> list[Segment] | None:
@@ -142,9 +191,12 @@ class ChatTemplate:
         rewrites content in a way that cannot be traced (the caller then must not trust any
         control-token text inside content).
         """
-        marked = [{"role": m.role, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        text = self._render(marked, add_generation_prompt)
-        expected = self.render(messages, add_generation_prompt=add_generation_prompt)
+        prepared, tools = self._prepare(messages)
+        # Empty content stays empty: templates test it (an assistant's tool calls with no text).
+        marked = [{**m, "content": f"\ue000{i}\ue001" if m["content"] else ""}
+                  for i, m in enumerate(prepared)]
+        text = self._render(marked, add_generation_prompt, tools)
+        expected = self._render(prepared, add_generation_prompt, tools)
         parts = _MARK.split(text)
         # parts = [template, index, template, index, ..., template]
         for transform in (lambda s: s, str.strip):
@@ -154,7 +206,7 @@ class ChatTemplate:
                     if part:
                         out.append((part, False))
                 else:
-                    content = transform(messages[int(part)].content)
+                    content = transform(prepared[int(part)]["content"])
                     if content:
                         out.append((content, True))
             if "".join(s for s, _ in out) == expected:

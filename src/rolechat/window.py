@@ -2,7 +2,8 @@
 
 Contract — :meth:`Window.plan` returns a :class:`WindowPlan` such that:
 - the prompt has at most ``budget = context_length - max_new_tokens`` tokens;
-- the system prompt is always kept and the prompt always ends with the current user message;
+- the system prompt is always kept and the prompt always ends with the current user message
+  (and, in a turn with tool calls, the calls and results so far: ``steps``);
 - turns (a user message and its reply) are kept or dropped whole, oldest dropped first, and at
   most ``max_turns`` turns are kept when that is set;
 - it is sticky: it starts from ``first_turn`` (the first turn the previous plan kept), so
@@ -25,7 +26,7 @@ numbers; a ``max_new_tokens`` that leaves no room raises
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -82,6 +83,9 @@ class WindowPlan:
     summary_usage: Any = field(default=None, compare=False)
     #: Why a slide dropped turns without summarizing them (None: it did not).
     memory_note: str | None = None
+    #: The open turn's tool calls and results after the user message, and the tools offered.
+    steps: tuple[Message, ...] = field(default=(), repr=False)
+    tools: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     @property
     def kept(self) -> list[int]:
@@ -190,9 +194,12 @@ class Window:
 
     def plan(self, conversation: Conversation, user: str, engine: TokenCounter,
              params: GenerationParams, *, first_turn: int = 0,
-             memory: Memory | None = None) -> WindowPlan:
-        """Choose the turns for a prompt that ends with ``user``."""
-        draft = _Draft.of(conversation, user, engine, params, memory or Memory())
+             memory: Memory | None = None, steps: Sequence[Message] = (),
+             tools: Sequence[dict[str, Any]] = ()) -> WindowPlan:
+        """Choose the turns for a prompt that ends with ``user`` (and the tool calls and
+        results of its turn so far, ``steps``), offering the model ``tools``."""
+        draft = _Draft.of(conversation, user, engine, params, memory or Memory(),
+                          tuple(steps), tuple(tools))
         start = min(max(first_turn, 0), draft.total)
         if self.max_turns is not None:
             start = max(start, draft.total - self.max_turns)
@@ -268,16 +275,19 @@ class _Draft:
     pins: list[int]
     system: str | None
     budget: int
+    steps: tuple[Message, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def of(cls, conversation: Conversation, user: str, engine: TokenCounter,
-           params: GenerationParams, memory: Memory) -> _Draft:
+           params: GenerationParams, memory: Memory, steps: tuple[Message, ...] = (),
+           tools: tuple[dict[str, Any], ...] = ()) -> _Draft:
         budget = check_room(params, engine.context_length)
         turns = list(conversation.turns)
         return cls(turns, user, engine, params, memory,
                    pins=sorted(p for p in memory.pins if p < len(turns)),
                    system=system_with_summary(conversation.system, memory.summary),
-                   budget=budget)
+                   budget=budget, steps=steps, tools=tools)
 
     @property
     def total(self) -> int:
@@ -288,12 +298,14 @@ class _Draft:
         return self.engine.context_length
 
     def messages_from(self, first: int) -> list[Message]:
-        """System prompt, pinned turns before ``first``, turns from ``first``, the user."""
-        out = [Message("system", self.system)] if self.system is not None else []
+        """System prompt (and the tools offered), pinned turns before ``first``, turns from
+        ``first``, the user's message and its steps so far."""
+        out = []
+        if self.system is not None or self.tools:
+            out.append(Message("system", self.system or "", tools=self.tools))
         for index in [*(p for p in self.pins if p < first), *range(first, self.total)]:
-            out += [Message("user", self.turns[index].user),
-                    Message("assistant", self.turns[index].assistant)]
-        return [*out, Message("user", self.user)]
+            out += self.turns[index].messages()
+        return [*out, Message("user", self.user), *self.steps]
 
     def count(self, first: int) -> _Counted:
         messages = self.messages_from(first)
@@ -309,4 +321,4 @@ class _Draft:
                           pinned=tuple(p for p in self.pins if p < first),
                           memory_summary=memory.summary, summarize=summarize,
                           summarized=tuple(sorted(t for t in memory.summarized if t < total))
-                          if memory.summary else ())
+                          if memory.summary else (), steps=self.steps, tools=self.tools)

@@ -102,3 +102,19 @@ def in_process(app: Any, **listen: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def run_llm(tmp_path: Path, base: str, *args: str,
+            supports_schema: bool = False) -> subprocess.CompletedProcess[str]:
+    """simonw's `llm` CLI against the server (``supports_schema``: as the user's model
+    configuration says, so that ``--schema`` is allowed)."""
+    user = tmp_path / "llm"
+    user.mkdir(exist_ok=True)
+    model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+    schema = "  supports_schema: true\n" if supports_schema else ""
+    (user / "extra-openai-models.yaml").write_text(
+        f"- model_id: rolechat\n  model_name: {model}\n  api_base: {base}/v1\n{schema}")
+    llm = Path(sys.executable).parent / "llm"
+    env = {**os.environ, "LLM_USER_PATH": str(user), "OPENAI_API_KEY": "not-needed"}
+    return subprocess.run([str(llm), "-m", "rolechat", "--no-log", *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)

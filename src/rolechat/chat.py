@@ -14,19 +14,26 @@ Contract:
 
 from __future__ import annotations
 
+import json as json_module
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol
 
+from pydantic import BaseModel
+
+from .constraint import Constraint
 from .conversation import Conversation, Message, Turn, check_text
 from .engines import load_engine
 from .engines.base import Completion, Engine, FinishReason, Generation, Usage
-from .errors import ContextOverflow, InvalidInput, InvalidParams
+from .errors import ContextOverflow, EngineError, InvalidInput, InvalidParams
+from .functions import MAX_ROUNDS
+from .functions import run as run_functions
 from .memory import DEFAULT_TEMPLATE, Memory, SummaryFailed, summarize, summary_request
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
+from .toolcalls import ToolCall, Tools, parse_reply
 from .window import Window, WindowPlan
 
 
@@ -42,6 +49,64 @@ class Reply:
     params_from: dict[str, str] | None = None
     #: The stored turn's name (its reply's id in the store; a saved chat sets it), else None.
     turn: int | None = None
+    #: A reply under a JSON constraint (``schema=`` or ``json=True``): its value (an instance
+    #: of the pydantic model that was the schema); None when none was asked for or the reply
+    #: was cut off at ``max_new_tokens`` before its JSON ended (``finish_reason`` "length").
+    parsed: Any = None
+    #: The tools the reply calls (``finish_reason`` "tool_calls"; ``text`` is what it says
+    #: beside them). Such a reply is no turn yet: its results come next (``steps``).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: The tool calls and results of the turn before this reply (the function loop's).
+    steps: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplyShape:
+    """What a reply must be (its constraint) and how its text becomes a value or tool calls."""
+
+    constraint: Constraint | None
+    #: The pydantic model class the schema came from, if it did.
+    model: Any = None
+    #: The tools offered (the reply's ``<tool_call>`` blocks become ``Reply.tool_calls``).
+    tools: Tools | None = None
+
+    @classmethod
+    def of(cls, schema: Any, *, json: bool = False, tools: Any = None, tool_choice: Any = None,
+           parallel_tool_calls: Any = None) -> ReplyShape | None:
+        checked = Tools.parse(tools, tool_choice, parallel_tool_calls)
+        if checked is not None:
+            if schema is not None or json:
+                raise InvalidInput("A reply can follow a JSON schema or call tools, not both.",
+                                   "Leave out either the schema or the tools.", field="tools")
+            return cls(tools_constraint(checked), tools=checked)
+        if schema is None:
+            return cls(Constraint.json()) if json else None
+        model = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+        return cls(Constraint.json(schema), model)
+
+    def parse(self, text: str, finish: FinishReason, engine: str) -> Any:
+        """The reply's value (None if it was cut off before its JSON ended)."""
+        if finish == "length" or self.tools is not None:
+            return None
+        try:
+            value = json_module.loads(text)
+            return self.model.model_validate(value) if self.model is not None else value
+        except ValueError as exc:  # a remote server that ignored response_format
+            raise EngineError(engine, f"the reply is not the JSON that was asked for ({exc})",
+                              "Check that the server supports response_format.") from None
+
+
+def tools_constraint(tools: Tools) -> Constraint:
+    """The grammar of a reply offered ``tools`` (none for ``tool_choice`` "none"), and the same
+    request in OpenAI's words for a remote server."""
+    choice: Any = ({"type": "function", "function": {"name": tools.choice}} if tools.forced
+                   else tools.choice)
+    openai = {"tools": list(tools.functions), "tool_choice": choice,
+              "parallel_tool_calls": tools.parallel}
+    grammar = tools.grammar()
+    if grammar is None:
+        return Constraint(None, openai=openai)
+    return Constraint(grammar[0], grammar[1], openai=openai)
 
 
 class TurnLog(Protocol):
@@ -61,9 +126,14 @@ class ReplyStream(Iterator[str]):
 
     def __init__(self, chat: Chat, text: str, plan: WindowPlan, params: GenerationParams, *,
                  prompt_ids: list[int] | None = None, continues: bool = False,
-                 pinned: bool = False) -> None:
+                 pinned: bool = False, shape: ReplyShape | None = None) -> None:
         self._chat, self._text, self._plan, self._params = chat, text, plan, params
         self._pinned = pinned
+        self._shape = shape
+        if shape is not None and shape.tools is not None and chat.log is not None:
+            raise InvalidInput("Tool calls are not stored in saved conversations yet.",
+                               "Use a Chat that is not saved (rolechat.Chat) for tools.",
+                               field="tools")
         #: True when this reply continues the last one (its text is appended to it).
         self.continues = continues
         self.reply: Reply | None = None
@@ -110,8 +180,10 @@ class ReplyStream(Iterator[str]):
 
     def _engine(self, plan: WindowPlan, prompt_ids: list[int] | None) -> Generation:
         """Start the engine's generation of this reply."""
+        constraint = self._shape.constraint if self._shape is not None else None
         generation = self._chat.engine.stream(plan.messages, self._params, prompt_ids=prompt_ids,
-                                              cache_key=self._chat.cache_key)
+                                              cache_key=self._chat.cache_key,
+                                              constraint=constraint)
         generation.on_wait = self._waited
         self._engine_stream = generation
         return generation
@@ -141,9 +213,21 @@ class ReplyStream(Iterator[str]):
             completion = self._generation.completion
             assert completion is not None
             if self.reply is None:
-                self.reply = Reply(completion.text, completion.usage, completion.finish_reason,
-                                   self._plan, self._params,
-                                   self._chat.params_from(self._params))
+                shape, text, finish = self._shape, completion.text, completion.finish_reason
+                parsed = (shape.parse(text, finish, self._chat.engine.model)
+                          if shape is not None else None)
+                calls: tuple[ToolCall, ...] = ()
+                if shape is not None and shape.tools is not None:
+                    text, found = parse_reply(text)
+                    calls = tuple(found)
+                    if calls and finish == "stop":
+                        finish = "tool_calls"
+                self.reply = Reply(text, completion.usage, finish, self._plan, self._params,
+                                   self._chat.params_from(self._params), parsed=parsed,
+                                   tool_calls=calls, steps=self._plan.steps)
+                if calls:  # no turn yet: the calls' results come first
+                    self._open = False
+                    raise
                 self._open = False
                 if self._memory is not None:
                     self._chat.memory = self._memory
@@ -259,33 +343,54 @@ class Chat:
                 sources[name] = "rolechat"
         return sources
 
-    def plan(self, text: str, **overrides: Any) -> WindowPlan:
-        """Which turns would go into the prompt for ``text`` (nothing is generated)."""
+    def plan(self, text: str, *, steps: Sequence[Message] = (),
+             tools: Sequence[dict[str, Any]] = (), **overrides: Any) -> WindowPlan:
+        """Which turns would go into the prompt for ``text`` (and the turn's tool ``steps``
+        so far, offering ``tools``); nothing is generated."""
         check_text(text, "user message")
         if self.conversation.pending is not None:
             raise InvalidInput("The conversation ends with a user message that has no reply.",
                                "Remove it (conversation.pop_turn()) or answer it first.")
-        return self._window_plan(text, overrides)
+        if steps:  # the calls and results must make a turn's steps
+            Conversation(None, [Message("user", text), *steps])
+        return self._window_plan(text, overrides, steps, tools)
 
     def next_plan(self, **overrides: Any) -> WindowPlan:
         """The plan for the next message before any of it is written (a preview): the
         conversation so far, then an open user turn with no text."""
         return self._window_plan("", overrides)
 
-    def _window_plan(self, text: str, overrides: Mapping[str, Any]) -> WindowPlan:
+    def _window_plan(self, text: str, overrides: Mapping[str, Any],
+                     steps: Sequence[Message] = (),
+                     tools: Sequence[dict[str, Any]] = ()) -> WindowPlan:
         return self.window.plan(self.conversation, text, self.engine,
                                 self.effective_params(**overrides), first_turn=self.first_turn,
-                                memory=self.memory)
+                                memory=self.memory, steps=steps, tools=tools)
 
     def prompt(self, text: str, **overrides: Any) -> str:
         """The exact text the model would receive for ``text``."""
         return self.engine.render(self.plan(text, **overrides).messages)
 
-    def stream(self, text: str, *, pinned: bool = False, **overrides: Any) -> ReplyStream:
+    def stream(self, text: str, *, pinned: bool = False, schema: Any = None,
+               json: bool = False, tools: Any = None, tool_choice: Any = None,
+               parallel_tool_calls: Any = None, steps: Sequence[Message] = (),
+               **overrides: Any) -> ReplyStream:
         """Start a reply to ``text``; iterate for its chunks. Validates before generating.
-        With ``pinned`` the turn is pinned once it is recorded."""
+        With ``pinned`` the turn is pinned once it is recorded. With ``schema`` (a pydantic
+        model class, a JSON Schema dict, JSON text, a .json file or the concise form
+        ``"name, age int"``) the reply is JSON valid under it, and ``reply.parsed`` its value;
+        ``json=True`` asks for any JSON object. With ``tools`` (OpenAI's tool list; see
+        ``tool_choice`` and ``parallel_tool_calls`` there) the reply may call them: its chunks
+        are the model's text as written (the calls' ``<tool_call>`` blocks too) and
+        ``reply.tool_calls`` the calls; a reply that calls tools is no turn yet. ``steps`` are
+        the turn's calls and their results so far (assistant messages with ``tool_calls``,
+        then ``tool`` messages): the model answers after them."""
+        shape = ReplyShape.of(schema, json=json, tools=tools, tool_choice=tool_choice,
+                              parallel_tool_calls=parallel_tool_calls)
         params = self.effective_params(**overrides)
-        return ReplyStream(self, text, self.plan(text, **overrides), params, pinned=pinned)
+        offered = tuple(shape.tools.offered()) if shape is not None and shape.tools else ()
+        plan = self.plan(text, steps=steps, tools=offered, **overrides)
+        return ReplyStream(self, text, plan, params, pinned=pinned, shape=shape)
 
     def continue_reply(self, **overrides: Any) -> ReplyStream:
         """Go on with the last reply from where it stopped (cut at ``max_new_tokens``): the
@@ -341,12 +446,14 @@ class Chat:
             note = f"no summary ({exc}): turn(s) {names} dropped without one"
         try:
             again = window.plan(self.conversation, text, engine, params,
-                                first_turn=plan.first_turn, memory=new)
+                                first_turn=plan.first_turn, memory=new, steps=plan.steps,
+                                tools=plan.tools)
         except ContextOverflow:  # the message and the pins leave no room for the new summary
             new, note = memory.copy(), ("the new summary did not fit beside this message: the "
                                         "dropped turns were left out without it")
             again = window.plan(self.conversation, text, engine, params,
-                                first_turn=plan.first_turn, memory=new)
+                                first_turn=plan.first_turn, memory=new, steps=plan.steps,
+                                tools=plan.tools)
         return replace(again, summarize=(), summary_usage=usage, memory_note=note), new
 
     # ----- pins --------------------------------------------------------------------------
@@ -386,16 +493,37 @@ class Chat:
         self.conversation.messages[-1] = Message("assistant", last.content + reply.text)
         self.last_reply = reply
 
-    def send(self, text: str, *, pinned: bool = False, **overrides: Any) -> Reply:
-        """Reply to ``text`` and record the turn (pinned, with ``pinned``)."""
-        with self.stream(text, pinned=pinned, **overrides) as chunks:
+    def send(self, text: str, *, pinned: bool = False, schema: Any = None, json: bool = False,
+             tools: Any = None, tool_choice: Any = None, parallel_tool_calls: Any = None,
+             steps: Sequence[Message] = (), max_tool_rounds: int = MAX_ROUNDS,
+             on_tool_result: Callable[[ToolCall, str], None] | None = None,
+             **overrides: Any) -> Reply:
+        """Reply to ``text`` and record the turn (pinned, with ``pinned``); ``schema``,
+        ``json``, ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``steps`` as for
+        :meth:`stream`. When ``tools`` are Python functions, the model's calls are run and
+        their results fed back until it answers (at most ``max_tool_rounds`` rounds;
+        :mod:`rolechat.functions`), ``on_tool_result`` hearing each call and result; the
+        reply's ``steps`` hold them all."""
+        if isinstance(tools, (list, tuple)) and tools and all(
+                callable(t) and not isinstance(t, dict) for t in tools):
+            if steps or schema is not None or json:
+                raise InvalidInput("Python functions as tools run their own loop: no steps, "
+                                   "schema or json beside them.", "Leave those out.",
+                                   field="tools")
+            return run_functions(self, text, tools, tool_choice=tool_choice,
+                                 parallel_tool_calls=parallel_tool_calls,
+                                 max_rounds=max_tool_rounds, on_result=on_tool_result,
+                                 pinned=pinned, **overrides)
+        with self.stream(text, pinned=pinned, schema=schema, json=json, tools=tools,
+                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                         steps=steps, **overrides) as chunks:
             for _ in chunks:
                 pass
         assert chunks.reply is not None
         return chunks.reply
 
     def _record(self, text: str, reply: Reply) -> None:
-        self.conversation.append_turn(text, reply.text)
+        self.conversation.append_turn(text, reply.text, reply.steps)
         self.first_turn = reply.plan.first_turn
         self.last_reply = reply
 

@@ -123,3 +123,33 @@ def test_an_error_on_a_terminal_wraps_between_words(cli):
     assert code == 2
     assert len(lines) > 2 and all(len(line) <= 40 for line in lines), lines
     assert " ".join(lines).split() == error.split(), lines
+
+
+def test_ask_schema_prints_json_valid_under_it(cli, tmp_path):
+    import json
+
+    jsonschema = __import__("pytest").importorskip("jsonschema")
+    concise = cli.ok("ask", "Invent a person.", "--schema", "name, age int", "-t", "0",
+                     "--max-new-tokens", "100")
+    value = json.loads(concise.out)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    assert concise.out == json.dumps(value, indent=2) + "\n"  # printed indented
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "size": {"type": "string", "enum": ["small", "big"]}},
+        "required": ["city", "size"], "additionalProperties": False}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema))
+    for given in (str(path), json.dumps(schema)):  # a file, or the schema itself
+        data = cli.ask_json("Name a city.", "--schema", given, "-t", "0.9", "--seed", "3",
+                            "--max-new-tokens", "100")
+        jsonschema.validate(data["parsed"], schema)
+        assert json.loads(data["response"]) == data["parsed"]
+
+
+def test_ask_schema_errors_are_clear(cli):
+    assert "uniqueItems" in cli.fails("ask", "Hi", "--schema",
+                                      '{"type": "array", "uniqueItems": true}', code=2)
+    assert "ran out of tokens (5) before its JSON ended" in cli.fails(
+        "ask", "Invent a person.", "--schema", "name, biography", "-t", "0",
+        "--max-new-tokens", "5", code=1)

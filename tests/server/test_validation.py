@@ -81,8 +81,15 @@ def test_stream_options_may_ask_for_no_obfuscation(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1",
+                                                        "tool_call_id": "x"}]}, "messages[1]"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "array", "uniqueItems": True}}}}, "response_format.json_schema.schema"),
     ({"logprobs": True}, "logprobs"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"temperature": 3}, "temperature"), ({"temperature": "0.5"}, "temperature"),

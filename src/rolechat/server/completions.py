@@ -37,11 +37,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import Chat, Reply, ReplyStream
-from ..conversation import Conversation
+from ..conversation import Conversation, Message
 from ..engines.base import Waiting
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import Persona, get_persona
+from ..toolcalls import CallDelta, CallStream, ContentDelta, Tools
 from ..window import Window
 from .state import ServerState, state_of
 from .wire import (
@@ -50,6 +51,7 @@ from .wire import (
     check_stops,
     openai_messages,
     openai_names,
+    response_format,
     rolechat_body,
     sse,
     sse_error,
@@ -130,13 +132,6 @@ class ChatRequest(BaseModel):
             refused.append(("logprobs", "log probabilities are not returned"))
         if self.logit_bias:
             refused.append(("logit_bias", "logit biases are not supported"))
-        if self.tools:
-            refused.append(("tools", "tool calls are not supported"))
-        if self.tool_choice not in (None, "none", "auto"):
-            refused.append(("tool_choice", "tool calls are not supported"))
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            refused.append(("response_format", "only plain text replies ({\"type\": "
-                                               "\"text\"})"))
         if self.modalities is not None and set(self.modalities) - {"text"}:
             refused.append(("modalities", "only text"))
         if refused:
@@ -156,6 +151,17 @@ class ChatRequest(BaseModel):
                 "presence_penalty": self.presence_penalty})
         except InvalidParams as exc:
             raise openai_names(exc) from None
+
+
+def delta_body(delta: ContentDelta | CallDelta) -> dict[str, Any]:
+    """One parsed piece of a reply with tools as OpenAI's ``delta``."""
+    if isinstance(delta, ContentDelta):
+        return {"content": delta.text}
+    call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function")
+        call["function"]["name"] = delta.name
+    return {"tool_calls": [call]}
 
 
 def model_id(engine_model: str) -> str:
@@ -205,27 +211,41 @@ def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
     body.check_neutral()
     check_openai_messages(body.messages)
     conversation = Conversation.from_openai(openai_messages(body.messages))
-    text = conversation.pending
-    if text is None:
-        raise InvalidInput("The last message must be a user message.",
+    opened = conversation.pop_open()
+    if opened is None:
+        raise InvalidInput("The last message must be a user message (or the results of the "
+                           "tools the last reply called).",
                            "End messages with {\"role\": \"user\", ...}.", field="messages")
-    conversation.messages.pop()
+    text, steps = opened
     persona = NO_PERSONA if body.rolechat.persona is None else get_persona(body.rolechat.persona)
     if conversation.system is None and persona.system:
         conversation.system = persona.system
     # The server is stateless: drop no more than needed (no low-water mark).
     chat = Chat(engine, persona=persona, params=body.params(), conversation=conversation,
                 window=Window(low_water=1.0))
+    shape = response_format(body.response_format)
+    # "none" and "auto" without tools ask for nothing (clients send them): left out.
+    choice = None if not body.tools and body.tool_choice in ("none", "auto") else \
+        body.tool_choice
+    tools = Tools.parse(body.tools, choice, body.parallel_tool_calls)
+    offered = tools.offered() if tools is not None else []
     try:
-        plan = chat.plan(text)
+        plan = chat.plan(text, steps=steps, tools=offered)
     except InvalidParams as exc:
         raise openai_names(exc) from None
     if plan.dropped and not body.rolechat.window:
-        full = engine.count_tokens(conversation.prompt_messages(text))
+        everything = [*conversation.prompt_messages(text), *steps]
+        if offered:
+            system = conversation.system or ""
+            everything = [Message("system", system, tools=tuple(offered)),
+                          *everything[1 if conversation.system is not None else 0:]]
+        full = engine.count_tokens(everything)
         raise ContextOverflow(prompt_tokens=full, available_tokens=plan.budget,
                               context_length=engine.context_length,
                               max_new_tokens=chat.params.max_new_tokens)
-    return chat.stream(text), chat
+    return chat.stream(text, tools=body.tools, tool_choice=choice,
+                       parallel_tool_calls=body.parallel_tool_calls, steps=steps,
+                       **shape), chat
 
 
 @router.post("/chat/completions", response_model=None)
@@ -240,22 +260,30 @@ async def completions(body: ChatRequest, request: Request) -> Any:
         text, reply = await joined_unless_gone(request, job, events)
         if reply is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if body.tools:  # the text without its call blocks, and the calls
+            message["content"] = reply.text or (None if reply.tool_calls else "")
+            if reply.tool_calls:
+                message["tool_calls"] = [call.to_openai() for call in reply.tool_calls]
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": None,
-                             "message": {"role": "assistant", "content": text,
-                                         "refusal": None}}],
+                             "message": message}],
                 "usage": usage_body(reply), "rolechat": rolechat_body(reply.plan, reply)}
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(openai_stream(head, events, usage),
+    calls = CallStream() if body.tools else None
+    return StreamingResponse(openai_stream(head, events, usage, calls),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
 async def openai_stream(head: dict[str, Any], events: AsyncGenerator[Event | Reply, None],
-                        include_usage: bool) -> AsyncIterator[str]:
+                        include_usage: bool, calls: CallStream | None = None
+                        ) -> AsyncIterator[str]:
     """The events of one reply as OpenAI ``chat.completion.chunk`` frames. While the reply
     waits for the engine, SSE comments say how many requests are ahead (``: waiting, 2
-    ahead``): clients show them or skip them, as SSE says."""
+    ahead``): clients show them or skip them, as SSE says. With ``calls`` (the request offered
+    tools) the text goes through it: content deltas, and each tool call as OpenAI streams one
+    (its index, id, type and name first, then fragments of its arguments)."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse({**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
@@ -268,8 +296,11 @@ async def openai_stream(head: dict[str, Any], events: AsyncGenerator[Event | Rep
                 reply = item
             elif isinstance(item, Waiting):
                 yield f": waiting, {item.ahead} ahead\n\n"
-            else:
+            elif calls is None:
                 yield chunk({"content": item})
+            else:
+                for delta in calls.feed(item):
+                    yield chunk(delta_body(delta))
     except RolechatError as exc:
         yield sse_error(exc)
         return
@@ -277,7 +308,13 @@ async def openai_stream(head: dict[str, Any], events: AsyncGenerator[Event | Rep
         await events.aclose()  # a client that left stops its generation now
     if reply is None:
         return
-    yield chunk({}, reply.finish_reason, rolechat=rolechat_body(reply.plan, reply))
+    finish = reply.finish_reason
+    if calls is not None:
+        for delta in calls.finish():
+            yield chunk(delta_body(delta))
+        if calls.calls and finish == "stop":
+            finish = "tool_calls"
+    yield chunk({}, finish, rolechat=rolechat_body(reply.plan, reply))
     if include_usage:
         yield sse({**head, "object": "chat.completion.chunk", "choices": [],
                    "usage": usage_body(reply)})

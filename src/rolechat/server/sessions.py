@@ -74,6 +74,7 @@ from .wire import (
     if_match,
     owner_id,
     plan_body,
+    response_format,
     rolechat_body,
     sse,
     sse_error,
@@ -99,6 +100,8 @@ class NewMessage(BaseModel):
     params: dict[str, Any] | None = None
     #: Pin this turn once it is recorded: the window always keeps it.
     pinned: bool = False
+    #: OpenAI's response_format: the reply is JSON (under a schema).
+    response_format: dict[str, Any] | None = None
 
 
 class Retry(BaseModel):
@@ -384,8 +387,10 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
     state = state_of(request)
     text = text_of(body.content, "content", "content")
     overrides = overrides_of(state, body.params)
+    shape = response_format(body.response_format)
     return await reply(request, cid, body.stream,
-                       lambda saved: saved.stream(text, pinned=body.pinned, **overrides))
+                       lambda saved: saved.stream(text, pinned=body.pinned, **shape,
+                                                  **overrides))
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)

@@ -22,6 +22,10 @@ Contract:
   messages anywhere join the system prompt, consecutive same-role messages are joined), after
   :func:`check_openai_messages` checked each one where the client put it;
   :func:`openai_names` puts the client's parameter names back into an error.
+- :func:`response_format` reads OpenAI's ``response_format`` (``text``, ``json_object``,
+  ``json_schema`` with its ``name``, ``schema`` and ``strict``; llama-cpp-python's
+  ``json_object`` with a ``schema`` too) into what the chat takes (``schema=`` / ``json=``);
+  a bad or unsupported schema is a 400 whose ``param`` is the field that holds it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..errors import (
     RolechatError,
     UnknownName,
 )
+from ..schemas import check_schema
 from ..window import WindowPlan
 
 #: The last frame of every stream.
@@ -54,6 +59,33 @@ OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 API_KEY_SCOPE = "rolechat.api_key"
 #: OpenAI's limit on stop sequences, for completions and sessions alike.
 MAX_STOPS = 4
+
+
+def response_format(value: Any, field: str = "response_format") -> dict[str, Any]:
+    """The keyword arguments of ``Chat.stream`` for a request's ``response_format``."""
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    hint = ('Send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}, '
+            '{"type": "json_object"} or {"type": "text"}.')
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        schema = value.get("schema")
+        if schema is None:
+            return {"json": True}
+        return {"schema": check_schema(schema, field=f"{field}.schema")}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidInput(f"{field}.json_schema must be an object holding the schema.",
+                               hint, field=f"{field}.json_schema")
+        if "schema" not in spec:
+            raise InvalidInput(f"{field}.json_schema has no schema.", hint,
+                               field=f"{field}.json_schema.schema")
+        return {"schema": check_schema(spec["schema"], field=f"{field}.json_schema.schema")}
+    raise InvalidInput(f"{field}.type must be text, json_object or json_schema, got {kind!r}.",
+                       hint, field=f"{field}.type")
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -156,7 +188,7 @@ def openai_names(exc: InvalidParams) -> InvalidParams:
 
 
 #: The roles a client may send (``developer`` is read as ``system``).
-OPENAI_ROLES = ("system", "developer", "user", "assistant")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def check_openai_messages(messages: Any) -> None:
@@ -184,8 +216,11 @@ def check_openai_messages(messages: Any) -> None:
                                        'Use {"type": "text", "text": "..."} parts.',
                                        field=f"{where}.content[{part_index}]")
             content = "".join(part["text"] for part in content)
+        if content is None and role == "assistant" and item.get("tool_calls"):
+            continue  # a reply that only calls tools
         try:
-            check_text(content, f"{role} message ({where})", allow_blank=role == "assistant")
+            check_text(content, f"{role} message ({where})",
+                       allow_blank=role in ("assistant", "tool"))
         except InvalidInput as exc:
             raise InvalidInput(exc.message, exc.hint, field=f"{where}.content") from None
 
@@ -207,7 +242,8 @@ def openai_messages(messages: Any) -> Any:
             system.append(item)
         elif merged and merged[-1].get("role") == role and role in ("user", "assistant") and \
                 isinstance(merged[-1].get("content"), str) and isinstance(item.get("content"),
-                                                                          str):
+                                                                          str) and \
+                not merged[-1].get("tool_calls") and not item.get("tool_calls"):
             merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" +
                           item["content"]}
         else:

@@ -130,16 +130,19 @@ class ReplyStream(Iterator[str]):
         self._chat, self._text, self._plan, self._params = chat, text, plan, params
         self._pinned = pinned
         self._shape = shape
-        if shape is not None and shape.tools is not None and chat.log is not None:
-            raise InvalidInput("Tool calls are not stored in saved conversations yet.",
-                               "Use a Chat that is not saved (rolechat.Chat) for tools.",
-                               field="tools")
         #: True when this reply continues the last one (its text is appended to it).
         self.continues = continues
         self.reply: Reply | None = None
         # The log first: a saved chat creates its conversation now, and with it the cache key.
-        self._handle = (chat.log.started(text, plan, continues=continues)
-                        if chat.log is not None else None)
+        # A round after tool calls goes on with the turn its first round began.
+        open_turn, chat.open_turn = chat.open_turn, None
+        if open_turn is not None and plan.steps and open_turn[0] == text:
+            self._handle = open_turn[1]
+        else:
+            if open_turn is not None and chat.log is not None:  # left with its calls open
+                chat.log.failed(open_turn[1])
+            self._handle = (chat.log.started(text, plan, continues=continues)
+                            if chat.log is not None else None)
         self._open = True
         #: The text so far (kept, marked interrupted, if the reply does not complete).
         self._parts: list[str] = []
@@ -227,6 +230,7 @@ class ReplyStream(Iterator[str]):
                                    tool_calls=calls, steps=self._plan.steps)
                 if calls:  # no turn yet: the calls' results come first
                     self._open = False
+                    self._chat.open_turn = (self._text, self._handle)
                     raise
                 self._open = False
                 if self._memory is not None:
@@ -300,6 +304,9 @@ class Chat:
         self.conversation = conversation
         self.first_turn = 0
         self.last_reply: Reply | None = None
+        #: A turn whose last reply called tools: its user message and the log's handle (the
+        #: next round, with the calls' results as steps, goes on with it).
+        self.open_turn: tuple[str, Any] | None = None
         #: Records each turn as it happens (e.g. in the conversation store); optional.
         self.log = log
         #: Names this conversation to the engine, which keeps its KV state warm under it
@@ -540,7 +547,7 @@ class Chat:
 
     def push_turn(self, turn: Turn, reply: Reply | None = None) -> None:
         """Append a completed turn (one that :meth:`pop_turn` removed), with its reply."""
-        self.conversation.append_turn(turn.user, turn.assistant)
+        self.conversation.append_turn(turn.user, turn.assistant, turn.steps)
         self.last_reply = reply
 
     def reset(self) -> None:

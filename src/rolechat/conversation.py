@@ -427,6 +427,56 @@ def _tool_message(item: Mapping[str, Any], role: Role, content: Any, where: str)
     return Message(role, text, parsed, call_id if role == "tool" else None)
 
 
+def is_step(message: Message) -> bool:
+    """Whether a message is part of a turn's tool steps (a call or a result)."""
+    return message.role == "tool" or bool(message.tool_calls)
+
+
+def steps_to_json(steps: Sequence[Message]) -> str | None:
+    """A turn's steps as the store keeps them (OpenAI messages, JSON); None for none."""
+    return json.dumps([m.to_openai() for m in steps], ensure_ascii=False) if steps else None
+
+
+def steps_from_json(text: str | None) -> tuple[Message, ...]:
+    """A turn's steps from :func:`steps_to_json`, checked (calls, then their results);
+    InvalidInput if they are not."""
+    if not text:
+        return ()
+    items = parse_json(text)
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("A turn's tool steps must be a list of messages.",
+                           "Check the stored conversation.")
+    steps: list[Message] = []
+    for i, item in enumerate(items):
+        role = item.get("role") if isinstance(item, Mapping) else None
+        if role not in ("assistant", "tool"):
+            raise InvalidInput(f"steps[{i}] is not a tool call or result.",
+                               "Check the stored conversation.")
+        steps.append(_tool_message(item, role, _content_of(item, f"steps[{i}]"), f"steps[{i}]"))
+    if not all(is_step(m) for m in steps) or steps[-1].role != "tool":
+        raise InvalidInput("A turn's tool steps must be calls followed by their results.",
+                           "Check the stored conversation.")
+    _turn_ends([Message("user", "-"), *steps], lambda i: f"steps[{i - 1}]")
+    return tuple(steps)
+
+
+def with_steps(entries: Sequence[tuple[Message, str]]
+               ) -> list[tuple[Message, str, tuple[Message, ...]]]:
+    """Messages read from a file (:func:`read_messages`) with each complete reply carrying the
+    calls and results before it (``steps``) instead of standing apart; steps of a turn left
+    without a reply are dropped (the turn is no turn yet)."""
+    out: list[tuple[Message, str, tuple[Message, ...]]] = []
+    pending: list[Message] = []
+    for message, status in entries:
+        if status == "complete" and is_step(message):
+            pending.append(message)
+            continue
+        steps = tuple(pending) if message.role == "assistant" and status == "complete" else ()
+        pending = []
+        out.append((message, status, steps))
+    return out
+
+
 #: A fence line: up to three spaces, three or more backticks or tildes, then the rest.
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 
@@ -462,6 +512,16 @@ def render_markdown(title: str, system: str | None,
     entries = list(entries)
     for index, (message, status) in enumerate(entries):
         label = "You" if message.role == "user" else "Assistant"
+        if message.role == "tool":
+            lines += [f"### Tool result ({message.tool_call_id})", "", "```",
+                      message.content.replace("```", "` ` `"), "```", ""]
+            continue
+        if message.tool_calls:
+            calls = [f"- `{c.name}({c.arguments})` ({c.id})" for c in message.tool_calls]
+            lines += ["### Assistant calls tools", "",
+                      *([close_fences(message.content), ""] if message.content else []),
+                      *calls, ""]
+            continue
         if status == "pending":
             label += " (pending: its reply is being written)"
         elif status != "complete" and message.role == "assistant":

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -32,7 +33,7 @@ from .conversation import Message
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
-    from .chat import Chat, Reply
+    from .chat import Chat, Reply, ReplyStream
     from .toolcalls import ToolCall
 
 #: Rounds of tool calls in one turn before the model must answer.
@@ -114,39 +115,98 @@ class Function:
             return str(result)
 
 
+def load_functions(path: str | Path) -> list[Callable[..., Any]]:
+    """The public functions a Python file defines (not those it imports, not ``_private``
+    ones), in the order it defines them: ``rolechat chat --functions FILE.py``."""
+    import importlib.util
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidInput(f"There is no file {str(path)!r}.", "Pass a .py file that defines "
+                           "the functions.", field="functions")
+    spec = importlib.util.spec_from_file_location(f"rolechat_functions_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise InvalidInput(f"{str(path)!r} cannot be loaded as Python.", "Pass a .py file.",
+                           field="functions")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: whatever it raises is its failure
+        raise InvalidInput(f"{str(path)!r} failed to load: {type(exc).__name__}: {exc}.",
+                           "Fix the file.", field="functions") from None
+    found: list[Callable[..., Any]] = [value for name, value in vars(module).items()
+             if inspect.isfunction(value) and value.__module__ == module.__name__
+             and not name.startswith("_")]
+    if not found:
+        raise InvalidInput(f"{str(path)!r} defines no public function.",
+                           "Define the tools with def (names not starting with _).",
+                           field="functions")
+    for function in found:
+        Function.of(function)  # each one checked now, before the chat starts
+    return found
+
+
 def functions_of(tools: Sequence[Any]) -> list[Function]:
     return [Function.of(tool) for tool in tools]
 
 
-def run(chat: Chat, text: str, tools: Sequence[Callable[..., Any]], *,
-        tool_choice: Any = None, parallel_tool_calls: Any = None,
-        max_rounds: int = MAX_ROUNDS,
-        on_result: Callable[[ToolCall, str], None] | None = None,
-        **options: Any) -> Reply:
-    """Reply to ``text``, running the functions the model calls (see the module's contract);
-    ``on_result`` hears each call and its result as they happen."""
-    if max_rounds < 1:
-        raise InvalidInput(f"max_rounds must be at least 1, got {max_rounds}.",
-                           "Allow the model one round of calls at least.", field="max_rounds")
-    functions = {f.name: f for f in functions_of(tools)}
-    specs = [f.spec for f in functions.values()]
-    steps: list[Message] = []
-    choice = tool_choice
-    for _ in range(max_rounds):
-        reply = chat.send(text, tools=specs, tool_choice=choice,
-                          parallel_tool_calls=parallel_tool_calls, steps=steps, **options)
-        if not reply.tool_calls:
-            return reply
-        results = []
-        for call in reply.tool_calls:
-            function = functions.get(call.name)
-            result = (function.call(call.arguments) if function is not None else
-                      f"Error: there is no tool named {call.name!r} (tools: "
-                      f"{', '.join(functions)}).")
-            if on_result is not None:
-                on_result(call, result)
-            results.append(Message("tool", result, tool_call_id=call.id))
-        steps += [Message("assistant", reply.text, reply.tool_calls), *results]
-        if choice not in (None, "auto", "none"):
-            choice = "auto"  # forced once: then the model may answer
-    return chat.send(text, tools=specs, tool_choice="none", steps=steps, **options)
+class Rounds:
+    """The function loop one round at a time (see the module's contract): iterating yields each
+    round's :class:`~rolechat.chat.ReplyStream`, which the caller reads to its end; the calls
+    it made are run before the next round starts. ``reply`` is the last round's reply, once
+    the model has answered."""
+
+    def __init__(self, chat: Any, text: str, tools: Sequence[Callable[..., Any]], *,
+                 tool_choice: Any = None, parallel_tool_calls: Any = None,
+                 max_rounds: int = MAX_ROUNDS,
+                 on_result: Callable[[ToolCall, str], None] | None = None,
+                 **options: Any) -> None:
+        if max_rounds < 1:
+            raise InvalidInput(f"max_rounds must be at least 1, got {max_rounds}.",
+                               "Allow the model one round of calls at least.",
+                               field="max_rounds")
+        self.chat, self.text, self.options = chat, text, options
+        self.functions = {f.name: f for f in functions_of(tools)}
+        self.choice, self.parallel, self.max_rounds = tool_choice, parallel_tool_calls, max_rounds
+        self.on_result = on_result
+        self.steps: list[Message] = []
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[ReplyStream]:
+        specs = [f.spec for f in self.functions.values()]
+        choice = self.choice
+        for round_ in range(self.max_rounds + 1):
+            if round_ == self.max_rounds:
+                choice = "none"  # the last round: the model must answer
+            stream = self.chat.stream(self.text, tools=specs, tool_choice=choice,
+                                      parallel_tool_calls=self.parallel, steps=self.steps,
+                                      **self.options)
+            yield stream
+            reply = stream.reply
+            if reply is None or not reply.tool_calls:
+                self.reply = reply
+                return
+            self.steps = [*self.steps, Message("assistant", reply.text, reply.tool_calls),
+                          *(self._result(call) for call in reply.tool_calls)]
+            if choice not in (None, "auto", "none"):
+                choice = "auto"  # forced once: then the model may answer
+
+    def _result(self, call: ToolCall) -> Message:
+        function = self.functions.get(call.name)
+        result = (function.call(call.arguments) if function is not None else
+                  f"Error: there is no tool named {call.name!r} (tools: "
+                  f"{', '.join(self.functions)}).")
+        if self.on_result is not None:
+            self.on_result(call, result)
+        return Message("tool", result, tool_call_id=call.id)
+
+
+def run(chat: Chat, text: str, tools: Sequence[Callable[..., Any]], **options: Any) -> Reply:
+    """Reply to ``text``, running the functions the model calls (:class:`Rounds`' options)."""
+    rounds = Rounds(chat, text, tools, **options)
+    for stream in rounds:
+        with stream:
+            for _ in stream:
+                pass
+    assert rounds.reply is not None
+    return rounds.reply

@@ -318,14 +318,15 @@ class SavedChat:
 
     def retry(self, turn: int | None = None, *, version: int | None = None,
               **overrides: Any) -> ReplyStream:
-        """Remove the last turn (named as for :meth:`undo`) and generate its reply again. If
-        the new reply does not complete, the old turn comes back (with its usage)."""
+        """Remove the last turn (named as for :meth:`undo`) and generate its reply again (after
+        the same tool calls and results, if it had any). If the new reply does not complete,
+        the old turn comes back (with its usage)."""
         removed = self._remove_last(turn, version)
         if removed is None:
             raise InvalidInput("There is no turn to retry.", "Send a message first.")
         self._retrying = removed
         try:
-            return self.chat.stream(removed.turn.user, **overrides)
+            return self.chat.stream(removed.turn.user, steps=removed.turn.steps, **overrides)
         except BaseException:
             self._put_back()
             raise
@@ -382,8 +383,8 @@ class SavedChat:
             self._saw(dropped.version)
         else:
             self.reload()
-        return RemovedTurn(Turn(dropped.user.content, dropped.reply.content), dropped.user,
-                           dropped.reply, last_reply)
+        return RemovedTurn(Turn(dropped.user.content, dropped.reply.content,
+                                dropped.reply.steps), dropped.user, dropped.reply, last_reply)
 
     def _put_back(self) -> None:
         removed, self._retrying = self._retrying, None
@@ -438,13 +439,15 @@ class SavedChat:
         memory = self.memory_record() if self._version is not None else None
         try:
             written = self.store.complete_turn(self._cid, handle, reply.text, tokens, usage,
-                                               memory=memory, seen=self._version)
+                                               memory=memory, seen=self._version,
+                                               steps=reply.steps)
         except StoreError as exc:
             if exc.missing:
                 raise
             # The reply exists; the database would not take it (locked too long): keep it in
             # a file that the next start saves, rather than lose it.
-            kept = self.store.keep_for_later(self._cid, handle, text, reply.text, tokens, usage)
+            kept = self.store.keep_for_later(self._cid, handle, text, reply.text, tokens, usage,
+                                             reply.steps)
             log.warning("the conversation store was busy, so this turn was kept in %s; it is "
                         "saved the next time rolechat opens the store (%s)", kept, exc.reason)
             return None

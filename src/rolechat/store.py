@@ -53,7 +53,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +61,7 @@ from types import EllipsisType
 from typing import Any
 
 from . import store_turns as turns
-from .conversation import Conversation, check_text
+from .conversation import Conversation, Message, check_text, steps_from_json, steps_to_json
 from .errors import InvalidInput, StoreError
 from .store_db import (
     BUSY_STEP_S,
@@ -139,6 +139,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: message ids are never reused (a turn is named by its reply's id) and every write to
     #    a conversation adds one to its version (rolechat.store_turns).
     turns.VERSION_MIGRATION,
+    # 6: a reply's tool calls and their results, kept on its row (OpenAI messages, JSON).
+    """
+    ALTER TABLE messages ADD COLUMN steps TEXT;
+    """,
 )
 
 
@@ -287,7 +291,8 @@ class Store:
         return self.path.parent / "recovery"
 
     def keep_for_later(self, cid: int, user_id: int | None, user: str, reply: str,
-                       tokens: int, usage: dict[str, Any]) -> Path:
+                       tokens: int, usage: dict[str, Any],
+                       steps: Sequence[Message] = ()) -> Path:
         """Write a finished turn the database refused (locked) to a recovery file, which the
         next :class:`Store` opened on this database saves; returns the file."""
         folder = self.recovery_dir
@@ -296,7 +301,8 @@ class Store:
         temporary = target.with_suffix(".tmp")
         temporary.write_text(json.dumps({
             "conversation_id": cid, "user_id": user_id, "user": user, "reply": reply,
-            "tokens": tokens, "usage": usage}, ensure_ascii=False), encoding="utf-8")
+            "tokens": tokens, "usage": usage, "steps": steps_to_json(steps)},
+            ensure_ascii=False), encoding="utf-8")
         os.replace(temporary, target)
         return target
 
@@ -317,7 +323,7 @@ class Store:
                 else:
                     user_id = self.begin_turn(cid, kept["user"])
                 self.complete_turn(cid, user_id, kept["reply"], int(kept["tokens"]),
-                                   kept["usage"])
+                                   kept["usage"], steps=steps_from_json(kept.get("steps")))
             except StoreError as exc:
                 if exc.missing:  # the conversation is gone: nothing to save it to
                     path.unlink(missing_ok=True)
@@ -438,8 +444,9 @@ class Store:
         """The conversation's record, completed turns, turn names and version."""
         info = self.info(cid)
         pairs = turns.turn_pairs(self.messages(cid), lambda m: (m.role, m.status))
-        conversation = Conversation.from_tuples([(u.content, r.content) for u, r in pairs],
-                                                system=info.system)
+        conversation = Conversation(info.system, [
+            m for u, r in pairs for m in (Message("user", u.content), *r.steps,
+                                          Message("assistant", r.content))])
         return Loaded(info, conversation, [r.id for _, r in pairs], info.version)
 
     def version_of(self, cid: int) -> int:
@@ -475,14 +482,14 @@ class Store:
 
     def complete_turn(self, cid: int, user_id: int, reply: str, tokens: int,
                       usage: dict[str, Any], *, memory: dict[str, Any] | None = None,
-                      seen: int | None = None) -> Written:
-        """Save the finished reply and mark its user message complete, atomically, the turn at
-        the end of the conversation (with its new ``memory`` when the turn changed it, and,
-        with ``seen``, only if the version is still that one). The reply's id and the new
-        version."""
+                      seen: int | None = None, steps: Sequence[Message] = ()) -> Written:
+        """Save the finished reply (and the tool calls and results before it, ``steps``) and
+        mark its user message complete, atomically, the turn at the end of the conversation
+        (with its new ``memory`` when the turn changed it, and, with ``seen``, only if the
+        version is still that one). The reply's id and the new version."""
         with self._transaction() as db:
             return turns.complete(db, cid, user_id, reply, tokens, usage, _now(),
-                                  memory=memory, seen=seen)
+                                  memory=memory, seen=seen, steps=steps_to_json(steps))
 
     def extend_last_reply(self, cid: int, text: str, tokens: int, usage: dict[str, Any], *,
                           turn: TurnName = ...) -> Written:
@@ -548,10 +555,11 @@ class Store:
             # A complete reply gets the token count and usage a live one has (none measured).
             db.executemany(
                 "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, "
-                "usage, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "usage, created_at, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ((cid, seq, role, content, status,
                   *((0, "{}") if (role, status) == ("assistant", "complete") else (None, None)),
-                  now) for seq, (role, content, status) in enumerate(plan.entries)))
+                  now, plan.steps.get(seq)) for seq, (role, content, status)
+                 in enumerate(plan.entries)))
         return cid
 
     def export(self, cid: int, fmt: str) -> str:

@@ -10,13 +10,16 @@ reads as empty and is named in ``ConversationInfo.damaged``; a damaged usage rea
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conversation import Conversation
+from .conversation import Conversation, Message, steps_from_json
 from .errors import InvalidInput
 from .transfer import check_memory_record
+
+log = logging.getLogger("rolechat.store")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class StoredMessage:
     status: str
     tokens: int | None
     usage: dict[str, Any] | None
+    #: A reply's tool calls and their results before it (see rolechat.conversation).
+    steps: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Loaded:
 def stored_message(row: sqlite3.Row, *, interrupted: bool = False) -> StoredMessage:
     return StoredMessage(row["id"], row["seq"], row["role"], row["content"],
                          "interrupted" if interrupted else row["status"], row["tokens"],
-                         _usage(row["usage"]))
+                         _usage(row["usage"]), _steps(row["steps"]))
 
 
 def conversation_info(row: sqlite3.Row) -> ConversationInfo:
@@ -102,6 +107,15 @@ def _object(text: Any, name: str, damaged: dict[str, str]) -> dict[str, Any]:
         damaged[name] = f"is not a JSON object ({str(text)[:40]!r})"
         return {}
     return value
+
+
+def _steps(text: str | None) -> tuple[Message, ...]:
+    """A reply's tool steps; damaged, the reply reads as one without them (logged)."""
+    try:
+        return steps_from_json(text)
+    except (InvalidInput, RecursionError) as exc:
+        log.warning("a reply's stored tool calls are damaged (%s); read without them", exc)
+        return ()
 
 
 def _usage(text: str | None) -> dict[str, Any] | None:

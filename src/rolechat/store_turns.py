@@ -13,6 +13,8 @@ Contract:
   ``AUTOINCREMENT``) and a continuation gives the reply a new id, so a name always means the
   text its author saw.
 - A turn is a complete user message directly followed (in ``seq`` order) by a complete reply.
+  Its tool calls and their results, if any, are kept on the reply's row (``steps``, OpenAI
+  messages as JSON): they come and go with the reply, never apart from it.
   It completes *at the end*: when other messages were written after its user message (another
   window's turn or message), the message moves after them before its reply is written, so a
   turn's two messages always stand together, in the order turns completed. An interrupted
@@ -33,6 +35,7 @@ from itertools import pairwise
 from types import EllipsisType
 from typing import Any, NamedTuple
 
+from .conversation import steps_to_json
 from .errors import ConversationChanged, InvalidInput
 
 #: The migration that gives messages ids that are never reused and conversations a version.
@@ -149,7 +152,7 @@ def begin(db: sqlite3.Connection, cid: int, text: str, tokens: int | None, now: 
 
 def complete(db: sqlite3.Connection, cid: int, user_id: int, reply: str, tokens: int,
              usage: dict[str, Any], now: str, *, memory: dict[str, Any] | None,
-             seen: int | None) -> Written:
+             seen: int | None, steps: str | None = None) -> Written:
     """The reply after its message (moved to the end first), the message complete, and the
     conversation's ``memory`` when given: only if its version is still ``seen`` (None: any), so
     a writer that missed another's turn never overwrites pins it did not see."""
@@ -160,8 +163,8 @@ def complete(db: sqlite3.Connection, cid: int, user_id: int, reply: str, tokens:
     db.execute("UPDATE messages SET status = 'complete' WHERE id = ?", (user_id,))
     cursor = db.execute(
         "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
-        " created_at) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?)",
-        (cid, next_seq(db, cid), reply, tokens, json.dumps(usage), now))
+        " created_at, steps) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?, ?)",
+        (cid, next_seq(db, cid), reply, tokens, json.dumps(usage), now, steps))
     db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
     return Written(int(cursor.lastrowid or 0), bump(db, cid))
 
@@ -178,9 +181,9 @@ def extend(db: sqlite3.Connection, cid: int, turn: TurnName, text: str, tokens: 
     db.execute("DELETE FROM messages WHERE id = ?", (old["id"],))
     cursor = db.execute(
         "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
-        " created_at) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?)",
+        " created_at, steps) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?, ?)",
         (cid, old["seq"], old["content"] + text, (old["tokens"] or 0) + tokens,
-         json.dumps(usage), old["created_at"]))
+         json.dumps(usage), old["created_at"], old["steps"]))
     db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
     return Written(int(cursor.lastrowid or 0), bump(db, cid))
 
@@ -242,8 +245,9 @@ def put_back(db: sqlite3.Connection, cid: int, user: Any, reply: Any, now: str) 
     for offset, (message, role) in enumerate(((user, "user"), (reply, "assistant"))):
         db.execute(
             "INSERT INTO messages (id, conversation_id, seq, role, content, status, tokens, "
-            "usage, created_at) VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?)",
+            "usage, created_at, steps) VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?)",
             (message.id, cid, seq + offset, role, message.content, message.tokens,
-             json.dumps(message.usage) if message.usage is not None else None, now))
+             json.dumps(message.usage) if message.usage is not None else None, now,
+             steps_to_json(message.steps)))
     db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
     return bump(db, cid)

@@ -29,6 +29,8 @@ from .conversation import (
     parse_json,
     read_transcript,
     render_markdown,
+    steps_to_json,
+    with_steps,
 )
 from .errors import InvalidInput
 from .params import GenerationParams
@@ -53,6 +55,8 @@ class ImportPlan:
     memory: dict[str, Any] = field(default_factory=dict)
     #: The file ended with a user message that has no reply: it is kept, ``interrupted``.
     unanswered: bool = False
+    #: The tool calls and results before a reply: entry index → steps (OpenAI JSON).
+    steps: dict[int, str] = field(default_factory=dict)
 
     @property
     def turns(self) -> int:
@@ -62,9 +66,20 @@ class ImportPlan:
 
 def plan_conversation(conversation: Conversation, **fields: Any) -> ImportPlan:
     """An already checked :class:`Conversation` (its complete turns) as an import."""
-    entries: list[tuple[str, str, str]] = [(m.role, m.content, "complete")
-                                           for m in conversation.messages]
-    return _finish(ImportPlan(conversation.system, entries, **fields))
+    return _finish(_grouped(conversation.system,
+                            [(m, "complete") for m in conversation.messages], fields))
+
+
+def _grouped(system: str | None, read: list[tuple[Message, str]],
+             fields: dict[str, Any]) -> ImportPlan:
+    """An import's messages, each reply carrying the tool calls and results before it."""
+    entries: list[tuple[str, str, str]] = []
+    steps: dict[int, str] = {}
+    for message, status, before in with_steps(read):
+        if before:
+            steps[len(entries)] = steps_to_json(before) or ""
+        entries.append((message.role, message.content, status))
+    return ImportPlan(system, entries, **fields, steps=steps)
 
 
 def read_import(text: str) -> ImportPlan:
@@ -100,8 +115,7 @@ def read_import(text: str) -> ImportPlan:
         get_persona(fields["persona"])
     if "params" in fields:
         fields["params"] = GenerationParams.from_mapping(fields["params"]).explicit()
-    entries: list[tuple[str, str, str]] = [(m.role, m.content, status) for m, status in read]
-    return _finish(ImportPlan(system, entries, **fields))
+    return _finish(_grouped(system, read, fields))
 
 
 def _finish(plan: ImportPlan) -> ImportPlan:
@@ -117,16 +131,17 @@ def _finish(plan: ImportPlan) -> ImportPlan:
                     if role == "assistant" and status == "complete")
         memory = check_memory_record(memory, turns)
     return ImportPlan(plan.system, entries, plan.title, plan.persona, plan.model, plan.params,
-                      memory, unanswered)
+                      memory, unanswered, plan.steps)
 
 
 # ----- exports ---------------------------------------------------------------------------------
 
 def export_json(info: ConversationInfo, messages: Sequence[StoredMessage]) -> str:
     """rolechat's own JSON: re-importable, interrupted messages marked so."""
-    items = []
+    items: list[dict[str, Any]] = []
     for m in messages:
-        item = {"role": m.role, "content": m.content}
+        items += [step.to_openai() for step in m.steps]
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.status != "complete":
             item["status"] = m.status
         items.append(item)
@@ -139,8 +154,9 @@ def export_json(info: ConversationInfo, messages: Sequence[StoredMessage]) -> st
 def export_markdown(info: ConversationInfo, messages: Sequence[StoredMessage]) -> str:
     """Every message under "You" / "Assistant" (interrupted ones labelled), then the memory's
     summary and pins."""
-    entries = [(Message("user" if m.role == "user" else "assistant", m.content), m.status)
-               for m in messages]
+    entries = [entry for m in messages for entry in (
+        *((step, "complete") for step in m.steps),
+        (Message("user" if m.role == "user" else "assistant", m.content), m.status))]
     text = render_markdown(info.title or f"Conversation {info.id}", info.system, entries)
     summary, pins = info.memory.get("summary"), info.memory.get("pins") or []
     if summary:

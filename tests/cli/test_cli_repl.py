@@ -320,3 +320,43 @@ def test_plain_replies_wrap_between_words_history_and_persona(spawn_repl):
     assert "with your own system prompt" in repl.send("/persona", "own system prompt")
     repl.child.sendeof()
     assert repl.finish() == 0
+
+
+def test_functions_show_each_call_and_result_before_the_reply(spawn_repl, rolechat_home,
+                                                              tmp_path):
+    tools = tmp_path / "tools.py"
+    tools.write_text('def get_weather(city: str) -> str:\n'
+                     '    """The current weather in a city."""\n'
+                     '    return f"WEATHER-{city.upper()}-21C"\n\n\n'
+                     'def _helper() -> None:\n    pass\n')
+    session = spawn_repl("--functions", str(tools), "--tool-choice", "get_weather", "-t", "0",
+                         "--max-new-tokens", "60", "--threads", "1")
+    output = session.send("What is the weather in Paris?", "WEATHER-")  # up to the prompt
+    assert "→ get_weather(" in output and "← WEATHER-" in output
+    assert output.index("→ get_weather(") < output.index("← WEATHER-")
+    session.child.sendeof()
+    assert session.finish() == 0
+    from rolechat.store import Store
+
+    store = Store(rolechat_home / "rolechat.db")
+    try:
+        (info,) = store.recent()
+        turn = store.conversation(info.id).turns[-1]
+    finally:
+        store.close()
+    assert [m.role for m in turn.steps][:2] == ["assistant", "tool"]
+    assert turn.steps[0].tool_calls[0].name == "get_weather"
+    assert turn.steps[1].content.startswith("WEATHER-")
+
+
+def test_a_bad_functions_file_is_one_clear_error(cli, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    assert "failed to load: SyntaxError" in cli.fails("chat", "--functions", str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("import os\n")
+    assert "defines no public function" in cli.fails("chat", "--functions", str(empty))
+    ok = tmp_path / "ok.py"
+    ok.write_text("def f(x: int) -> int:\n    return x\n")
+    assert "--tool-choice 'g'" in cli.fails("chat", "--functions", str(ok), "--tool-choice",
+                                            "g")

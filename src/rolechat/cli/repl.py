@@ -19,6 +19,10 @@ conversation; /history to see them]``), so the next message's prompt holds every
 conversation changed in another window since, they are refused ("this conversation changed in
 another window; /history to see it") and nothing is changed.
 
+Tools (``rolechat chat --functions FILE.py``): the model may call the file's functions; each
+round's text streams as a reply does, then each call and its result show (``→ name(args)``,
+``← result``), until the model answers; the turn is stored once, its calls and results in it.
+
 Parameters: ``/set`` changes one field, validated by the shared schema; ``/persona`` switches to
 the persona's system prompt and default parameters, with the parameters the user set
 explicitly (command-line flags and ``/set``) still applied on top.
@@ -27,7 +31,7 @@ explicitly (command-line flags and ``/set``) still applied on top.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,8 +41,10 @@ from rich.console import Console
 from ..chat import Chat, ReplyStream
 from ..engines.snapshots import format_size
 from ..errors import ConversationChanged, InvalidInput, RolechatError, UnknownName
+from ..functions import Rounds
 from ..params import GenerationParams
 from ..saved import Changes, SavedChat
+from ..toolcalls import CallStream, ContentDelta, ToolCall
 from ..window import check_room, memory_mode
 from .options import usage_line
 from .render import ReplyView, wrapped
@@ -82,6 +88,10 @@ class Repl:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     #: How replies are shown on a terminal: ``markdown`` or ``plain`` (see cli/render.py).
     rendering: str = "markdown"
+    #: Python functions offered to the model as tools (``--functions``), and the first
+    #: round's ``tool_choice``.
+    functions: list[Callable[..., Any]] = field(default_factory=list)
+    tool_choice: Any = None
 
     def __post_init__(self) -> None:
         # Lines are wrapped between words before they are printed (render.wrapped); rich
@@ -137,20 +147,49 @@ class Repl:
             return True
 
     def reply(self, text: str) -> bool:
-        """Stream the reply to ``text``; Ctrl-C discards it. True when it completed."""
-        return self.show(lambda: self.saved.stream(text))
-
-    def show(self, start: Callable[[], ReplyStream]) -> bool:
-        """Stream the reply ``start`` begins; Ctrl-C discards it. True when it completed."""
+        """Stream the reply to ``text``; Ctrl-C discards it. True when it completed. With
+        functions, each round of tool calls streams its text, then each call and its result
+        show, until the model answers."""
+        if not self.functions:
+            return self.show(lambda: self.saved.stream(text))
         try:
-            chunks = start()
+            rounds = Rounds(self.saved, text, self.functions, tool_choice=self.tool_choice,
+                            on_result=self.show_call)
+            for stream in rounds:
+                if not self.show(stream, calls=True):
+                    return False
+            return rounds.reply is not None
+        except RolechatError as exc:
+            self.error(exc)
+            return False
+
+    def show_call(self, call: ToolCall, result: str) -> None:
+        self.note(f"→ {call.name}({_short(call.arguments, 200)})", style="cyan")
+        self.note(f"← {_short(result, 400)}", style="cyan")
+
+    def show(self, start: Callable[[], ReplyStream] | ReplyStream, *,
+             calls: bool = False) -> bool:
+        """Stream the reply ``start`` begins (or the one it is); Ctrl-C discards it. True when
+        it completed. With ``calls``, the text of tool call blocks is not shown (the calls
+        show apart)."""
+        try:
+            chunks = start if isinstance(start, ReplyStream) else start()
         except RolechatError as exc:
             self.error(exc)
             return False
         view = ReplyView(self.out, self.rendering)
+        content = CallStream() if calls else None
         try:
             for chunk in chunks:
-                view.show(chunk)
+                if content is None:
+                    view.show(chunk)
+                    continue
+                for delta in content.feed(chunk):
+                    if isinstance(delta, ContentDelta):
+                        view.show(delta.text)
+            for delta in content.finish() if content is not None else ():
+                if isinstance(delta, ContentDelta):
+                    view.show(delta.text)
         except KeyboardInterrupt:
             view.done()
             self.note("[interrupted — the reply is not part of the conversation (saved, marked "
@@ -600,8 +639,9 @@ def read_lines(history_file: Path | None) -> Callable[[], str]:
 
 
 def run(saved: SavedChat, history_file: Path | None = None, *,
-        rendering: str = "markdown") -> None:
-    repl = Repl(saved, rendering=rendering)
+        rendering: str = "markdown", functions: Sequence[Callable[..., Any]] = (),
+        tool_choice: Any = None) -> None:
+    repl = Repl(saved, rendering=rendering, functions=list(functions), tool_choice=tool_choice)
     chat, engine = saved.chat, saved.chat.engine
     repl.note(f"rolechat · {Path(engine.model).name} · persona {chat.persona.name} · "
               f"context {engine.context_length} · /help for commands, \"\"\" or Esc Enter for "

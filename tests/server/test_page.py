@@ -23,8 +23,9 @@ from servers import rolechat_serve
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from rolechat.conversation import Conversation  # noqa: E402
+from rolechat.conversation import Conversation, Message  # noqa: E402
 from rolechat.store import Store  # noqa: E402
+from rolechat.toolcalls import ToolCall  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,6 +35,10 @@ DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 844}
 KEY = "page-key"
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+#: A turn's tool call and its result (a result with markup: shown as text).
+TOOL_STEPS = (
+    Message("assistant", "", (ToolCall("call_w1", "get_weather", '{"city": "Paris"}'),)),
+    Message("tool", '{"temp": 21, "sky": "<b>clear</b>"}', tool_call_id="call_w1"))
 # A reply with Markdown worth rendering, and Markdown-borne attacks that must stay inert.
 MARKDOWN = """Here is **bold** text and a list:
 
@@ -92,8 +97,12 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sliding = store.import_conversation(Conversation.from_tuples(LONG_TURNS), title="Seeded long",
                                         params=LONG_PARAMS)
     store.update(sliding, memory={"mode": "summary", "summary": None, "covers": 0, "pins": []})
+    tools = store.create(title="Seeded tools")
+    uid = store.begin_turn(tools, "Weather in Paris?")
+    store.complete_turn(tools, uid, "It is 21 degrees in Paris.", 9, {}, steps=TOOL_STEPS)
     store.close()
-    return {"home": home, "cid": cid, "markdown": markdown, "memory": memory, "sliding": sliding}
+    return {"home": home, "cid": cid, "markdown": markdown, "memory": memory, "sliding": sliding,
+            "tools": tools}
 
 
 @pytest.fixture(scope="module")
@@ -642,6 +651,29 @@ def test_export_keeps_interrupted_messages_as_the_cli_does(server: str, seeded: 
     assert data == json.loads(cli_export(seeded, cid, "json"))
     assert data["messages"][-1] == {"role": "user", "content": "this one was cut off",
                                     "status": "interrupted"}
+
+
+def test_stored_tool_calls_are_collapsible_cards(server: str, seeded: dict[str, Any],
+                                                 page: Any, shots: Path) -> None:
+    cid = seeded["tools"]
+    load(page, f"{server}/#c={cid}")
+    card = page.locator("[data-testid=tool-call]")
+    assert card.count() == 1
+    assert card.locator(".tool-name").inner_text() + card.locator(".tool-args").inner_text() \
+        == 'get_weather({"city": "Paris"})'
+    result = card.locator("[data-testid=tool-result]")
+    assert not result.is_visible()  # collapsed until opened
+    card.locator("summary").click()
+    assert result.is_visible() and result.inner_text() == '{"temp": 21, "sky": "<b>clear</b>"}'
+    assert card.locator("b").count() == 0  # the result's markup is text
+    # The card stands before the reply it led to.
+    order = page.eval_on_selector_all("#messages > *", "nodes => nodes.map(n => n.dataset.testid)")
+    assert order.index("tool-call") < order.index("msg-assistant")
+    shot(page, shots, "tool-calls")
+    _, text = page_export(page, "export-md")
+    assert text == cli_export(seeded, cid, "md")
+    _, text = page_export(page, "export-json")
+    assert json.loads(text) == json.loads(cli_export(seeded, cid, "json"))
 
 
 def test_delete_conversation(server: str, page: Any) -> None:

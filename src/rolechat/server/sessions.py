@@ -262,7 +262,8 @@ def conversation_body(state: ServerState, info: ConversationInfo, *,
                             "turns": info.turns, "version": info.version}
     if messages:
         body["messages"] = [{"id": m.id, "role": m.role, "content": m.content,
-                             "status": m.status, "tokens": m.tokens, "usage": m.usage}
+                             "status": m.status, "tokens": m.tokens, "usage": m.usage,
+                             **({"steps": [s.to_openai() for s in m.steps]} if m.steps else {})}
                             for m in state.store.messages(info.id)]
     return body
 

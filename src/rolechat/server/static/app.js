@@ -11,8 +11,8 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
-import { addLine, addMemoryLines, addMessage, clearEmpty, endWaiting, keepPartial, loadPartials,
-         markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
+import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
+         keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
          startWaiting, streamText, turnList, usageText } from "./messages.js";
 import { act, button, el, els, showError, showNotice, state } from "./page.js";
 
@@ -181,6 +181,7 @@ function renderConversation(conv) {
   let summarized = new Set();  // the turns the summary covered after the previous reply
   const messages = conv.messages || [];
   messages.forEach((m, index) => {
+    if (m.steps) addToolCards(m.steps);
     const node = addMessage(m.role, m.content, m.status, undefined, m.id);
     if (m.role === "assistant" && m.usage) {
       addLine(node, "usage", usageText(m.usage), "usage");

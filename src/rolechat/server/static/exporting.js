@@ -42,11 +42,32 @@ function label(messages, index) {
   return name;
 }
 
+// A reply's tool calls and their results, as conversation.render_markdown writes them.
+function stepLines(steps) {
+  const lines = [];
+  for (const step of steps || []) {
+    if (step.role === "tool") {
+      lines.push("### Tool result (" + step.tool_call_id + ")", "", "```",
+                 String(step.content).split("```").join("` ` `"), "```", "");
+    } else {
+      lines.push("### Assistant calls tools", "");
+      if (step.content) lines.push(closeFences(step.content), "");
+      for (const call of step.tool_calls || []) {
+        lines.push("- `" + call.function.name + "(" + call.function.arguments + ")` ("
+                   + call.id + ")");
+      }
+      lines.push("");
+    }
+  }
+  return lines;
+}
+
 function markdown(conv) {
   const messages = conv.messages || [];
   const lines = ["# " + (conv.title || "Conversation " + conv.id), ""];
   if (conv.system) lines.push("**System:** " + closeFences(conv.system), "");
   messages.forEach((m, index) => {
+    lines.push(...stepLines(m.steps));
     lines.push("### " + label(messages, index), "", closeFences(m.content), "");
   });
   let text = lines.join("\n");
@@ -58,9 +79,10 @@ function markdown(conv) {
 }
 
 function json(conv) {
-  const messages = (conv.messages || []).map((m) => (m.status && m.status !== "complete"
-    ? { role: m.role, content: m.content, status: m.status }
-    : { role: m.role, content: m.content }));
+  const messages = (conv.messages || []).flatMap((m) => [
+    ...(m.steps || []),
+    (m.status && m.status !== "complete" ? { role: m.role, content: m.content, status: m.status }
+      : { role: m.role, content: m.content })]);
   return JSON.stringify({ system: conv.system ?? null, messages: messages, id: conv.id,
                           title: conv.title, persona: conv.persona ?? null,
                           model: conv.model ?? null, params: conv.params ?? {},

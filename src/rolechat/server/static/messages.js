@@ -134,6 +134,38 @@ export function markStatus(node, status, note) {
   addLine(node, "status", note ? status + " · " + note : status, "status");
 }
 
+// A reply's tool calls and their results (stored with it, before it): one collapsible card
+// per call, its name and arguments in the summary, the arguments and the result inside. All
+// of it is text, never markup.
+export function addToolCards(steps) {
+  const results = new Map();
+  for (const step of steps || []) {
+    if (step.role === "tool") results.set(step.tool_call_id, step.content);
+  }
+  for (const step of steps || []) {
+    for (const call of step.tool_calls || []) {
+      const card = el("details", "tool-card");
+      card.dataset.testid = "tool-call";
+      const summary = el("summary", "tool-summary");
+      summary.appendChild(el("span", "tool-kind", "tool call"));
+      summary.appendChild(el("span", "tool-name", call.function.name));
+      summary.appendChild(el("span", "tool-args", "(" + call.function.arguments + ")"));
+      card.appendChild(summary);
+      card.appendChild(el("div", "tool-label", "Arguments"));
+      card.appendChild(el("pre", "tool-arguments", prettyJson(call.function.arguments)));
+      card.appendChild(el("div", "tool-label", "Result"));
+      const result = el("pre", "tool-result", results.get(call.id) ?? "(no result)");
+      result.dataset.testid = "tool-result";
+      card.appendChild(result);
+      els.messages.appendChild(card);
+    }
+  }
+}
+
+function prettyJson(text) {
+  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (_) { return text; }
+}
+
 // A message node; `id` is its stored id (a reply's id names its turn to undo and retry).
 export function addMessage(role, content, status, note, id) {
   const node = el("div", "msg " + (role === "user" ? "user" : "assistant"));

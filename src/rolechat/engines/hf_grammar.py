@@ -182,9 +182,15 @@ class CompiledGrammar:
 _OPTIONS = '%llguidance {"no_forcing": true}'
 
 
+#: Ranges of code points that are not characters (surrogates, past U+10FFFF): llama.cpp's
+#: grammars exclude them from a character class (rolechat.schemas' strings do), llguidance's
+#: regular expressions cannot name them, and its text never holds them: they go.
+_NOT_CHARACTERS = re.compile(r"\\u[dD]800-\\u[dD][fF]{3}|\\U00110000-\\U001[fF]{5}")
+
+
 def _lark(llguidance: Any, gbnf: str) -> str:
     """``gbnf`` in llguidance's Lark, with :data:`_OPTIONS`."""
-    lark = str(llguidance.gbnf_to_lark.gbnf_to_lark(gbnf))
+    lark = str(llguidance.gbnf_to_lark.gbnf_to_lark(_NOT_CHARACTERS.sub("", gbnf)))
     default = "%llguidance {}"
     return lark.replace(default, _OPTIONS, 1) if default in lark else f"{_OPTIONS}\n{lark}"
 

@@ -245,9 +245,18 @@ class GrammarSampler(LlamaSampler):
         self._adapter.api.llama_sampler_apply(self._grammar, ctypes.byref(single))
         return bool(np.isfinite(self._one[0]["logit"]))
 
+    #: False: the grammar is applied to every candidate before the chain picks (what the
+    #: sample-first order saves; benchmarks/structured.py measures both).
+    sample_first = True
+
     def sample(self, row: int) -> int:
         api = self._adapter.api
-        token = self._choose(self._candidates(row))
+        if not self.sample_first:
+            cur = self._candidates(row)
+            api.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+            token = self._choose(cur)
+        else:
+            token = self._choose(self._candidates(row))
         if not self.allows(token):
             self.rejected += 1
             cur = self._candidates(row)

@@ -157,7 +157,7 @@ def decode_speed(texts: list[str], threads: int) -> dict[str, Any]:
     from rolechat.constraint import Constraint
     from rolechat.conversation import Message
     from rolechat.engines import load_engine
-    from rolechat.engines.llama_adapter import GrammarSampler
+    from rolechat.engines.llama_grammar import GrammarSampler
     from rolechat.params import GenerationParams
 
     engine = load_engine(n_threads=threads)

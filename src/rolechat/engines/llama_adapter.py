@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 
 from ..constraint import Constraint
-from ..errors import InvalidInput
 from ..params import GenerationParams
 from .adapter import Adapter, Sampler
 from .kvcache import KVSnapshot, SnapshotError, as_ids
@@ -179,100 +178,6 @@ class LlamaSampler(Sampler):
         self._chain.close()  # type: ignore[no-untyped-call]
 
 
-#: llama.cpp's ``llama_token_data``: id, logit, probability.
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-
-
-class GrammarSampler(LlamaSampler):
-    """A reply's sampler chain under a grammar (llama.cpp's grammar sampler, lazy or strict),
-    applied as llama.cpp's common sampler does: the chain picks a token from the whole
-    vocabulary; only if the grammar refuses that one token is the grammar applied to every
-    candidate and the chain asked again. Both then accept the token."""
-
-    def __init__(self, adapter: LlamaAdapter, params: GenerationParams,
-                 constraint: Constraint) -> None:
-        super().__init__(adapter, params)
-        api = adapter.api
-        assert constraint.gbnf is not None
-        gbnf, root = constraint.gbnf.encode(), b"root"
-        if constraint.triggers:
-            patterns = (ctypes.c_char_p * len(constraint.triggers))(
-                *(t.encode() for t in constraint.triggers))
-            grammar = api.llama_sampler_init_grammar_lazy_patterns(
-                adapter.model.vocab, gbnf, root, patterns, len(constraint.triggers), None, 0)
-        else:
-            grammar = api.llama_sampler_init_grammar(adapter.model.vocab, gbnf, root)
-        if not grammar:
-            self._grammar = None
-            super().close()
-            raise InvalidInput("llama.cpp could not parse the reply's grammar (GBNF).",
-                               "Check the grammar; the server's log names the rule.")
-        self._grammar = grammar
-        n = adapter.n_vocab
-        self._ids = np.arange(n, dtype=np.int32)
-        self._data = np.zeros(n, dtype=TOKEN_DATA)
-        self._one = np.zeros(1, dtype=TOKEN_DATA)
-        self._all = api.llama_token_data_array(
-            data=self._data.ctypes.data_as(api.llama_token_data_p), size=n, selected=-1,
-            sorted=False)
-        self._single = api.llama_token_data_array(
-            data=self._one.ctypes.data_as(api.llama_token_data_p), size=1, selected=-1,
-            sorted=False)
-        #: Tokens the grammar refused after the chain chose them (each cost a full pass).
-        self.rejected = 0
-
-    def _candidates(self, row: int) -> Any:
-        adapter = self._adapter
-        logits = adapter.api.llama_get_logits_ith(adapter.ctx.ctx, row)
-        self._data["id"] = self._ids
-        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(adapter.n_vocab,))
-        self._data["p"] = 0.0
-        cur = self._all
-        cur.data, cur.size, cur.selected, cur.sorted = (
-            self._data.ctypes.data_as(adapter.api.llama_token_data_p), adapter.n_vocab, -1,
-            False)
-        return cur
-
-    def _choose(self, cur: Any) -> int:
-        self._adapter.api.llama_sampler_apply(self._chain.sampler, ctypes.byref(cur))
-        return int(cur.data[cur.selected].id)
-
-    def allows(self, token: int) -> bool:
-        """Whether the grammar accepts ``token`` next (no state changes)."""
-        self._one[0] = (token, 1.0, 0.0)
-        single = self._single
-        single.size, single.selected, single.sorted = 1, -1, False
-        self._adapter.api.llama_sampler_apply(self._grammar, ctypes.byref(single))
-        return bool(np.isfinite(self._one[0]["logit"]))
-
-    #: False: the grammar is applied to every candidate before the chain picks (what the
-    #: sample-first order saves; benchmarks/structured.py measures both).
-    sample_first = True
-
-    def sample(self, row: int) -> int:
-        api = self._adapter.api
-        if not self.sample_first:
-            cur = self._candidates(row)
-            api.llama_sampler_apply(self._grammar, ctypes.byref(cur))
-            token = self._choose(cur)
-        else:
-            token = self._choose(self._candidates(row))
-        if not self.allows(token):
-            self.rejected += 1
-            cur = self._candidates(row)
-            api.llama_sampler_apply(self._grammar, ctypes.byref(cur))
-            token = self._choose(cur)
-        api.llama_sampler_accept(self._grammar, token)
-        api.llama_sampler_accept(self._chain.sampler, token)
-        return token
-
-    def close(self) -> None:
-        if self._grammar is not None:
-            self._adapter.api.llama_sampler_free(self._grammar)
-            self._grammar = None
-        super().close()
-
-
 class LlamaAdapter(Adapter):
     """A GGUF model's context of ``n_seq`` sequences."""
 
@@ -363,6 +268,8 @@ class LlamaAdapter(Adapter):
     def sampler(self, params: GenerationParams, prompt: Sequence[int] = (),
                 constraint: Constraint | None = None) -> Sampler:
         if constraint is not None and constraint.gbnf is not None:
+            from .llama_grammar import GrammarSampler
+
             return GrammarSampler(self, params, constraint)
         return LlamaSampler(self, params)
 

@@ -61,6 +61,29 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class OpenTurn:
+    """A turn whose last reply called tools: its user message, the log's handle for it, and
+    its steps so far (the last one the calls that wait for their results)."""
+
+    text: str
+    handle: Any
+    steps: tuple[Message, ...]
+
+    def answered(self, results: Sequence[tuple[str, str]]) -> tuple[Message, ...]:
+        """The steps with ``results`` (``(tool_call_id, content)``, one per waiting call)."""
+        waiting = [c.id for c in self.steps[-1].tool_calls]
+        given = [call_id for call_id, _ in results]
+        if sorted(given) != sorted(waiting):
+            raise InvalidInput(f"The results must answer exactly the waiting calls "
+                               f"({', '.join(waiting)}); got {', '.join(given) or 'none'}.",
+                               "Send one result per call, with its tool_call_id.",
+                               field="tool_results")
+        return (*self.steps, *(Message("tool", check_text(content, "tool result",
+                                                          allow_blank=True),
+                                       tool_call_id=call_id) for call_id, content in results))
+
+
+@dataclass(frozen=True)
 class ReplyShape:
     """What a reply must be (its constraint) and how its text becomes a value or tool calls."""
 
@@ -136,11 +159,11 @@ class ReplyStream(Iterator[str]):
         # The log first: a saved chat creates its conversation now, and with it the cache key.
         # A round after tool calls goes on with the turn its first round began.
         open_turn, chat.open_turn = chat.open_turn, None
-        if open_turn is not None and plan.steps and open_turn[0] == text:
-            self._handle = open_turn[1]
+        if open_turn is not None and plan.steps and open_turn.text == text:
+            self._handle = open_turn.handle
         else:
             if open_turn is not None and chat.log is not None:  # left with its calls open
-                chat.log.failed(open_turn[1])
+                chat.log.failed(open_turn.handle)
             self._handle = (chat.log.started(text, plan, continues=continues)
                             if chat.log is not None else None)
         self._open = True
@@ -230,7 +253,8 @@ class ReplyStream(Iterator[str]):
                                    tool_calls=calls, steps=self._plan.steps)
                 if calls:  # no turn yet: the calls' results come first
                     self._open = False
-                    self._chat.open_turn = (self._text, self._handle)
+                    self._chat.open_turn = OpenTurn(self._text, self._handle, (
+                        *self._plan.steps, Message("assistant", text, calls)))
                     raise
                 self._open = False
                 if self._memory is not None:
@@ -304,9 +328,9 @@ class Chat:
         self.conversation = conversation
         self.first_turn = 0
         self.last_reply: Reply | None = None
-        #: A turn whose last reply called tools: its user message and the log's handle (the
-        #: next round, with the calls' results as steps, goes on with it).
-        self.open_turn: tuple[str, Any] | None = None
+        #: A turn whose last reply called tools (the next round, with the calls' results as
+        #: steps, goes on with it).
+        self.open_turn: OpenTurn | None = None
         #: Records each turn as it happens (e.g. in the conversation store); optional.
         self.log = log
         #: Names this conversation to the engine, which keeps its KV state warm under it
@@ -499,6 +523,18 @@ class Chat:
         last = self.conversation.messages[-1]
         self.conversation.messages[-1] = Message("assistant", last.content + reply.text)
         self.last_reply = reply
+
+    def answer_tools(self, results: Sequence[tuple[str, str]], **options: Any) -> ReplyStream:
+        """Go on with the turn whose last reply called tools: ``results`` are
+        ``(tool_call_id, content)``, one per call; ``options`` as for :meth:`stream` (the
+        tools offered again, ...)."""
+        open_turn = self.open_turn
+        if open_turn is None:
+            raise InvalidInput("No tool calls are waiting for results.",
+                               "Send results only after a reply that calls tools.",
+                               field="tool_results")
+        steps = open_turn.answered(results)
+        return self.stream(open_turn.text, steps=steps, **options)
 
     def send(self, text: str, *, pinned: bool = False, schema: Any = None, json: bool = False,
              tools: Any = None, tool_choice: Any = None, parallel_tool_calls: Any = None,

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,6 +304,12 @@ class SavedChat:
     def stream(self, text: str, *, pinned: bool = False, **overrides: Any) -> ReplyStream:
         self.refresh()  # the prompt holds every stored turn, other writers' too
         return self.chat.stream(text, pinned=pinned, **overrides)
+
+    def answer_tools(self, results: Sequence[tuple[str, str]], **options: Any) -> ReplyStream:
+        """The results of the calls the last reply made: the model goes on with that turn
+        (see :meth:`~rolechat.chat.Chat.answer_tools`)."""
+        self.refresh()
+        return self.chat.answer_tools(results, **options)
 
     def send(self, text: str, *, pinned: bool = False, **overrides: Any) -> Reply:
         self.refresh()

@@ -42,13 +42,14 @@ from ..engines.base import Waiting
 from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
 from ..params import GenerationParams
 from ..persona import Persona, get_persona
-from ..toolcalls import CallDelta, CallStream, ContentDelta, Tools
+from ..toolcalls import CallStream, Tools
 from ..window import Window
 from .state import ServerState, state_of
 from .wire import (
     DONE,
     check_openai_messages,
     check_stops,
+    delta_body,
     openai_messages,
     openai_names,
     response_format,
@@ -151,17 +152,6 @@ class ChatRequest(BaseModel):
                 "presence_penalty": self.presence_penalty})
         except InvalidParams as exc:
             raise openai_names(exc) from None
-
-
-def delta_body(delta: ContentDelta | CallDelta) -> dict[str, Any]:
-    """One parsed piece of a reply with tools as OpenAI's ``delta``."""
-    if isinstance(delta, ContentDelta):
-        return {"content": delta.text}
-    call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
-    if delta.id is not None:
-        call.update(id=delta.id, type="function")
-        call["function"]["name"] = delta.name
-    return {"tool_calls": [call]}
 
 
 def model_id(engine_model: str) -> str:

@@ -10,7 +10,15 @@ Contract:
   ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
   not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
-  A reply names its stored turn (``turn``: the reply's message id).
+  A reply names its stored turn (``turn``: the reply's message id). A message may carry
+  ``response_format`` (JSON replies) and ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
+  as ``/v1/chat/completions`` takes them: a reply that calls tools (``finish_reason``
+  ``tool_calls``, ``message.tool_calls``; streamed as ``{"tool_calls": [...]}`` events in
+  OpenAI's delta shape) leaves its turn waiting — its message ``pending`` — until a message
+  with ``tool_results`` (``[{"tool_call_id", "content"}]``, one per call) answers them; the
+  turn is then stored once, its calls and results with its reply (``steps`` in ``GET``). The
+  waiting turn lives in the session's chat: a new message instead, or the session leaving the
+  LRU or the process, leaves it ``interrupted``.
 - Several writers (tabs, REPLs, clients) share a conversation: every write moves its
   ``version``; before it acts or plans, a session takes what other writers stored. Retry and
   undo act on the turn the client names (``{"turn": id}``, the id of the last reply it shows;
@@ -64,12 +72,14 @@ from ..params import GenerationParams
 from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
+from ..toolcalls import CallDelta, CallStream, ContentDelta, Tools
 from ..window import MEMORY_SETTINGS, Window, check_room, summarizes
 from .state import ServerState, state_of
 from .wire import (
     DONE,
     bearer_key,
     check_stops,
+    delta_body,
     etag,
     if_match,
     owner_id,
@@ -93,15 +103,27 @@ class NewConversation(BaseModel):
     title: str = ""
 
 
+class ToolResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tool_call_id: str
+    content: str
+
+
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    content: str
+    #: The user's message; or, instead, the results of the calls the last reply made.
+    content: str | None = None
+    tool_results: list[ToolResult] | None = None
     stream: bool = False
     params: dict[str, Any] | None = None
     #: Pin this turn once it is recorded: the window always keeps it.
     pinned: bool = False
     #: OpenAI's response_format: the reply is JSON (under a schema).
     response_format: dict[str, Any] | None = None
+    #: OpenAI's tools: the reply may call them (then its turn waits for tool_results).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class Retry(BaseModel):
@@ -386,12 +408,23 @@ async def undo(cid: int, request: Request, body: Undo | None = None) -> dict[str
 @router.post("/conversations/{cid}/messages", response_model=None)
 async def message(cid: int, body: NewMessage, request: Request) -> Any:
     state = state_of(request)
-    text = text_of(body.content, "content", "content")
+    if (body.content is None) == (body.tool_results is None):
+        raise InvalidInput("Send either content (a message) or tool_results (the results of "
+                           "the calls the last reply made).", "Send one of the two.",
+                           field="content")
     overrides = overrides_of(state, body.params)
-    shape = response_format(body.response_format)
+    shape = {**response_format(body.response_format), "tools": body.tools,
+             "tool_choice": body.tool_choice, "parallel_tool_calls": body.parallel_tool_calls}
+    Tools.parse(body.tools, body.tool_choice, body.parallel_tool_calls)  # before anything
+    if body.tool_results is not None:
+        results = [(r.tool_call_id, r.content) for r in body.tool_results]
+        return await reply(request, cid, body.stream,
+                           lambda saved: saved.answer_tools(results, **shape, **overrides),
+                           calls=bool(body.tools))
+    text = text_of(body.content, "content", "content")
     return await reply(request, cid, body.stream,
                        lambda saved: saved.stream(text, pinned=body.pinned, **shape,
-                                                  **overrides))
+                                                  **overrides), calls=bool(body.tools))
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)
@@ -403,9 +436,10 @@ async def retry(cid: int, body: Retry, request: Request) -> Any:
 
 
 async def reply(request: Request, cid: int, stream: bool,
-                start: Callable[[SavedChat], ReplyStream]) -> Any:
+                start: Callable[[SavedChat], ReplyStream], *, calls: bool = False) -> Any:
     """Start a reply under the conversation's lock (errors found before generating get their
-    HTTP status), hand it to the worker, and answer with JSON or SSE."""
+    HTTP status), hand it to the worker, and answer with JSON or SSE (``calls``: tools were
+    offered, the stream's text goes through a tool-call parser)."""
     state, owner = state_of(request), owner_of(request)
     await asyncio.to_thread(owned, state, cid, owner)
     lock = state.lock_of(cid)
@@ -424,8 +458,16 @@ async def reply(request: Request, cid: int, stream: bool,
         if done is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
         return done_body(text, done)
-    return StreamingResponse(session_stream(events), media_type="text/event-stream",
+    return StreamingResponse(session_stream(events, CallStream() if calls else None),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
+
+
+def delta_event(delta: ContentDelta | CallDelta) -> dict[str, Any]:
+    """A parsed piece of a session reply with tools: ``delta`` text or ``tool_calls``."""
+    if isinstance(delta, ContentDelta):
+        return {"delta": delta.text}
+    return delta_body(delta)
 
 
 async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
@@ -434,12 +476,20 @@ async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
 
 
 def done_body(text: str, reply: Reply) -> dict[str, Any]:
-    return {"message": {"role": "assistant", "content": text}, "turn": reply.turn,
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reply.tool_calls:  # the turn waits for their results (tool_results)
+        message.update(content=reply.text,
+                       tool_calls=[call.to_openai() for call in reply.tool_calls])
+    return {"message": message, "turn": reply.turn,
             "finish_reason": reply.finish_reason, "usage": usage_body(reply),
             "rolechat": rolechat_body(reply.plan, reply)}
 
 
-async def session_stream(events: AsyncGenerator[Event | Reply, None]) -> AsyncIterator[str]:
+async def session_stream(events: AsyncGenerator[Event | Reply, None],
+                         calls: CallStream | None = None) -> AsyncIterator[str]:
+    """A session reply's events: ``delta`` text, ``waiting`` notices, then ``done`` with the
+    whole message. With ``calls`` (tools offered) the text outside tool calls comes as
+    ``delta`` and the calls as ``tool_calls`` events in OpenAI's delta shape."""
     parts: list[str] = []
     reply: Reply | None = None
     try:
@@ -448,9 +498,15 @@ async def session_stream(events: AsyncGenerator[Event | Reply, None]) -> AsyncIt
                 reply = item
             elif isinstance(item, Waiting):  # every sequence is busy: how many are ahead
                 yield sse({"waiting": {"ahead": item.ahead}})
+            elif calls is not None:
+                parts.append(item)
+                for delta in calls.feed(item):
+                    yield sse(delta_event(delta))
             else:
                 parts.append(item)
                 yield sse({"delta": item})
+        for delta in calls.finish() if calls is not None else ():
+            yield sse(delta_event(delta))
     except RolechatError as exc:
         yield sse_error(exc)
         return

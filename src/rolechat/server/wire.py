@@ -22,6 +22,8 @@ Contract:
   messages anywhere join the system prompt, consecutive same-role messages are joined), after
   :func:`check_openai_messages` checked each one where the client put it;
   :func:`openai_names` puts the client's parameter names back into an error.
+- :func:`delta_body`: a piece of a reply with tools as OpenAI's streamed ``delta`` (content,
+  or a tool call's first piece with its index, id, type and name, then argument fragments).
 - :func:`response_format` reads OpenAI's ``response_format`` (``text``, ``json_object``,
   ``json_schema`` with its ``name``, ``schema`` and ``strict``; llama-cpp-python's
   ``json_object`` with a ``schema`` too) into what the chat takes (``schema=`` / ``json=``);
@@ -49,6 +51,7 @@ from ..errors import (
     UnknownName,
 )
 from ..schemas import check_schema
+from ..toolcalls import CallDelta, ContentDelta
 from ..window import WindowPlan
 
 #: The last frame of every stream.
@@ -59,6 +62,17 @@ OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 API_KEY_SCOPE = "rolechat.api_key"
 #: OpenAI's limit on stop sequences, for completions and sessions alike.
 MAX_STOPS = 4
+
+
+def delta_body(delta: ContentDelta | CallDelta) -> dict[str, Any]:
+    """One parsed piece of a reply with tools as OpenAI's ``delta``."""
+    if isinstance(delta, ContentDelta):
+        return {"content": delta.text}
+    call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function")
+        call["function"]["name"] = delta.name
+    return {"tool_calls": [call]}
 
 
 def response_format(value: Any, field: str = "response_format") -> dict[str, Any]:

@@ -33,7 +33,7 @@ from .functions import run as run_functions
 from .memory import DEFAULT_TEMPLATE, Memory, SummaryFailed, summarize, summary_request
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
-from .toolcalls import ToolCall, Tools, parse_reply
+from .toolcalls import CallIds, ToolCall, Tools, parse_reply
 from .window import Window, WindowPlan
 
 
@@ -153,6 +153,9 @@ class ReplyStream(Iterator[str]):
         self._chat, self._text, self._plan, self._params = chat, text, plan, params
         self._pinned = pinned
         self._shape = shape
+        #: The ids of the calls this reply makes (a parser of its stream given these names
+        #: them as the reply does).
+        self.call_ids = CallIds()
         #: True when this reply continues the last one (its text is appended to it).
         self.continues = continues
         self.reply: Reply | None = None
@@ -244,7 +247,7 @@ class ReplyStream(Iterator[str]):
                           if shape is not None else None)
                 calls: tuple[ToolCall, ...] = ()
                 if shape is not None and shape.tools is not None:
-                    text, found = parse_reply(text)
+                    text, found = parse_reply(text, self.call_ids)
                     calls = tuple(found)
                     if calls and finish == "stop":
                         finish = "tool_calls"

@@ -30,7 +30,7 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,19 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\<]{1,200})"\s*,\s*"arguments"\s
 def new_call_id() -> str:
     """``call_`` and 24 random letters and digits, as OpenAI's ids look."""
     return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+
+
+class CallIds:
+    """The ids of one reply's calls by index, each made once (:func:`new_call_id`): the reply
+    parsed as it streams and parsed whole names its calls alike."""
+
+    def __init__(self) -> None:
+        self._made: list[str] = []
+
+    def __call__(self, index: int) -> str:
+        while len(self._made) <= index:
+            self._made.append(new_call_id())
+        return self._made[index]
 
 
 def _invalid(message: str, hint: str, where: str) -> InvalidInput:
@@ -324,6 +337,8 @@ class CallStream:
 
     #: The calls so far (one cut off by the end of the reply included, by :meth:`finish`).
     calls: list[ToolCall] = field(default_factory=list)
+    #: Names the reply's calls by index (share one between two parsers of the same reply).
+    ids: Callable[[int], str] = field(default_factory=lambda: CallIds())
     _mode: str = "text"  # text | head (a block's start) | args | tail (after the arguments)
     _pending: str = ""
     _space: str = ""  # content whitespace held back
@@ -375,7 +390,7 @@ class CallStream:
         if self._mode == "head":
             head = _HEAD.match(pending)
             if head:
-                self._call, self._args = (new_call_id(), head.group(1)), []
+                self._call, self._args = (self.ids(len(self.calls)), head.group(1)), []
                 self._depth, self._quoted, self._escaped, self._gap = 0, False, False, ""
                 self._out.append(CallDelta(len(self.calls), *self._call, ""))
                 self._pending, self._mode = pending[head.end() - 1:], "args"
@@ -444,7 +459,7 @@ class CallStream:
         parsed = _loads(block)
         if (isinstance(parsed, dict) and isinstance(parsed.get("name"), str) and parsed["name"]
                 and isinstance(parsed.get("arguments"), dict)):
-            call = ToolCall(new_call_id(), parsed["name"],
+            call = ToolCall(self.ids(len(self.calls)), parsed["name"],
                             json.dumps(parsed["arguments"], ensure_ascii=False))
             self._out.append(CallDelta(len(self.calls), call.id, call.name, call.arguments))
             self.calls.append(call)
@@ -462,9 +477,11 @@ class CallStream:
             self._space += text
 
 
-def parse_reply(text: str) -> tuple[str, list[ToolCall]]:
+def parse_reply(text: str, ids: Callable[[int], str] | None = None
+                ) -> tuple[str, list[ToolCall]]:
     """A finished reply: its content without the call blocks (stripped), and its calls; the
-    same result as :class:`CallStream` fed the reply in any pieces."""
-    stream = CallStream()
+    same result as :class:`CallStream` fed the reply in any pieces (the same ids too, given
+    the same ``ids``)."""
+    stream = CallStream() if ids is None else CallStream(ids=ids)
     deltas = stream.feed(text) + stream.finish()
     return "".join(d.text for d in deltas if isinstance(d, ContentDelta)), stream.calls

@@ -83,6 +83,7 @@ def test_a_streamed_call_comes_in_openai_deltas(client: httpx.Client) -> None:
     assert done["done"] and done["finish_reason"] == "tool_calls"
     (call,) = done["message"]["tool_calls"]
     assert "".join(p["function"]["arguments"] for p in pieces) == call["function"]["arguments"]
+    assert pieces[0]["id"] == call["id"]  # the id to answer is the one that streamed
     assert not any("<tool_call>" in e.get("delta", "") for e in events)
 
 

@@ -260,7 +260,7 @@ async def completions(body: ChatRequest, request: Request) -> Any:
                              "message": message}],
                 "usage": usage_body(reply), "rolechat": rolechat_body(reply.plan, reply)}
     usage = body.stream_options is not None and body.stream_options.include_usage
-    calls = CallStream() if body.tools else None
+    calls = CallStream(ids=stream.call_ids) if body.tools else None
     return StreamingResponse(openai_stream(head, events, usage, calls),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

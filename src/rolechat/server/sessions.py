@@ -458,7 +458,8 @@ async def reply(request: Request, cid: int, stream: bool,
         if done is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
         return done_body(text, done)
-    return StreamingResponse(session_stream(events, CallStream() if calls else None),
+    parser = CallStream(ids=replying.call_ids) if calls else None
+    return StreamingResponse(session_stream(events, parser),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 

@@ -29,10 +29,17 @@ def load_engine(model: str | Path | None = None, *, engine: str | None = None,
     ``context_length``, ``chat_template`` for all; ``n_threads``, ``kv_cache_ram`` for the
     local engines; ``n_gpu_layers``, ``parallel`` for llama.cpp; ``device``, ``dtype``,
     ``fast_decode``, ``capture`` for transformers; ``base_url``, ``api_key``, ``tokenizer``,
-    ``timeout``, ``max_retries`` for openai (``model`` is then the served name). ``hub`` ("hf"
+    ``timeout``, ``max_retries`` for openai (``model`` is then the served name). ``model`` may
+    name a model on this machine as ``rolechat models list`` does (``ollama:qwen2.5:3b``,
+    ``hf:OWNER/REPO:FILE``, ...: :mod:`rolechat.models`). ``hub`` ("hf"
     or "modelscope") downloads ``model`` by id — only when asked. ``kv_store`` is the KV store
     a local engine keeps its snapshots in (default: its own, in RAM only, of ``kv_cache_ram``
     bytes)."""
+    if hub is None and not options.get("base_url") and model is not None:
+        from ..models import is_model_name, resolve_model
+
+        if is_model_name(model):  # a model on this machine, by the name models list gives
+            model = resolve_model(str(model)).path
     name = engine or engine_for(model, hub, options.get("base_url"))
     if hub is not None and name != "transformers":
         raise ModelLoadError(str(model), f"the {name} engine does not download models",

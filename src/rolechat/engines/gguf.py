@@ -1,7 +1,8 @@
 """Read the few GGUF header fields rolechat needs, without loading the model.
 
 Contract: :func:`read_gguf_info` checks that a path is a GGUF file and returns its
-architecture and trained context length, reading only the metadata header (milliseconds, even
+architecture, trained context length, quantization, name and size label, reading only the
+metadata header up to the vocabulary (milliseconds, even
 for large models; the ``gguf`` package parses every tensor and takes seconds). A missing file,
 a folder, a file that is not GGUF, or a damaged header raises
 :class:`~rolechat.errors.ModelLoadError` naming what is wrong: every length and count is
@@ -25,10 +26,24 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _STRING, _ARRAY = 8, 9
 
 
+#: llama.cpp's ``llama_ftype`` (``general.file_type``): how the weights are quantized.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+              10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+              16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+              22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+              28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+              37: "TQ2_0", 38: "MXFP4_MOE"}
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     architecture: str
     context_length: int | None
+    #: The quantization (``general.file_type`` by name; None: not in the header).
+    quantization: str | None = None
+    #: ``general.name`` and ``general.size_label`` (``"135M"``), where the file says them.
+    name: str | None = None
+    size_label: str | None = None
 
 
 #: Arrays nested deeper than this are damage, not data (the spec's arrays hold scalars or
@@ -121,11 +136,14 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
             fields: dict[str, object] = {}
             for _ in range(kv_count):
                 key = header.string()
+                arch = fields.get("general.architecture")
+                known = isinstance(arch, str) and f"{arch}.context_length" in fields
+                if known and key.startswith("tokenizer."):
+                    break  # the vocabulary comes next: nothing further is read
                 vtype = header.read("<I")
                 assert isinstance(vtype, int)
                 fields[key] = header.value(vtype)
-                arch = fields.get("general.architecture")
-                if isinstance(arch, str) and f"{arch}.context_length" in fields:
+                if known and "general.file_type" in fields:
                     break
     except _Damaged as exc:
         raise ModelLoadError(str(path), f"the GGUF header is damaged ({exc})",
@@ -135,4 +153,9 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
                              "Check the file's permissions.") from None
     arch = fields.get("general.architecture")
     ctx = fields.get(f"{arch}.context_length")
-    return GGUFInfo(str(arch or "unknown"), int(ctx) if isinstance(ctx, int) else None)
+    file_type = fields.get("general.file_type")
+    name, label = fields.get("general.name"), fields.get("general.size_label")
+    return GGUFInfo(str(arch or "unknown"), int(ctx) if isinstance(ctx, int) else None,
+                    FILE_TYPES.get(file_type) if isinstance(file_type, int) else None,
+                    name if isinstance(name, str) else None,
+                    label if isinstance(label, str) else None)

@@ -138,14 +138,18 @@ OPTIONS: dict[str, type[EngineOptions]] = {
 def engine_for(model: str | Path | None, hub: str | None = None,
                base_url: str | None = None) -> str:
     """The engine that should load ``model``: the remote ``openai`` engine when there is a
-    server URL, llama.cpp for a GGUF file (and the embedded default), transformers for a model
-    folder or a hub id."""
+    server URL, llama.cpp for a GGUF file (the embedded default, and a model on this machine
+    by its name: :mod:`rolechat.models`), transformers for a model folder or a hub id."""
     if base_url:
         return "openai"
     if model is None:
         return "llama.cpp"
     if hub is not None:
         return "transformers"
+    from ..models import is_model_name
+
+    if is_model_name(model):  # rolechat models list names GGUFs only
+        return "llama.cpp"
     path = Path(model).expanduser()
     if path.is_file() or path.suffix.lower() == ".gguf":
         return "llama.cpp"

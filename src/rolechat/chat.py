@@ -14,26 +14,23 @@ Contract:
 
 from __future__ import annotations
 
-import json as json_module
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol
 
-from pydantic import BaseModel
-
-from .constraint import Constraint
 from .conversation import Conversation, Message, Turn, check_text
 from .engines import load_engine
 from .engines.base import Completion, Engine, FinishReason, Generation, Usage
-from .errors import ContextOverflow, EngineError, InvalidInput, InvalidParams
+from .errors import ContextOverflow, InvalidInput, InvalidParams
 from .functions import MAX_ROUNDS
 from .functions import run as run_functions
 from .memory import DEFAULT_TEMPLATE, Memory, SummaryFailed, summarize, summary_request
 from .params import GenerationParams
 from .persona import TUTORIAL_SYSTEM, Persona, get_persona
-from .toolcalls import CallIds, ToolCall, Tools, parse_reply
+from .shapes import OpenTurn, ReplyShape
+from .toolcalls import CallIds, ToolCall, parse_reply
 from .window import Window, WindowPlan
 
 
@@ -58,78 +55,6 @@ class Reply:
     tool_calls: tuple[ToolCall, ...] = ()
     #: The tool calls and results of the turn before this reply (the function loop's).
     steps: tuple[Message, ...] = ()
-
-
-@dataclass(frozen=True)
-class OpenTurn:
-    """A turn whose last reply called tools: its user message, the log's handle for it, and
-    its steps so far (the last one the calls that wait for their results)."""
-
-    text: str
-    handle: Any
-    steps: tuple[Message, ...]
-
-    def answered(self, results: Sequence[tuple[str, str]]) -> tuple[Message, ...]:
-        """The steps with ``results`` (``(tool_call_id, content)``, one per waiting call)."""
-        waiting = [c.id for c in self.steps[-1].tool_calls]
-        given = [call_id for call_id, _ in results]
-        if sorted(given) != sorted(waiting):
-            raise InvalidInput(f"The results must answer exactly the waiting calls "
-                               f"({', '.join(waiting)}); got {', '.join(given) or 'none'}.",
-                               "Send one result per call, with its tool_call_id.",
-                               field="tool_results")
-        return (*self.steps, *(Message("tool", check_text(content, "tool result",
-                                                          allow_blank=True),
-                                       tool_call_id=call_id) for call_id, content in results))
-
-
-@dataclass(frozen=True)
-class ReplyShape:
-    """What a reply must be (its constraint) and how its text becomes a value or tool calls."""
-
-    constraint: Constraint | None
-    #: The pydantic model class the schema came from, if it did.
-    model: Any = None
-    #: The tools offered (the reply's ``<tool_call>`` blocks become ``Reply.tool_calls``).
-    tools: Tools | None = None
-
-    @classmethod
-    def of(cls, schema: Any, *, json: bool = False, tools: Any = None, tool_choice: Any = None,
-           parallel_tool_calls: Any = None) -> ReplyShape | None:
-        checked = Tools.parse(tools, tool_choice, parallel_tool_calls)
-        if checked is not None:
-            if schema is not None or json:
-                raise InvalidInput("A reply can follow a JSON schema or call tools, not both.",
-                                   "Leave out either the schema or the tools.", field="tools")
-            return cls(tools_constraint(checked), tools=checked)
-        if schema is None:
-            return cls(Constraint.json()) if json else None
-        model = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-        return cls(Constraint.json(schema), model)
-
-    def parse(self, text: str, finish: FinishReason, engine: str) -> Any:
-        """The reply's value (None if it was cut off before its JSON ended)."""
-        if finish == "length" or self.tools is not None:
-            return None
-        try:
-            value = json_module.loads(text)
-            return self.model.model_validate(value) if self.model is not None else value
-        except ValueError as exc:  # a remote server that ignored response_format
-            raise EngineError(engine, f"the reply is not the JSON that was asked for ({exc})",
-                              "Check that the server supports response_format.") from None
-
-
-def tools_constraint(tools: Tools) -> Constraint:
-    """The grammar of a reply offered ``tools`` (none for ``tool_choice`` "none"), and the same
-    request in OpenAI's words for a remote server."""
-    choice: Any = ({"type": "function", "function": {"name": tools.choice}} if tools.forced
-                   else tools.choice)
-    openai = {"tools": list(tools.functions), "tool_choice": choice,
-              "parallel_tool_calls": tools.parallel}
-    grammar = tools.grammar()
-    if grammar is None:
-        return Constraint(None, openai=openai)
-    return Constraint(grammar[0], grammar[1], openai=openai)
 
 
 class TurnLog(Protocol):

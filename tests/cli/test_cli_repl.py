@@ -325,7 +325,8 @@ def test_plain_replies_wrap_between_words_history_and_persona(spawn_repl):
 def test_functions_show_each_call_and_result_before_the_reply(spawn_repl, rolechat_home,
                                                               tmp_path):
     tools = tmp_path / "tools.py"
-    tools.write_text('def get_weather(city: str) -> str:\n'
+    tools.write_text('from typing import Annotated\n\nfrom pydantic import Field\n\n\n'
+                     'def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:\n'
                      '    """The current weather in a city."""\n'
                      '    return f"WEATHER-{city.upper()}-21C"\n\n\n'
                      'def _helper() -> None:\n    pass\n')

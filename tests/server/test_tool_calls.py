@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import Field
 
 from fakes import FakeEngine
 from rolechat import Chat, InvalidInput
@@ -155,7 +156,8 @@ def test_the_library_runs_python_functions_on_the_real_model() -> None:
 
     ran: list[str] = []
 
-    def get_weather(city: str) -> str:
+    # A bounded argument: the forced call always ends, whatever the model's numerics.
+    def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:
         """The current weather in a city."""
         ran.append(city)
         return f"It is 21 degrees in {city}."
@@ -214,7 +216,7 @@ def test_the_remote_engine_passes_schemas_and_tools_through(base: str) -> None:
         jsonschema.validate(reply.parsed, schema)
         ran: list[str] = []
 
-        def get_time(city: str) -> str:
+        def get_time(city: Annotated[str, Field(max_length=30)]) -> str:
             """The local time in a city."""
             ran.append(city)
             return "12:00"

@@ -157,3 +157,23 @@ class ConversationChanged(RolechatError):
         super().__init__(
             f"Conversation {cid} changed in another window or client: {why}. Nothing was "
             "changed.", "Load the conversation again to see it, then act on the turn you see.")
+
+
+class PullError(RolechatError):
+    """A model could not be pulled: the hub is unreachable or offline, the repo or file is not
+    there, or the download was damaged. Nothing half-downloaded is left where a chat loads it."""
+
+    exit_code = 8
+
+
+class NotPulled(RolechatError):
+    """A model named by an alias or a hub name (``qwen2.5:3b``, ``hf:OWNER/REPO:Q4_K_M``) is not
+    on this machine yet: nothing is downloaded without the user asking."""
+
+    exit_code = 4
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Model {name!r} is not on this machine yet.",
+                         f"Pull it first: rolechat pull {name} (or add --yes to pull it now). "
+                         "Models already here: rolechat models list.")

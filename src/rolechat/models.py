@@ -8,7 +8,8 @@ Contract:
       ``~/.cache/huggingface/hub``: ``models--OWNER--REPO/snapshots/REV/FILE.gguf``), named
       ``hf:OWNER/REPO:FILE``;
     - GGUFs in the ModelScope cache (``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``:
-      ``models/OWNER/REPO/FILE.gguf``, or ``OWNER/REPO/FILE.gguf`` as older versions wrote),
+      ``models/OWNER--REPO/snapshots/REV/FILE.gguf`` as modelscope 1.3x writes it, or
+      ``models/OWNER/REPO/FILE.gguf`` and ``OWNER/REPO/FILE.gguf`` as older versions did),
       named ``modelscope:OWNER/REPO:FILE``;
     - Ollama's models (``$OLLAMA_MODELS``, else ``~/.ollama/models``): a manifest
       ``manifests/REGISTRY/NAMESPACE/MODEL/TAG`` names its weights' blob
@@ -37,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engines.gguf import GGUFInfo, read_gguf_info
-from .errors import ModelLoadError, UnknownName
+from .errors import ModelLoadError, NotPulled, UnknownName
 
 #: The sources a model's name starts with.
 SOURCES = ("hf", "modelscope", "ollama", "lmstudio")
 EMBEDDED = "smollm2:135m"
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _OLLAMA_MODEL = "application/vnd.ollama.image.model"
 
 
@@ -55,6 +56,13 @@ class LocalModel:
     source: str
     size: int
     info: GGUFInfo
+    #: The name in its store (``hf:OWNER/REPO:FILE``); ``name`` is an alias's where one
+    #: (:mod:`rolechat.catalog`) names this file. Both work as ``--model``.
+    ref: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.ref:
+            object.__setattr__(self, "ref", self.name)
 
     @property
     def location(self) -> str:
@@ -82,7 +90,7 @@ def _first(*paths: Path) -> Path | None:
 def _ggufs(folder: Path) -> Iterator[Path]:
     """The GGUF files below ``folder`` that are models (first shards only), sorted."""
     for path in sorted(folder.rglob("*.gguf")):
-        shard = _SHARD.search(path.name)
+        shard = SHARD.search(path.name)
         if shard is None or int(shard.group(1)) == 1:
             yield path
 
@@ -113,11 +121,23 @@ def _modelscope(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
     if not root.is_dir():
         return
     base = root / "models" if (root / "models").is_dir() else root
-    for owner in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for repo in sorted(p for p in owner.iterdir() if p.is_dir()):
+    for entry in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if "--" in entry.name and (entry / "snapshots").is_dir():  # modelscope >= 1.3x
+            owner_repo = entry.name.replace("--", "/", 1)
+            seen: set[str] = set()
+            snapshots = sorted((entry / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime,
+                               reverse=True)
+            for snapshot in snapshots:
+                for path in _ggufs(snapshot):
+                    relative = path.relative_to(snapshot).as_posix()
+                    if relative not in seen:
+                        seen.add(relative)
+                        yield f"modelscope:{owner_repo}:{relative}", path
+            continue
+        for repo in sorted(p for p in entry.iterdir() if p.is_dir()):  # OWNER/REPO/FILE
             for path in _ggufs(repo):
                 relative = path.relative_to(repo).as_posix()
-                yield f"modelscope:{owner.name}/{repo.name}:{relative}", path
+                yield f"modelscope:{entry.name}/{repo.name}:{relative}", path
 
 
 def _ollama(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
@@ -174,6 +194,7 @@ def find_models(env: Mapping[str, str] | None = None) -> Found:
             candidates += [(source, name, path) for name, path in finder(env)]
         except OSError as exc:  # an unreadable folder: that store is left out
             found.problems.append((Path(getattr(exc, "filename", "") or source), str(exc)))
+    taken: set[str] = set()
     for source, name, path in candidates:
         try:
             info = read_gguf_info(path)
@@ -181,8 +202,27 @@ def find_models(env: Mapping[str, str] | None = None) -> Found:
         except (ModelLoadError, OSError) as exc:
             found.problems.append((path, getattr(exc, "reason", None) or str(exc)))
             continue
-        found.models.append(LocalModel(name, path, source, size, info))
+        alias = _alias_for(source, name, taken)
+        if alias:
+            taken.add(alias)
+        found.models.append(LocalModel(alias or name, path, source, size, info, ref=name))
     return found
+
+
+def _alias_for(source: str, name: str, taken: set[str]) -> str | None:
+    """The alias (:data:`~rolechat.catalog.ALIASES`) that names the hub file ``name``, when
+    one does and no other copy took it already."""
+    from .catalog import ALIASES, quant_of
+
+    if source not in ("hf", "modelscope"):
+        return None
+    _, repo, file = name.split(":", 2)
+    quant = (quant_of(SHARD.sub(".gguf", file)) or "").lower()
+    for alias in ALIASES.values():
+        if alias.name not in taken and alias.repos.get(source) == repo \
+                and alias.quant.lower() == quant:
+            return alias.name
+    return None
 
 
 def ram_shortfall(path: Path) -> tuple[int, int] | None:
@@ -204,7 +244,9 @@ def is_model_name(value: object) -> bool:
     if not isinstance(value, str):
         return False
     source = value.split(":", 1)[0]
-    return value == EMBEDDED or (source in SOURCES and ":" in value
+    from .catalog import ALIASES
+
+    return value in (EMBEDDED, *ALIASES) or (source in SOURCES and ":" in value
                                  and not Path(value).expanduser().exists())
 
 
@@ -212,6 +254,13 @@ def resolve_model(name: str, env: Mapping[str, str] | None = None) -> LocalModel
     """The model ``name`` names (see :func:`find_models`); UnknownName lists the others."""
     found = find_models(env)
     for model in found.models:
-        if model.name == name:
+        if name in (model.name, model.ref):
             return model
+    from .pulling import is_pullable, on_disk, parse
+
+    if is_pullable(name):
+        pulled = on_disk(parse(name, env=env), env)
+        if pulled is None:
+            raise NotPulled(name)
+        return pulled
     raise UnknownName("model", name, [m.name for m in found.models])

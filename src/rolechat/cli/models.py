@@ -1,9 +1,11 @@
-"""``rolechat models``: the models on this machine (``list``) and one of them (``show``).
+"""``rolechat models``: the models on this machine (``list``), one of them (``show``), and
+removing one rolechat pulled (``rm``).
 
 ``list`` reads each GGUF's header only (no model is loaded): the embedded model, and the GGUFs
 in the Hugging Face and ModelScope caches, Ollama's store and LM Studio's folder
 (:mod:`rolechat.models`). Every name it prints works as ``--model NAME``. ``show NAME`` prints
-the header's facts, the chat template and the sampling defaults the file asks for.
+the header's facts, the chat template and the sampling defaults the file asks for. ``rm NAME``
+deletes a model ``rolechat pull`` downloaded, and refuses, saying whose it is, any other.
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def list_models(as_json: bool) -> None:
     """List every model rolechat can chat with now (use a NAME with --model)."""
+    from ..pulling import pulled
+
     found = find_models()
-    rows = [{"name": m.name, "size": m.size, "quantization": m.info.quantization,
+    ours = {p for record in pulled() for p in record.get("paths", [])}
+    rows = [{"name": m.name, "size": m.size, "pulled": str(m.path) in ours,
+             "quantization": m.info.quantization,
              "architecture": m.info.architecture, "context_length": m.info.context_length,
-             "source": m.source, "path": str(m.path)} for m in found.models]
+             "source": m.source, "ref": m.ref, "path": str(m.path)} for m in found.models]
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
     else:
@@ -48,8 +54,9 @@ def list_models(as_json: bool) -> None:
         for column in ("name", "size", "quant", "context", "where"):
             table.add_column(column)
         for m in found.models:
+            where = m.location + (" (pulled)" if str(m.path) in ours else "")
             table.add_row(m.name, _size(m.size), m.info.quantization or "?",
-                          str(m.info.context_length or "?"), m.location)
+                          str(m.info.context_length or "?"), where)
         console = Console(width=None if Console().is_terminal else 200)
         console.print(table)
         console.print("Chat with one: rolechat chat --model NAME", style="dim")
@@ -82,3 +89,16 @@ def show(name: str, as_json: bool) -> None:
             click.echo(f"{key}: {value}")
     click.echo("chat_template:")
     click.echo(details["chat_template"] or "(none)")
+
+
+@models.command()
+@click.argument("name")
+def rm(name: str) -> None:
+    """Delete a model rolechat pulled (other tools' models are left alone)."""
+    from ..pulling import remove
+
+    removed, size = remove(name)
+    if removed:
+        echo(f"Removed {name} ({_size(size)}): " + ", ".join(str(p) for p in removed))
+    else:
+        echo(f"Removed {name}'s record: its files were already gone.")

@@ -34,6 +34,7 @@ from ..engines.transformers import HUBS
 from ..errors import InvalidInput
 from ..params import GenerationParams
 from ..persona import get_persona
+from ..pulling import is_pullable
 from ..saved import SavedChat
 from ..store import Store
 from ..window import MEMORY_MODES, MEMORY_SETTINGS, Window
@@ -146,13 +147,17 @@ def model_options(func: F, *, api_key_flag: str = "--api-key") -> F:
     clients must present."""
     decorators = [
         click.option("--model", "-m", "model", type=str, default=None,
-                     help="A .gguf file, a Hugging Face / ModelScope model folder, or with "
+                     help="A name from `rolechat models list` or `rolechat pull` (qwen2.5:3b), "
+                          "a .gguf file, a Hugging Face / ModelScope model folder, or with "
                           "--hub a model id (default: the embedded SmolLM2-135M-Instruct)."),
         click.option("--engine", type=click.Choice(ENGINES), default=None,
                      help="Engine (default: llama.cpp for .gguf, transformers for a folder, "
                           "openai with --base-url)."),
         click.option("--hub", type=click.Choice(HUBS), default=None,
-                     help="Download --model by id from this hub (transformers engine)."),
+                     help="The hub to pull --model from (an alias or NAME not here yet), or "
+                          "to download a model id from (transformers engine)."),
+        click.option("--yes", "-y", "pull_yes", is_flag=True, default=False,
+                     help="Pull --model without asking when it is not on this machine yet."),
         *(_engine_flag(name, info, api_key_flag) for name, info in engine_fields().items()
           if name not in OWN_FLAGS),
     ]
@@ -238,6 +243,31 @@ def warn_if_too_big(model: str | None, engine: str) -> None:
                           "(rolechat models list).", style="yellow", markup=False)
 
 
+def pulled_or_pull(name: str, hub: str | None, yes: bool) -> str:
+    """``name`` (an alias or a hub name) when it is on this machine; else pulled once the user
+    says yes (``--yes``, or a yes at the terminal's prompt). Nothing is downloaded otherwise:
+    the NotPulled error says how to pull it."""
+    from ..errors import NotPulled
+    from ..hubs import HUB_NAMES
+    from ..models import resolve_model
+    from ..pulling import parse
+    from .pull import pull_now
+
+    try:
+        return resolve_model(name).name
+    except NotPulled:
+        if not yes:
+            if not (sys.stdin.isatty() and err_console.is_terminal):
+                raise
+            parsed = parse(name, hub)
+            size = f", about {parsed.alias.download / 1e9:.1f} GB" if parsed.alias else ""
+            if not click.confirm(f"{name} is not on this machine. Pull it from "
+                                 f"{HUB_NAMES[parsed.hub]}{size}?", default=True,
+                                 err=True):
+                raise
+    return pull_now(name, hub)
+
+
 def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key",
                 kv_disk: DiskTier | None = None, parallel: int | None = None,
                 serving: bool = False) -> Engine:
@@ -247,6 +277,9 @@ def open_engine(options: dict[str, Any], *, api_key_flag: str = "--api-key",
     replies llama.cpp generates at once (when ``serving`` and not given:
     :data:`SERVE_PARALLEL`)."""
     model, engine, hub = (options.pop(k, None) for k in ("model", "engine", "hub"))
+    yes = bool(options.pop("pull_yes", False))
+    if model is not None and engine in (None, "llama.cpp") and is_pullable(model):
+        model, hub = pulled_or_pull(model, hub, yes), None
     given = {name: value for name in engine_fields()
              if (value := options.pop(name, None)) is not None}
     name = engine or engine_for(model, hub, given.get("base_url"))

@@ -144,9 +144,13 @@ def engine_for(model: str | Path | None, hub: str | None = None,
         return "openai"
     if model is None:
         return "llama.cpp"
+    from ..models import is_model_name
+    from ..pulling import is_pullable
+
+    if is_pullable(model):  # an alias or hf:/modelscope: name: a GGUF, pulled from --hub
+        return "llama.cpp"
     if hub is not None:
         return "transformers"
-    from ..models import is_model_name
 
     if is_model_name(model):  # rolechat models list names GGUFs only
         return "llama.cpp"

@@ -1,17 +1,24 @@
 """``rolechat serve``: the OpenAI-compatible HTTP server over one engine, run by uvicorn with
-the listener's timeouts and connection bound (:mod:`rolechat.server.listen`)."""
+the listener's timeouts and connection bound (:mod:`rolechat.server.listen`).
+
+With a GGUF model (llama.cpp), the server can switch to any other model on this machine when a
+request names it (:mod:`rolechat.server.switch`): it loads it through :func:`loader_for`, with
+the options `serve` was started with; ``--no-switch`` pins the model it started with."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import click
 
-from ..engines.snapshots import format_size
+from ..engines import Engine
+from ..engines.snapshots import DiskTier, format_size
 from ..errors import ModelLoadError
+from ..models import is_model_name, resolve_model
 from . import cli
 from .options import (
     SERVE_PARALLEL,
@@ -51,10 +58,13 @@ from .options import (
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,
               help="llama.cpp: replies generated at once, batched (each holds a whole "
                    f"context; more wait in a queue) [default: {SERVE_PARALLEL}].")
+@click.option("--no-switch", "no_switch", is_flag=True,
+              help="Serve only this model: requests naming another one get 404 (by default "
+                   "a request may name any model on this machine, and it is loaded).")
 @memory_options
 def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: int,
           cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float,
-          keep_alive: int, max_connections: int, parallel: int | None,
+          keep_alive: int, max_connections: int, parallel: int | None, no_switch: bool,
           **options: Any) -> None:
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
@@ -70,11 +80,15 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
     window = window_from(options, None)
     store = open_store()
     disk = kv_disk(store, options.pop("kv_cache_disk", None))
+    model_options_given = dict(options)  # open_engine takes its options out of the dict
     engine = open_engine(options, api_key_flag="--remote-api-key", kv_disk=disk,
                          parallel=parallel, serving=True)
+    switches = not no_switch and engine.kind == "llama.cpp"
     app = create_app(engine, api_keys=keys, max_body_bytes=max_body_bytes,
                      body_timeout=body_timeout, cors_origins=cors_origins, store=store,
-                     window=window)
+                     window=window, model_name=model_options_given.get("model"),
+                     loader=loader_for(model_options_given, disk, parallel)
+                     if switches else None)
     described = engine.describe()
     batched, kv = described.get("parallel", 1), described.get("kv_cache_bytes")
     err_console.print(f"rolechat serving {engine.model} on http://{host}:{port}/v1"
@@ -88,3 +102,26 @@ def serve(host: str, port: int, server_keys: tuple[str, ...], max_body_bytes: in
         server.run()
     if not server.started:  # uvicorn logged why (the port is taken, ...)
         raise SystemExit(3)
+
+
+def loader_for(options: dict[str, Any], disk: DiskTier | None,
+               parallel: int | None) -> Callable[[str | None], Engine]:
+    """What loads another model for the server: the engine flags `serve` was started with
+    (context length, threads, GPU layers, KV RAM...), the same KV files beside the store (each
+    model's under its own identity) and ``--parallel``; ``model`` in place of ``--model``
+    (``--chat-template`` only for the model it was given with). Each engine gets a KV store
+    of its own."""
+    def load(model: str | None) -> Engine:
+        given = {**options, "model": model}
+        given.pop("pull_yes", None)  # a request never downloads a model, nor asks to
+        if model != options.get("model"):  # a chat template is the start model's own
+            given.pop("chat_template", None)
+        if model is not None and is_model_name(model):
+            resolve_model(model)  # still on this machine (else the error, before any prompt)
+        engine = open_engine(given, api_key_flag="--remote-api-key", kv_disk=disk,
+                             parallel=parallel, serving=True)
+        err_console.print(f"rolechat now serving {model or engine.model}", style="dim",
+                          markup=False)
+        return engine
+
+    return load

@@ -23,6 +23,10 @@ Contract:
   (``messages[0].content``); the page's files are served at every other path.
 - Sessions keep their KV state in the engine's KV store (``rolechat serve`` gives it the files
   beside the store); on shutdown the engine finishes writing its snapshot files.
+- With a ``loader`` (``rolechat serve`` gives one for a GGUF model unless ``--no-switch``),
+  requests may name any model on this machine and the server switches to it, one loaded at a
+  time (:mod:`rolechat.server.switch`); ``model_name`` is what named the engine's model at
+  start (``--model``), whose id it keeps.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +51,9 @@ from ..errors import RolechatError
 from ..store import Store
 from ..window import Window
 from . import completions, sessions
-from .completions import model_id
 from .guard import Guard
-from .state import ServerState
+from .state import Loader, ServerState
+from .switch import model_id, setup
 from .wire import ErrorJSON, error_body, error_response, field_path
 from .worker import Worker
 
@@ -66,13 +69,15 @@ UNION_TAG = re.compile(r"^(str|int|float|bool|none|bytes|[a-z]+(-[a-z]+)*\[.*\]|
 def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
                max_body_bytes: int = 1_000_000, body_timeout: float = BODY_TIMEOUT,
                cors_origins: Sequence[str] = (), store: Store | None = None,
-               window: Window | None = None) -> FastAPI:
+               window: Window | None = None, loader: Loader | None = None,
+               model_name: str | None = None) -> FastAPI:
     app = FastAPI(title="rolechat", docs_url=None, redoc_url=None, redirect_slashes=False,
-                  lifespan=partial(lifespan, engine))
+                  lifespan=lifespan)
     store = store if store is not None else Store.default()
     app.state.rolechat = ServerState(
         engine=engine, store=store, worker=Worker(),
         keyed=bool(api_keys), model_id=model_id(engine.model), window=window)
+    setup(app.state.rolechat, loader, model_name)
     app.add_middleware(Guard, api_keys=list(api_keys), max_body_bytes=max_body_bytes,
                        body_timeout=body_timeout)
     if cors_origins:
@@ -106,11 +111,14 @@ class PageMount(Mount):
 
 
 @asynccontextmanager
-async def lifespan(engine: Engine, app: FastAPI) -> AsyncIterator[None]:
-    """On shutdown, finish writing KV snapshot files (the server may be stopped right after a
-    reply, and uvicorn ends the process with the signal it caught, skipping exit handlers)."""
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown, finish writing the loaded engine's KV snapshot files (the server may be
+    stopped right after a reply, and uvicorn ends the process with the signal it caught,
+    skipping exit handlers)."""
     yield
-    await asyncio.to_thread(engine.flush, 30.0)
+    state: ServerState = app.state.rolechat
+    if not state.models.empty:
+        await asyncio.to_thread(state.engine.flush, 30.0)
 
 
 async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,9 +17,15 @@ Contract:
   events. A prompt that does not fit gets ``context_length_exceeded``, unless the request opts
   in to the window (``"rolechat": {"window": true}``): then whole turns are dropped, oldest
   first, and the response says which.
-- ``/v1/models`` lists the one model served and ``/v1/models/{id}`` is that model (any other
-  id: 404 ``model_not_found``); ``/v1/status`` shows the engine and what it keeps warm (live KV
-  cache, snapshots in memory and on disk).
+- ``/v1/models`` lists the models the server can serve, the loaded one first (``loaded``:
+  true), each with its facts (``context_length``, ``size``, ``quantization``, ``architecture``,
+  ``source``, ``location``...; :func:`~rolechat.server.switch.model_body`);
+  ``/v1/models/{id}`` is any of them (another id: 404 ``model_not_found`` naming them). A
+  request's ``model`` may name any of them: the server switches to it first
+  (:mod:`rolechat.server.switch`: one model loaded at a time; during a switch other requests
+  get 503 ``model_loading`` with ``Retry-After``). A response's ``model`` is the model that
+  wrote it. ``/v1/status`` shows the model, the switch under way if any, the engine and what
+  it keeps warm (live KV cache, snapshots in memory and on disk).
 - Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
 """
 
@@ -29,7 +35,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -39,12 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..chat import Chat, Reply, ReplyStream
 from ..conversation import Conversation, Message
 from ..engines.base import Waiting
-from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError, UnknownName
+from ..errors import ContextOverflow, InvalidInput, InvalidParams, RolechatError
 from ..params import GenerationParams
 from ..persona import Persona, get_persona
 from ..toolcalls import CallStream, Tools
 from ..window import Window
 from .state import ServerState, state_of
+from .switch import choices, find, leased, model_body, status_body, take
 from .wire import (
     DONE,
     check_openai_messages,
@@ -154,50 +160,46 @@ class ChatRequest(BaseModel):
             raise openai_names(exc) from None
 
 
-def model_id(engine_model: str) -> str:
-    return Path(engine_model).name or engine_model
-
-
-def model_body(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "rolechat",
-            "context_length": state.engine.context_length}
-
-
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [model_body(state_of(request))]}
+    state = state_of(request)
+    listed = await asyncio.to_thread(choices, state)
+    return {"object": "list", "data": [model_body(state, choice) for choice in listed]}
 
 
 @router.get("/models/{model:path}")
 async def model(model: str, request: Request) -> dict[str, Any]:
-    """The model served, by the id ``/v1/models`` lists (or the engine's own name for it)."""
+    """A model ``/v1/models`` lists, by its id (or another of its names)."""
     state = state_of(request)
-    if model not in (state.model_id, state.engine.model):
-        raise UnknownName("model", model, [state.model_id])
-    return model_body(state)
+    return model_body(state, await asyncio.to_thread(find, state, model))
 
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
-    """The model; the engine's sequences (which conversation each holds, its tokens, its state:
-    free, idle, queued, prompt or decode) and its queue; and what is kept warm: snapshots in RAM
-    and on disk (counts, bytes, budgets, hits, evictions)."""
+    """The model (and the switch under way, if any); the engine's sequences (which
+    conversation each holds, its tokens, its state: free, idle, queued, prompt or decode) and
+    its queue; and what is kept warm: snapshots in RAM and on disk (counts, bytes, budgets,
+    hits, evictions). During a switch the engine's part is null."""
     state = state_of(request)
-    stats = await asyncio.to_thread(state.engine.kv_stats)
+    engine = stats = None
+    if state.models.loading is None and not state.models.empty:
+        async with leased(state) as lease:
+            engine = lease.engine.describe()
+            stats = await asyncio.to_thread(lease.engine.kv_stats)
     scheduler = kv = None
     if stats is not None:
         kv = {"ram": stats.pop("ram"), "disk": stats.pop("disk")}
         scheduler = stats
-    return {"object": "status", "model": state.model_id, "engine": state.engine.describe(),
-            "jobs": state.worker.stats(), "scheduler": scheduler, "kv_cache": kv}
+    return {"object": "status", "model": state.model_id, "models": status_body(state),
+            "engine": engine, "jobs": state.worker.stats(), "scheduler": scheduler,
+            "kv_cache": kv}
 
 
 def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
     """Validate, plan and start the reply (blocking work: tokenization), before anything is
-    generated: every error here gets its HTTP status."""
+    generated: every error here gets its HTTP status. The caller holds a lease on the
+    engine."""
     engine = state.engine
-    if body.model not in (None, state.model_id, engine.model):
-        raise UnknownName("model", body.model, [state.model_id])
     body.check_neutral()
     check_openai_messages(body.messages)
     conversation = Conversation.from_openai(openai_messages(body.messages))
@@ -241,11 +243,17 @@ def start(state: ServerState, body: ChatRequest) -> tuple[ReplyStream, Chat]:
 @router.post("/chat/completions", response_model=None)
 async def completions(body: ChatRequest, request: Request) -> Any:
     state = state_of(request)
-    stream, _ = await asyncio.to_thread(start, state, body)
-    job, chunks = await state.worker.submit(lambda: stream)
+    lease = await take(state, body.model)
+    try:
+        stream, _ = await asyncio.to_thread(start, state, body)
+        job, chunks = await state.worker.submit(lambda: stream)
+    except BaseException:
+        lease.release()
+        raise
+    lease.release_after(job)
     events = reply_events(job, chunks)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    head = {"id": ident, "created": created, "model": state.model_id}
+    head = {"id": ident, "created": created, "model": lease.model_id}
     if not body.stream:
         text, reply = await joined_unless_gone(request, job, events)
         if reply is None:

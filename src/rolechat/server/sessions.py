@@ -47,6 +47,13 @@ Contract:
   :class:`asyncio.Lock` is held from planning until the worker is done with the reply (it is
   released by the job's end, whether or not the response ever streams). A client that leaves
   mid-stream stops its generation and its message is stored ``interrupted``.
+- Models: a create, message or retry body may name a ``model`` (an id ``/v1/models`` lists): the
+  server switches to it first, as for ``/v1/chat/completions`` (:mod:`rolechat.server.switch`;
+  during another request's switch: 503 ``model_loading`` with ``Retry-After``). Without one, a
+  conversation goes on with the model loaded now. Every route that uses the model holds a lease
+  on the engine (taken before the conversation's lock); a reply names the model that wrote it
+  (``model``). After a switch each conversation's chat is rebuilt from the store on the new
+  engine; nothing stored is lost (a turn waiting for tool results is left ``interrupted``).
 - With API keys, a conversation belongs to the key that created it (the store keeps the key's
   SHA-256); another key's conversation is invisible (404 ``conversation_not_found``).
 - Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
@@ -75,6 +82,7 @@ from ..store import ConversationInfo
 from ..toolcalls import CallDelta, CallStream, ContentDelta, Tools
 from ..window import MEMORY_SETTINGS, Window, check_room, summarizes
 from .state import ServerState, state_of
+from .switch import Lease, leased, take
 from .wire import (
     DONE,
     bearer_key,
@@ -97,6 +105,8 @@ router = APIRouter(prefix="/v1")
 
 class NewConversation(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    #: The model to use (an id /v1/models lists); None: the one loaded.
+    model: str | None = None
     persona: str | None = None
     system: str | None = None
     params: dict[str, Any] | None = None
@@ -124,10 +134,14 @@ class NewMessage(BaseModel):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    #: The model to reply with (an id /v1/models lists); None: the one loaded.
+    model: str | None = None
 
 
 class Retry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    #: The model to reply with (an id /v1/models lists); None: the one loaded.
+    model: str | None = None
     stream: bool = False
     params: dict[str, Any] | None = None
     #: The turn to retry (the id of the last reply the client shows); None: the last turn.
@@ -243,9 +257,17 @@ def owned(state: ServerState, cid: int, owner: str | None) -> ConversationInfo:
 
 def saved_chat(state: ServerState, cid: int, owner: str | None) -> SavedChat:
     """The conversation's SavedChat (kept between requests: its window stays sticky), up to
-    date with what other writers (a REPL, another server) stored."""
+    date with what other writers (a REPL, another server) stored, on the engine loaded now
+    (the caller holds a lease on it)."""
     owned(state, cid, owner)
-    saved = state.chats.get(cid, lambda: SavedChat.resume(state.engine, state.store, cid))
+
+    def make() -> SavedChat:
+        return SavedChat.resume(state.engine, state.store, cid)
+
+    saved = state.chats.get(cid, make)
+    if saved.chat.engine is not state.engine:  # made on a model the server has let go
+        state.chats.pop(cid)
+        saved = state.chats.get(cid, make)
     saved.refresh()
     return saved
 
@@ -301,15 +323,23 @@ def personas() -> dict[str, Any]:
 
 
 @router.post("/conversations", status_code=201)
-def create(body: NewConversation, request: Request) -> dict[str, Any]:
+async def create(body: NewConversation, request: Request) -> dict[str, Any]:
     state = state_of(request)
     system = None if body.system is None else text_of(body.system, "system", "system prompt")
     title = clean_title(text_of(body.title, "title", "title", allow_blank=True))
+    owner = owner_of(request)
+    async with leased(state, body.model) as lease:
+        return await asyncio.to_thread(created, state, lease, body, system, title, owner)
+
+
+def created(state: ServerState, lease: Lease, body: NewConversation, system: str | None,
+            title: str, owner: str | None) -> dict[str, Any]:
+    """A new conversation on the leased engine (blocking: counts tokens, writes the store)."""
     window, rest = window_of(state, body.params, body.persona)
     params = GenerationParams.from_mapping(overrides_of(state, rest))
-    saved = SavedChat.new(state.engine, store=state.store, persona=body.persona,
-                          system=system, params=params, title=title,
-                          owner=owner_of(request), window=window)
+    saved = SavedChat.new(lease.engine, store=state.store, persona=body.persona,
+                          system=system, params=params, title=title, owner=owner,
+                          window=window)
     if saved.chat.system is not None:
         check_system_fits(state, saved, saved.chat.system)  # the persona's too
     saved.ensure()
@@ -338,12 +368,12 @@ def get(cid: int, request: Request, response: Response) -> dict[str, Any]:
 async def delete(cid: int, request: Request) -> dict[str, Any]:
     state, owner = state_of(request), owner_of(request)
     await asyncio.to_thread(owned, state, cid, owner)
-    async with state.lock_of(cid):  # not under a reply that is being written
+    async with leased(state) as lease, state.lock_of(cid):  # not under a reply being written
         await asyncio.to_thread(owned, state, cid, owner)
         state.chats.pop(cid)
         await asyncio.to_thread(state.store.delete, cid)
-        # Its KV state: the sequence, the snapshots in RAM and its files.
-        await asyncio.to_thread(state.engine.forget, conversation_snapshot(cid))
+        # Its KV state: the sequence, the snapshots in RAM and its files (every model's).
+        await asyncio.to_thread(lease.engine.forget, conversation_snapshot(cid))
     return {"id": cid, "deleted": True}
 
 
@@ -356,7 +386,7 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
     system = None if body.system is None else text_of(body.system, "system", "system prompt",
                                                       allow_blank=True)
     await asyncio.to_thread(owned, state, cid, owner)
-    async with state.lock_of(cid):  # not while a reply is being planned or written
+    async with leased(state), state.lock_of(cid):  # not while a reply is planned or written
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         if body.pins is not None:
             check_pins(saved, body.pins)
@@ -380,13 +410,13 @@ async def prompt(cid: int, body: PromptRequest, request: Request) -> dict[str, A
     next_message = body.content == ""
     text = "" if next_message else text_of(body.content, "content", "content")
     await asyncio.to_thread(owned, state, cid, owner)
-    async with state.lock_of(cid):
+    async with leased(state) as lease, state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         if next_message:
             plan = await asyncio.to_thread(saved.chat.next_plan)
         else:
             plan = await asyncio.to_thread(saved.plan, text)
-        rendered = await asyncio.to_thread(state.engine.render, plan.messages)
+        rendered = await asyncio.to_thread(lease.engine.render, plan.messages)
     return {"prompt": rendered, "plan": plan_body(plan), "next_message": next_message}
 
 
@@ -397,7 +427,7 @@ async def undo(cid: int, request: Request, body: Undo | None = None) -> dict[str
     state, owner = state_of(request), owner_of(request)
     named, version = (body or Undo()).turn, if_match(request)
     await asyncio.to_thread(owned, state, cid, owner)
-    async with state.lock_of(cid):
+    async with leased(state), state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         turn = await asyncio.to_thread(saved.undo, named, version=version)
         info = await asyncio.to_thread(owned, state, cid, owner)
@@ -420,11 +450,12 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
         results = [(r.tool_call_id, r.content) for r in body.tool_results]
         return await reply(request, cid, body.stream,
                            lambda saved: saved.answer_tools(results, **shape, **overrides),
-                           calls=bool(body.tools))
+                           calls=bool(body.tools), model=body.model)
     text = text_of(body.content, "content", "content")
     return await reply(request, cid, body.stream,
                        lambda saved: saved.stream(text, pinned=body.pinned, **shape,
-                                                  **overrides), calls=bool(body.tools))
+                                                  **overrides), calls=bool(body.tools),
+                       model=body.model)
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)
@@ -432,34 +463,44 @@ async def retry(cid: int, body: Retry, request: Request) -> Any:
     overrides = overrides_of(state_of(request), body.params)
     version = if_match(request)
     return await reply(request, cid, body.stream,
-                       lambda saved: saved.retry(body.turn, version=version, **overrides))
+                       lambda saved: saved.retry(body.turn, version=version, **overrides),
+                       model=body.model)
 
 
 async def reply(request: Request, cid: int, stream: bool,
-                start: Callable[[SavedChat], ReplyStream], *, calls: bool = False) -> Any:
-    """Start a reply under the conversation's lock (errors found before generating get their
-    HTTP status), hand it to the worker, and answer with JSON or SSE (``calls``: tools were
-    offered, the stream's text goes through a tool-call parser)."""
+                start: Callable[[SavedChat], ReplyStream], *, calls: bool = False,
+                model: str | None = None) -> Any:
+    """Start a reply on ``model`` (None: the loaded one) under the conversation's lock (errors
+    found before generating get their HTTP status), hand it to the worker, and answer with
+    JSON or SSE (``calls``: tools were offered, the stream's text goes through a tool-call
+    parser). The lease on the engine and the lock are held until the worker is done."""
     state, owner = state_of(request), owner_of(request)
     await asyncio.to_thread(owned, state, cid, owner)
+    lease = await take(state, model)
     lock = state.lock_of(cid)
-    await lock.acquire()
+    try:
+        await lock.acquire()
+    except BaseException:
+        lease.release()
+        raise
     try:
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         replying = await asyncio.to_thread(start, saved)
         job, chunks = await state.worker.submit(lambda: replying)
     except BaseException:
         lock.release()
+        lease.release()
         raise
     asyncio.get_running_loop().create_task(release_when_finished(lock, job))
+    lease.release_after(job)
     events = reply_events(job, chunks)
     if not stream:
         text, done = await joined_unless_gone(request, job, events)
         if done is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
-        return done_body(text, done)
+        return done_body(text, done, lease.model_id)
     parser = CallStream(ids=replying.call_ids) if calls else None
-    return StreamingResponse(session_stream(events, parser),
+    return StreamingResponse(session_stream(events, parser, lease.model_id),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
@@ -476,21 +517,22 @@ async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
     lock.release()
 
 
-def done_body(text: str, reply: Reply) -> dict[str, Any]:
+def done_body(text: str, reply: Reply, model: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if reply.tool_calls:  # the turn waits for their results (tool_results)
         message.update(content=reply.text,
                        tool_calls=[call.to_openai() for call in reply.tool_calls])
-    return {"message": message, "turn": reply.turn,
+    return {"message": message, "turn": reply.turn, "model": model,
             "finish_reason": reply.finish_reason, "usage": usage_body(reply),
             "rolechat": rolechat_body(reply.plan, reply)}
 
 
 async def session_stream(events: AsyncGenerator[Event | Reply, None],
-                         calls: CallStream | None = None) -> AsyncIterator[str]:
+                         calls: CallStream | None, model: str) -> AsyncIterator[str]:
     """A session reply's events: ``delta`` text, ``waiting`` notices, then ``done`` with the
-    whole message. With ``calls`` (tools offered) the text outside tool calls comes as
-    ``delta`` and the calls as ``tool_calls`` events in OpenAI's delta shape."""
+    whole message and the ``model`` that wrote it. With ``calls`` (tools offered) the text
+    outside tool calls comes as ``delta`` and the calls as ``tool_calls`` events in OpenAI's
+    delta shape."""
     parts: list[str] = []
     reply: Reply | None = None
     try:
@@ -518,5 +560,5 @@ async def session_stream(events: AsyncGenerator[Event | Reply, None],
     finally:
         await events.aclose()  # a client that left stops its generation now
     if reply is not None:
-        yield sse({"done": True, **done_body("".join(parts), reply)})
+        yield sse({"done": True, **done_body("".join(parts), reply, model)})
         yield DONE

@@ -12,6 +12,9 @@ Contract:
   (the guard calls it; more than one header is refused); the key it found travels in the ASGI
   scope, where :func:`bearer_key` reads it for the routes, so the key that was checked is the
   key that owns. :func:`owner_id`: the SHA-256 an owner is stored under.
+- :class:`Unavailable`: the server cannot answer now but will soon (a model is loading): 503,
+  its ``code``, and a ``Retry-After`` header in seconds. A model that fails to load
+  (:class:`~rolechat.errors.ModelLoadError`) is 500 ``model_load_failed``.
 - A stale action (:class:`~rolechat.errors.ConversationChanged`) is 409
   ``conversation_changed``, its ``param`` the field that named what changed (``turn`` or the
   ``If-Match`` header). A conversation's ``ETag`` is its version in quotes (:func:`etag`);
@@ -47,6 +50,7 @@ from ..errors import (
     ConversationChanged,
     InvalidInput,
     InvalidParams,
+    ModelLoadError,
     RolechatError,
     UnknownName,
 )
@@ -102,6 +106,15 @@ def response_format(value: Any, field: str = "response_format") -> dict[str, Any
                        hint, field=f"{field}.type")
 
 
+class Unavailable(RolechatError):
+    """Not now, soon: 503 with ``code`` (``model_loading``...) and ``Retry-After``."""
+
+    def __init__(self, message: str, hint: str, *, code: str, retry_after: int,
+                 param: str | None = "model") -> None:
+        super().__init__(message, hint)
+        self.code, self.retry_after, self.param = code, max(1, retry_after), param
+
+
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -128,6 +141,11 @@ def error_status(exc: RolechatError) -> tuple[int, dict[str, Any]]:
         return 400, error_body(str(exc), param=exc.field or "messages", code="invalid_value")
     if isinstance(exc, UnknownName):
         return 404, error_body(str(exc), param=exc.kind, code=f"{exc.kind}_not_found")
+    if isinstance(exc, ModelLoadError):  # a model asked for by name did not load
+        return 500, error_body(str(exc), type_="server_error", param="model",
+                               code="model_load_failed")
+    if isinstance(exc, Unavailable):
+        return 503, error_body(str(exc), type_="server_error", param=exc.param, code=exc.code)
     if isinstance(exc, ConversationChanged):
         return 409, error_body(changed_message(exc), code="conversation_changed",
                                param="If-Match" if exc.version not in (None, exc.current)
@@ -191,7 +209,9 @@ class ErrorJSON(JSONResponse):
 
 def error_response(exc: RolechatError) -> JSONResponse:
     status, body = error_status(exc)
-    return ErrorJSON(body, status_code=status)
+    headers = ({"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable)
+               else None)
+    return ErrorJSON(body, status_code=status, headers=headers)
 
 
 def openai_names(exc: InvalidParams) -> InvalidParams:

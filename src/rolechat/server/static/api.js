@@ -1,6 +1,7 @@
 // The page's side of the HTTP API: fetch under /v1 with the API key, JSON bodies and errors,
 // server-sent events. The key lives in sessionStorage (this tab) unless the user asked to
-// remember it on this device (localStorage).
+// remember it on this device (localStorage). A request answered 503 model_loading (the
+// server is switching models) is sent again after its Retry-After, for up to LOADING_MS.
 
 const KEY_STORE = "rolechat.apiKey";
 
@@ -61,8 +62,40 @@ export function isChanged(error) {
   return Boolean(error) && error.status === 409 && error.code === "conversation_changed";
 }
 
-// fetch() under /v1 with the API key; on 401 asks for a key and tries again.
+// Called each time a request is answered 503 model_loading, before it is sent again.
+let onLoading = () => {};
+export function onModelLoading(notify) { onLoading = notify; }
+
+// How long a request waits for a model to load, at most.
+const LOADING_MS = 10 * 60 * 1000;
+
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const stop = () => { clearTimeout(timer); reject(new DOMException("Stopped", "AbortError")); };
+    const timer = setTimeout(() => {
+      if (signal) signal.removeEventListener("abort", stop);
+      resolve();
+    }, ms);
+    if (signal && signal.aborted) stop();
+    else if (signal) signal.addEventListener("abort", stop, { once: true });
+  });
+}
+
+// The server is loading a model: true when `response` says so (503 model_loading).
+async function loading(response) {
+  if (response.status !== 503) return false;
+  try {
+    const body = await response.clone().json();
+    return Boolean(body && body.error && body.error.code === "model_loading");
+  } catch (_) {
+    return false;
+  }
+}
+
+// fetch() under /v1 with the API key; on 401 asks for a key and tries again; while the server
+// loads a model, waits (Stop still works) and tries again.
 export async function request(path, init) {
+  const until = Date.now() + LOADING_MS;
   for (;;) {
     const opts = Object.assign({}, init || {});
     const headers = Object.assign({}, opts.headers || {});
@@ -74,6 +107,12 @@ export async function request(path, init) {
     }
     opts.headers = headers;
     const response = await fetch("/v1" + path, opts);
+    if (Date.now() < until && await loading(response)) {
+      onLoading();
+      const seconds = parseInt(response.headers.get("Retry-After") || "", 10);
+      await pause(Math.min(30, Math.max(1, seconds || 1)) * 1000, opts.signal);
+      continue;
+    }
     if (response.status !== 401) return response;
     let body = null;
     try { body = await response.json(); } catch (_) { /* not JSON */ }

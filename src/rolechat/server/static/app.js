@@ -1,7 +1,7 @@
 // rolechat web chat page: the conversation list, the chat, per-message actions (copy,
 // regenerate, edit and resend, undo, pin) and per-conversation ones (rename, system prompt,
 // memory, export, the exact prompt and the window's plan). Plain ES modules, no build step,
-// nothing loaded from elsewhere.
+// nothing loaded from elsewhere. The model picker is models.js.
 // SAFETY: user text is only ever set through textContent; assistant text only through
 // renderMarkdown (markdown.js: marked, then DOMPurify, always).
 // Other tabs and windows write to the same conversations: Regenerate, Undo and Edit name the
@@ -11,6 +11,7 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
+import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
 import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
          keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
          startWaiting, streamText, turnList, usageText } from "./messages.js";
@@ -349,7 +350,7 @@ async function createConversation() {
   if (Object.keys(params).length) body.params = params;
   const system = state.draftSystem;
   if (system !== null && system.trim()) body.system = system;
-  let conv = await api("/conversations", { method: "POST", body: body });
+  let conv = await api("/conversations", { method: "POST", body: withModel(body) });
   if (system !== null && !system.trim()) {  // "no system prompt", not the persona's
     conv = await api(conversationPath(conv.id), { method: "PATCH", body: { system: "" } });
   }
@@ -362,6 +363,7 @@ async function createConversation() {
 
 async function afterChange() {
   try {
+    await refreshModels();
     await refreshList();
     if (state.cid !== null) {
       const conv = await api(conversationPath(state.cid));
@@ -547,6 +549,7 @@ async function send() {
       endEdit();
       renderConversation(undone.conversation);
     }
+    announceLoad();
     if (state.cid === null) await createConversation();
     clearEmpty();
     userNode = addMessage("user", text);
@@ -554,7 +557,7 @@ async function send() {
     fitInput();
     replyNode = addMessage("assistant", "");
     await streamReply(conversationPath(state.cid, "messages"),
-                      { content: text, stream: true }, replyNode);
+                      withModel({ content: text, stream: true }), replyNode);
   } catch (err) {
     const partial = replyNode ? rawText.get(replyNode) : "";
     if (isChanged(err)) {  // the edited turn changed elsewhere: nothing sent, the text kept
@@ -593,8 +596,9 @@ async function retry() {
   setStreaming(true);
   let failed = null;
   try {
-    await streamReply(conversationPath(state.cid, "retry"), { stream: true, turn: turnOf(old) },
-                      fresh);
+    announceLoad();
+    await streamReply(conversationPath(state.cid, "retry"),
+                      withModel({ stream: true, turn: turnOf(old) }), fresh);
   } catch (err) {
     failed = err;
   } finally {
@@ -805,6 +809,7 @@ function wire() {
   els.systemCancel.addEventListener("click", () => toggleSystem(false));
   els.persona.addEventListener("change", refreshSystem);
   els.editCancel.addEventListener("click", cancelEdit);
+  wireModels();
   onKeyNeeded(askKey);
 }
 
@@ -812,12 +817,7 @@ async function init() {
   wire();
   renderConversation(null);
   try {
-    const models = await api("/models");
-    const m = models && models.data && models.data[0];
-    if (m) {
-      els.model.textContent = m.id;
-      if (m.context_length) els.model.title = "context " + m.context_length + " tokens";
-    }
+    await refreshModels();
     const personas = await api("/personas");
     state.personas = (personas && personas.data) || [];
     for (const p of state.personas) {

@@ -2,7 +2,7 @@
 
 const $ = (id) => document.getElementById(id);
 export const els = {
-  model: $("model"), persona: $("persona"), newBtn: $("new"), list: $("conversations"),
+  model: $("model"), modelBox: $("model-box"), modelPicker: $("model-picker"), persona: $("persona"), newBtn: $("new"), list: $("conversations"),
   messages: $("messages"), input: $("input"), send: $("send"), stop: $("stop"),
   form: $("composer"), error: $("error"), title: $("title"),
   promptToggle: $("prompt-toggle"), promptPanel: $("prompt-panel"),

@@ -14,6 +14,7 @@ GGUF = embedded_model_path()
 #: The names the stores' models are listed under, and their source.
 NAMES = {"hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:smollm2-135m-instruct-q4_1.gguf": "hf",
          "modelscope:Qwen/Tiny-GGUF:tiny-q4_1.gguf": "modelscope",
+         "modelscope:Owner/Small-GGUF:small-q4_1.gguf": "modelscope",
          "ollama:smollm2:135m": "ollama", "ollama:someone/tiny:latest": "ollama",
          "lmstudio:lmstudio-community/Tiny-GGUF:Tiny-Q4_1.gguf": "lmstudio"}
 #: The variables that would point the discovery elsewhere than the home's stores.
@@ -37,6 +38,10 @@ def build_stores(home: Path) -> None:
     link(ms / "tiny-q4_1.gguf")
     (ms / "configuration.json").write_text("{}")
     link(ms / "tiny-big-00002-of-00002.gguf")  # a later shard: not a model of its own
+    # modelscope 1.3x's own layout: models/OWNER--REPO/snapshots/REVISION/FILE
+    new = home / ".cache/modelscope/hub/models/Owner--Small-GGUF/snapshots/master"
+    link(new / "small-q4_1.gguf")
+    (new / "small-q4_1.gguf.incomplete").write_bytes(b"a download still under way")
     ollama = home / ".ollama/models"
     digest = "sha256:" + hashlib.sha256(b"weights").hexdigest()
     link(ollama / "blobs" / digest.replace(":", "-"))

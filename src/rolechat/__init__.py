@@ -26,11 +26,13 @@ if TYPE_CHECKING:
         InvalidInput,
         InvalidParams,
         ModelLoadError,
+        PullError,
         RolechatError,
         UnknownName,
     )
     from .params import GenerationParams
     from .persona import Persona, get_persona, load_personas
+    from .pulling import pull
     from .window import Window, WindowPlan
 
 #: Where each public name lives. A name is imported when it is first used, so ``import
@@ -42,10 +44,11 @@ _PUBLIC = {
     **dict.fromkeys(("Engine", "load_engine"), "engines"),
     **dict.fromkeys(("Completion", "Usage"), "engines.base"),
     **dict.fromkeys(("ContextOverflow", "InvalidInput", "InvalidParams", "ModelLoadError",
-                     "RolechatError", "UnknownName"), "errors"),
+                     "PullError", "RolechatError", "UnknownName"), "errors"),
     "GenerationParams": "params",
     **dict.fromkeys(("Persona", "get_persona", "load_personas"), "persona"),
     **dict.fromkeys(("Window", "WindowPlan"), "window"),
+    "pull": "pulling",
 }
 
 
@@ -68,7 +71,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chat", "Completion", "ContextOverflow", "Conversation", "Engine", "GenerationParams",
-    "InvalidInput", "InvalidParams", "Message", "ModelLoadError", "Persona", "Reply",
-    "ReplyStream", "RolechatError", "Turn", "UnknownName", "Usage", "Window", "WindowPlan",
-    "chat_turn", "get_persona", "inference", "load_engine", "load_personas",
+    "InvalidInput", "InvalidParams", "Message", "ModelLoadError", "Persona", "PullError",
+    "Reply", "ReplyStream", "RolechatError", "Turn", "UnknownName", "Usage", "Window",
+    "WindowPlan", "chat_turn", "get_persona", "inference", "load_engine", "load_personas",
+    "pull",
 ]

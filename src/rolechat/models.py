@@ -103,16 +103,23 @@ def _hf(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
         return
     for repo in sorted(root.glob("models--*")):
         owner_repo = repo.name[len("models--"):].replace("--", "/", 1)
-        seen: set[str] = set()
-        # The newest snapshot first: a file several revisions hold is the newest one's.
-        snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime,
-                           reverse=True) if (repo / "snapshots").is_dir() else []
-        for snapshot in snapshots:
-            for path in _ggufs(snapshot):
-                relative = path.relative_to(snapshot).as_posix()
-                if relative not in seen:
-                    seen.add(relative)
-                    yield f"hf:{owner_repo}:{relative}", path
+        yield from _snapshots(repo, f"hf:{owner_repo}")
+
+
+def _snapshots(repo: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    """The GGUFs in ``repo/snapshots/REVISION/`` (the layout of the Hugging Face cache and of
+    modelscope >= 1.3x), named ``PREFIX:FILE``; the newest snapshot first: a file several
+    revisions hold is the newest one's."""
+    if not (repo / "snapshots").is_dir():
+        return
+    seen: set[str] = set()
+    for snapshot in sorted((repo / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime,
+                           reverse=True):
+        for path in _ggufs(snapshot):
+            relative = path.relative_to(snapshot).as_posix()
+            if relative not in seen:
+                seen.add(relative)
+                yield f"{prefix}:{relative}", path
 
 
 def _modelscope(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
@@ -123,16 +130,7 @@ def _modelscope(env: Mapping[str, str]) -> Iterator[tuple[str, Path]]:
     base = root / "models" if (root / "models").is_dir() else root
     for entry in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if "--" in entry.name and (entry / "snapshots").is_dir():  # modelscope >= 1.3x
-            owner_repo = entry.name.replace("--", "/", 1)
-            seen: set[str] = set()
-            snapshots = sorted((entry / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime,
-                               reverse=True)
-            for snapshot in snapshots:
-                for path in _ggufs(snapshot):
-                    relative = path.relative_to(snapshot).as_posix()
-                    if relative not in seen:
-                        seen.add(relative)
-                        yield f"modelscope:{owner_repo}:{relative}", path
+            yield from _snapshots(entry, "modelscope:" + entry.name.replace("--", "/", 1))
             continue
         for repo in sorted(p for p in entry.iterdir() if p.is_dir()):  # OWNER/REPO/FILE
             for path in _ggufs(repo):

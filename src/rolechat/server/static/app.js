@@ -11,6 +11,7 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
+import { announce, setTitle, wireKeys } from "./keys.js";
 import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
 import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
          keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
@@ -171,6 +172,7 @@ function renderConversation(conv) {
   endRename();
   els.messages.replaceChildren();
   els.title.textContent = conv ? (conv.title || "Untitled conversation") : "New conversation";
+  setTitle(conv ? (conv.title || "Untitled conversation") : "");
   els.rename.disabled = els.exportMd.disabled = els.exportJson.disabled = !conv;
   refreshMemory();
   if (!conv) {
@@ -252,7 +254,11 @@ async function settled(cid) {
 
 function markActive() {
   for (const li of els.list.children) {
-    li.classList.toggle("active", String(li.dataset.id) === String(state.cid));
+    const active = String(li.dataset.id) === String(state.cid);
+    li.classList.toggle("active", active);
+    const opener = li.querySelector(".conv-text");
+    if (active) opener.setAttribute("aria-current", "page");
+    else opener.removeAttribute("aria-current");
   }
 }
 
@@ -263,8 +269,8 @@ async function refreshList() {
     const li = el("li", "conversation");
     li.dataset.id = c.id;
     li.dataset.testid = "conversation";
-    li.tabIndex = 0;
-    const text = el("div", "conv-text");
+    const text = el("button", "conv-text");  // a real button: focus, Enter and Space
+    text.type = "button";
     text.appendChild(el("span", "conv-title", c.title || "Untitled"));
     const turns = c.turns ?? 0;
     text.appendChild(el("span", "conv-turns", turns + (turns === 1 ? " turn" : " turns")));
@@ -273,8 +279,8 @@ async function refreshList() {
     del.className = "delete";
     del.setAttribute("aria-label", "Delete conversation");
     li.appendChild(del);
-    li.addEventListener("click", () => act(open)(c.id));
-    li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") act(open)(c.id); });
+    text.addEventListener("click", () => act(open)(c.id));
+    li.addEventListener("click", (ev) => { if (ev.target === li) act(open)(c.id); });
     els.list.appendChild(li);
   }
   markActive();
@@ -369,6 +375,7 @@ async function afterChange() {
       const conv = await api(conversationPath(state.cid));
       state.conv = conv;
       els.title.textContent = conv.title || "Untitled conversation";
+      setTitle(conv.title || "Untitled conversation");
       const last = lastReplyNode();
       // A reply the page cannot name (no id): show the stored conversation, each turn named,
       // so that Undo and Regenerate never act on a turn by guess.
@@ -407,6 +414,7 @@ async function saveRename() {
     const conv = await api(conversationPath(state.cid), { method: "PATCH", body: { title } });
     state.conv = conv;
     els.title.textContent = conv.title || "Untitled conversation";
+    setTitle(conv.title || "Untitled conversation");
     endRename();
     await refreshList();
   } catch (err) {
@@ -527,6 +535,7 @@ async function streamReply(path, body, node) {
       }
     });
     if (!finished) throw new Error("The reply ended early.");
+    announce("Reply finished: " + (text.length > 300 ? text.slice(0, 300) + "…" : text));
   } finally {
     endWaiting(node);
     node.classList.remove("streaming");
@@ -810,6 +819,9 @@ function wire() {
   els.persona.addEventListener("change", refreshSystem);
   els.editCancel.addEventListener("click", cancelEdit);
   wireModels();
+  wireKeys({ streaming: () => state.streaming,
+             stop: () => { if (state.abort) state.abort.abort(); },
+             newChat: act(startNew) });
   onKeyNeeded(askKey);
 }
 

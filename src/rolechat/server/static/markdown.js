@@ -7,6 +7,8 @@
 // highlight.js produce still goes through DOMPurify; links open in a new tab with
 // rel="noopener noreferrer"; javascript: and other unsafe URLs are dropped by DOMPurify.
 
+import { focusable } from "./keys.js";
+
 const { marked, DOMPurify, hljs } = window;
 
 const ENTITIES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;", "'": "&#39;" };
@@ -81,13 +83,15 @@ export async function copyText(text) {
   return done;
 }
 
-// A button that copies what get() returns and says so for a moment.
-export function copyButton(label, get, testid) {
+// A button that copies what get() returns and says so for a moment; `name`, when given, is
+// what a screen reader calls it ("Copy reply", "Copy code (python)").
+export function copyButton(label, get, testid, name) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = "copy";
   button.textContent = label;
   button.dataset.testid = testid;
+  if (name) button.setAttribute("aria-label", name);
   button.addEventListener("click", async (ev) => {
     ev.stopPropagation();
     const ok = await copyText(get());
@@ -112,7 +116,9 @@ function decorateCode(root) {
     name.className = "code-lang";
     name.textContent = lang ? lang[1] : "text";
     head.appendChild(name);
-    head.appendChild(copyButton("Copy code", () => code.textContent, "copy-code"));
+    head.appendChild(copyButton("Copy code", () => code.textContent, "copy-code",
+                                "Copy code (" + name.textContent + ")"));
+    focusable(pre, "Code (" + name.textContent + ")");
     pre.replaceWith(box);
     box.appendChild(head);
     box.appendChild(pre);

@@ -174,7 +174,8 @@ export function addMessage(role, content, status, note, id) {
   node.dataset.testid = "msg-" + role;
   node.appendChild(el("div", "content"));
   const actions = el("div", "msg-actions");
-  actions.appendChild(copyButton("Copy", () => rawText.get(node) || "", "copy"));
+  actions.appendChild(copyButton("Copy", () => rawText.get(node) || "", "copy",
+                                 role === "user" ? "Copy your message" : "Copy reply"));
   node.appendChild(actions);
   setText(node, content || "");
   if (status && status !== "complete") markStatus(node, status, note);

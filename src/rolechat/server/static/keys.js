@@ -1,0 +1,99 @@
+// Keyboard shortcuts, the tab's title and what the page says to a screen reader.
+// - Esc stops the reply being written (when none is, Esc keeps its other jobs: closing the
+//   drawer, the menu, an edit). Ctrl+Shift+O (⌘+Shift+O) starts a new chat. "?" (outside a
+//   text field) lists the shortcuts in a dialog; Ctrl+K (search.js) searches.
+// - The tab is titled after the open conversation ("Title · rolechat").
+// - A finished reply is announced once, through one polite live region (#announcer); the
+//   streamed text is never announced chunk by chunk.
+// - Scrollable regions (code blocks, the prompt's text) take keyboard focus, so they can be
+//   scrolled with the arrow keys.
+
+export const SHORTCUTS = [
+  ["Enter", "Send the message"],
+  ["Shift+Enter", "New line"],
+  ["Esc", "Stop the reply"],
+  ["Ctrl+K", "Search conversations"],
+  ["Ctrl+Shift+O", "New chat"],
+  ["?", "This list"],
+];
+
+function typing(target) {
+  return target instanceof HTMLElement &&
+    (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+}
+
+function shortcutsDialog() {
+  let dialog = document.getElementById("shortcuts");
+  if (dialog) return dialog;
+  dialog = document.createElement("dialog");
+  dialog.id = "shortcuts";
+  dialog.dataset.testid = "shortcuts";
+  dialog.setAttribute("aria-labelledby", "shortcuts-title");
+  const title = document.createElement("h2");
+  title.id = "shortcuts-title";
+  title.textContent = "Keyboard shortcuts";
+  dialog.appendChild(title);
+  const list = document.createElement("dl");
+  for (const [keys, what] of SHORTCUTS) {
+    const term = document.createElement("dt");
+    const kbd = document.createElement("kbd");
+    kbd.textContent = keys;
+    term.appendChild(kbd);
+    const desc = document.createElement("dd");
+    desc.textContent = what;
+    list.append(term, desc);
+  }
+  dialog.appendChild(list);
+  const close = document.createElement("button");
+  close.type = "button";
+  close.textContent = "Close";
+  close.addEventListener("click", () => dialog.close());
+  dialog.appendChild(close);
+  document.body.appendChild(dialog);
+  return dialog;
+}
+
+// `streaming()`: whether a reply is being written; `stop()` stops it; `newChat()` starts one.
+export function wireKeys({ streaming, stop, newChat }) {
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape" && streaming()) {
+      ev.preventDefault();
+      stop();
+    } else if ((ev.ctrlKey || ev.metaKey) && ev.shiftKey && ev.key.toLowerCase() === "o") {
+      ev.preventDefault();
+      newChat();
+    } else if (ev.key === "?" && !ev.ctrlKey && !ev.metaKey && !ev.altKey && !typing(ev.target)) {
+      ev.preventDefault();
+      const dialog = shortcutsDialog();
+      if (!dialog.open) dialog.showModal();
+    }
+  }, true);  // before the page's own Esc handling, which closes panels
+}
+
+export function setTitle(title) {
+  document.title = title ? title + " · rolechat" : "rolechat";
+}
+
+// One announcement per finished reply (`text`: what to say).
+export function announce(text) {
+  let region = document.getElementById("announcer");
+  if (!region) {
+    region = document.createElement("div");
+    region.id = "announcer";
+    region.className = "visually-hidden";
+    region.setAttribute("role", "status");
+    region.setAttribute("aria-live", "polite");
+    region.dataset.testid = "announcer";
+    document.body.appendChild(region);
+  }
+  region.textContent = "";
+  // A change after a tick is announced even when the text is the same as last time.
+  setTimeout(() => { region.textContent = text; }, 50);
+}
+
+// Makes a scrollable element reachable by keyboard, named for a screen reader.
+export function focusable(node, label) {
+  node.tabIndex = 0;
+  node.setAttribute("role", "region");
+  node.setAttribute("aria-label", label);
+}

@@ -376,6 +376,20 @@ def test_snapshots_are_taken_off_the_reply_path() -> None:
     assert engine.kv.ram.get("conversation-1") is not None
 
 
+def test_reading_the_stats_does_not_hold_back_the_file_writer(tmp_path: Path) -> None:
+    """The file is written once the engine has been quiet for a moment; a client reading the
+    status all the while (a dashboard, GET /v1/status) does not make it busy."""
+    engine = with_disk(tmp_path / "kv")
+    engine.replies.append("hi")
+    keyed_chat(engine, "conversation-1").send("hello")
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "kv").glob("*/conversation-1.kv")):
+        assert time.monotonic() < deadline, "the file was never written"
+        engine.kv_stats()
+        time.sleep(0.05)
+    assert engine.kv_stats()["disk"]["files"] == 1
+
+
 @pytest.mark.parametrize(("text", "size"), [("0", 0), ("512MB", 512_000_000),
                                             ("2GiB", 2 * 1024**3), ("1.5k", 1500), (7, 7)])
 def test_parse_size(text: str | int, size: int) -> None:

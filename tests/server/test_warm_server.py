@@ -6,6 +6,7 @@ sequences and the tiers."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ def test_interleaved_sessions_stay_warm_and_match_cold_replies(
                 history.append_turn(text, reply)
 
         status = client.get("/status").json()
+        # The files are written in the engine's quiet moments (half a second idle), which a
+        # fast machine's back-to-back turns may not have left: wait for the writer.
+        deadline = time.monotonic() + 60
+        while status["kv_cache"]["disk"]["files"] < len(TOPICS) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = client.get("/status").json()
         sequences = status["scheduler"]["sequences"]
         assert len(sequences) == 2 and all(s["state"] == "idle" for s in sequences)
         assert {s["conversation"] for s in sequences} <= {f"conversation-{cid}"

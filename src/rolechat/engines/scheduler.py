@@ -242,7 +242,8 @@ class Scheduler:
         the scheduler is closed."""
         if self._closed and not self._calls:
             return False
-        self.kv.quiet.busy(True)
+        if self._busy():  # calls alone (a status read) leave the quiet moment running
+            self.kv.quiet.busy(True)
         calls = list(self._calls)
         self._calls.clear()
         self._queue.extend(self._incoming)
@@ -263,6 +264,13 @@ class Scheduler:
         return bool(self._incoming or self._calls or self._queue or self._closed
                     or any(s.request is not None for s in self.slots)
                     or any(s.pending is not None for s in self.slots)
+                    or self._snapshot_in() == 0.0)
+
+    def _busy(self) -> bool:
+        """Whether this round works the model (a reply, a prompt or a snapshot): what the file
+        writer waits out."""
+        return bool(self._incoming or self._queue
+                    or any(s.request is not None or s.pending is not None for s in self.slots)
                     or self._snapshot_in() == 0.0)
 
     def _unsaved(self) -> list[Slot]:

@@ -36,6 +36,8 @@ Contract:
   :class:`~rolechat.conversation.Conversation`, so nothing half-done reaches the model.
 - Imports (:mod:`rolechat.transfer` checks the whole file first) are written in one
   transaction: all of it or, on any failure, nothing.
+- :meth:`Store.search`: every message and title that holds a query's terms, with a marked
+  snippet, from FTS5 trigram indexes that triggers keep in step (:mod:`rolechat.store_search`).
 - The KV snapshot files of its conversations live beside the database (``kv_root``: ``kv/``);
   the store only says where. The engine's KV store owns them (:mod:`rolechat.engines.kvstore`):
   whoever deletes a conversation also tells the engine to forget it, or removes its files
@@ -60,6 +62,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
+from . import store_search as searching
 from . import store_turns as turns
 from .conversation import Conversation, Message, check_text, steps_from_json, steps_to_json
 from .errors import InvalidInput, StoreError
@@ -80,6 +83,7 @@ from .store_rows import (
     conversation_info,
     stored_message,
 )
+from .store_search import SearchHit
 from .store_turns import TurnName, Written
 from .transfer import (
     ImportPlan,
@@ -90,8 +94,8 @@ from .transfer import (
     read_import,
 )
 
-__all__ = ["MIGRATIONS", "ConversationInfo", "Dropped", "Loaded", "Store", "StoredMessage",
-           "Written", "check_memory_record", "process_alive", "process_id"]
+__all__ = ["MIGRATIONS", "ConversationInfo", "Dropped", "Loaded", "SearchHit", "Store",
+           "StoredMessage", "Written", "check_memory_record", "process_alive", "process_id"]
 
 #: Schema migrations; migration i brings ``user_version`` from i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -143,6 +147,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN steps TEXT;
     """,
+    # 7: full-text search over messages and titles (FTS5, trigram; rolechat.store_search).
+    searching.SEARCH_MIGRATION,
 )
 
 
@@ -389,6 +395,17 @@ class Store:
             f"{where}"
             "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args)
         return [conversation_info(row) for row in rows]
+
+    def search(self, q: str, *, owner: str | EllipsisType | None = ..., limit: int = 20,
+               per_conversation: int = 3) -> list[SearchHit]:
+        """The messages and titles that hold every term of ``q``, each with a snippet (see
+        :mod:`rolechat.store_search`); with ``owner`` given, only that owner's."""
+        with self._lock:
+            try:
+                return searching.find(self._db, q, owner=owner, limit=limit,
+                                      per_conversation=per_conversation)
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from None
 
     def latest(self) -> int | None:
         rows = self._read("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC "

@@ -1,15 +1,18 @@
-"""``rolechat conversations``: list, show, export, import and delete saved conversations.
+"""``rolechat conversations``: list, search, show, export, import and delete conversations.
 
-Contract: ``list``, ``show`` and ``export`` only read: they open the store read-only, so they
-work on a read-only or full store, and never change it. ``show`` and ``export`` include every
-message (interrupted ones marked). ``import`` checks the whole file before writing anything and
-writes it in one transaction; a last user message without a reply is kept, marked interrupted,
-and said so on stderr. A damaged conversation is listed (flagged) and can be shown, exported and
-deleted; what cannot be read of it is said on stderr.
+Contract: ``list``, ``search``, ``show`` and ``export`` only read: they open the store read-only,
+so they work on a read-only or full store, and never change it. ``show`` and ``export``
+include every message (interrupted ones marked). ``import`` checks the whole file before
+writing anything and writes it in one transaction; a last user message without a reply is kept,
+marked interrupted, and said so on stderr. A damaged conversation is listed (flagged) and can be
+shown, exported and deleted; what cannot be read of it is said on stderr. ``search`` prints one
+line a hit (its match highlighted on a terminal, plain text in a pipe; ``--json``: a list of
+hits) and searches every conversation, whoever owns it (:mod:`rolechat.store_search`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +24,7 @@ from rich.text import Text
 from ..engines.snapshots import conversation_snapshot, delete_conversation_files
 from ..errors import InvalidInput
 from ..store import Store
+from ..store_search import flat_text
 from ..transfer import read_import
 from . import cli
 from .options import open_store
@@ -65,6 +69,40 @@ def list_(limit: int) -> None:
         names = ", ".join(map(str, damaged))
         echo(f"note: conversation(s) {names} are damaged and cannot be continued; "
              f"`rolechat conversations show ID` shows what they hold", err=True)
+
+
+@conversations.command()
+@click.argument("text")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True,
+              help="At most this many hits.")
+@click.option("--json", "as_json", is_flag=True, help="The hits as a JSON list.")
+def search(text: str, limit: int, as_json: bool) -> None:
+    """Search every conversation's messages and titles for TEXT (every word of it, anywhere;
+    words under 3 characters are matched by a slower scan). One line a hit: conversation id,
+    title, role, and where it matched (highlighted on a terminal)."""
+    hits = read_store().search(text, limit=limit)
+    if as_json:
+        click.echo(json.dumps([{"conversation_id": hit.conversation_id, "title": hit.title,
+                                **hit.to_json()} for hit in hits], ensure_ascii=False, indent=2))
+        return
+    if not hits:
+        echo(f"no conversation holds {text!r}", err=True)
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    for hit in hits:
+        line = Text()
+        line.append(f"{hit.conversation_id:>4}  ", style="bold")
+        line.append(flat_text(hit.title) or "(untitled)", style="cyan")
+        line.append(f"  {hit.role or 'title'}: ", style="dim")
+        for part, matched in hit.parts:
+            line.append(part, style="bold yellow" if matched else "")
+        if console.is_terminal:
+            console.print(line)
+        else:
+            click.echo(line.plain)
+    cid = hits[0].conversation_id
+    echo(f"open one with `rolechat chat --cid {cid}` (`rolechat conversations show {cid}` "
+         "prints it)", err=True)
 
 
 @conversations.command()

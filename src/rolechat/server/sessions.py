@@ -54,6 +54,11 @@ Contract:
   on the engine (taken before the conversation's lock); a reply names the model that wrote it
   (``model``). After a switch each conversation's chat is rebuilt from the store on the new
   engine; nothing stored is lost (a turn waiting for tool results is left ``interrupted``).
+- ``GET /v1/conversations?q=TEXT`` (``&limit=N``, 1-100 hits, default 20): search, scoped as
+  the list is. The conversations whose messages or title hold every term (FTS5 trigram, short
+  terms by ``LIKE``: :mod:`rolechat.store_search`), best match first, each with ``hits``
+  (``message_id``, null for its title; ``role``; ``snippet``; ``parts``: the snippet as
+  ``{"text", "match"}`` pieces). A blank ``q`` or one over 200 characters is a 400.
 - With API keys, a conversation belongs to the key that created it (the store keeps the key's
   SHA-256); another key's conversation is invisible (404 ``conversation_not_found``).
 - Handlers are module-level functions over the app's :class:`~rolechat.server.state.ServerState`.
@@ -64,11 +69,11 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import Reply, ReplyStream
 from ..conversation import Message, check_text
@@ -79,6 +84,7 @@ from ..params import GenerationParams
 from ..persona import get_persona, load_personas
 from ..saved import SavedChat
 from ..store import ConversationInfo
+from ..store_search import MAX_QUERY
 from ..toolcalls import CallDelta, CallStream, ContentDelta, Tools
 from ..window import MEMORY_SETTINGS, Window, check_room, summarizes
 from .state import ServerState, state_of
@@ -169,6 +175,15 @@ class ConversationChange(BaseModel):
     pins: list[int] | None = None
     #: What the window keeps of dropped turns: "none" or "summary".
     memory: Literal["none", "summary"] | None = None
+
+
+class Listing(BaseModel):
+    """``GET /v1/conversations``'s query string (lax types: a query string is text)."""
+    model_config = ConfigDict(extra="forbid")
+    #: Search: the conversations whose messages or title hold every term of this text.
+    q: str | None = Field(None, max_length=MAX_QUERY)
+    #: At most this many hits (with ``q``).
+    limit: int = Field(20, ge=1, le=100)
 
 
 class ConversationNotFound(UnknownName):
@@ -349,11 +364,29 @@ def created(state: ServerState, lease: Lease, body: NewConversation, system: str
 
 
 @router.get("/conversations")
-def listing(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    infos = state.store.recent(1000, owner=owner_of(request))
+def listing(request: Request, query: Annotated[Listing, Query()]) -> dict[str, Any]:
+    state, owner = state_of(request), owner_of(request)
+    if query.q is not None:
+        return found(state, query.q, owner, query.limit)
+    infos = state.store.recent(1000, owner=owner)
     return {"object": "list",
             "data": [conversation_body(state, info, messages=False) for info in infos]}
+
+
+def found(state: ServerState, q: str, owner: str | None, limit: int) -> dict[str, Any]:
+    """``?q=``: the owner's conversations whose messages or title hold every term, grouped in
+    the order of their best hit, each with its ``hits`` (message id, role, marked snippet)."""
+    conversations: dict[int, dict[str, Any]] = {}
+    for hit in state.store.search(q, owner=owner, limit=limit):
+        if hit.conversation_id not in conversations:
+            try:
+                info = state.store.info(hit.conversation_id, damaged_ok=True)
+            except RolechatError:  # deleted meanwhile
+                continue
+            conversations[hit.conversation_id] = {
+                **conversation_body(state, info, messages=False), "hits": []}
+        conversations[hit.conversation_id]["hits"].append(hit.to_json())
+    return {"object": "list", "query": q, "data": list(conversations.values())}
 
 
 @router.get("/conversations/{cid}")

@@ -23,7 +23,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 STATIC = Path(__file__).resolve().parents[2] / "src/rolechat/server/static"
-CODE_REPLY = "Like this:\n\n```python\nprint('hi')\n```\n"
+CODE_REPLY = ("Like **this**:\n\n```python\nimport os\nprint(len(os.sep), 'hi')  # a comment\n```"
+              "\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+AXE = Path(__file__).resolve().parents[1] / "vendor/axe-core/axe.min.js"
+DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
@@ -35,24 +38,37 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cid = store.create(title="Seeded code")
     uid = store.begin_turn(cid, "Show me code.")
     store.complete_turn(cid, uid, CODE_REPLY, 12, {})
+    store.interrupt_turn(store.begin_turn(cid, "this one was cut off"))
     store.close()
     with rolechat_serve(home) as base:
         yield base
 
 
-@pytest.fixture
-def page(server: str) -> Iterator[Any]:
-    errors: list[str] = []
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1200, "height": 800})
-        opened = context.new_page()
-        opened.set_default_timeout(30_000)
-        opened.on("pageerror", lambda exc: errors.append(str(exc)))
-        opened.goto(server)
-        opened.wait_for_selector("body[data-ready='1']:not([data-busy])")
-        yield opened
-        browser.close()
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+def open_page(browser: Any, server: str, errors: list[str], viewport: dict[str, int] = DESKTOP,
+              color_scheme: str = "light") -> Any:
+    context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+    opened = context.new_page()
+    opened.set_default_timeout(30_000)
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.goto(server)
+    opened.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    return opened
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    errors: list[str] = []
+    opened = open_page(browser, server, errors)
+    yield opened
+    opened.context.close()
     assert not errors, errors
 
 
@@ -97,6 +113,21 @@ def test_the_keyboard_alone_sends_stops_and_starts_a_new_chat(page: Any) -> None
     assert dialog.is_visible() and "Ctrl+Shift+O" in dialog.inner_text()
     page.keyboard.press("Escape")
     assert not dialog.is_visible()
+    # the menu: opened from the keyboard, its first item focused, arrows move, Esc closes
+    page.locator("#conv-menu summary").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'rename'")
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.id") == "memory-toggle"
+    page.keyboard.press("End")
+    assert page.evaluate("document.activeElement.id") == "export-json"
+    page.keyboard.press("ArrowDown")  # round to the first
+    assert page.evaluate("document.activeElement.id") == "rename"
+    page.keyboard.press("ArrowUp")
+    assert page.evaluate("document.activeElement.id") == "export-json"
+    page.keyboard.press("Escape")
+    assert not page.locator("#conv-menu .menu-items").is_visible()
+
     page.locator("#input").focus()
     page.keyboard.press("?")  # typing a question mark in the message box is just text
     assert not dialog.is_visible() and page.input_value("#input").endswith("?")
@@ -111,10 +142,10 @@ def test_replies_are_announced_once_and_controls_are_named(page: Any) -> None:
     assert user_copy.get_attribute("aria-label") == "Copy your message"
     code_copy = page.locator("[data-testid=copy-code]").first
     assert code_copy.get_attribute("aria-label") == "Copy code (python)"
-    pre = page.locator("[data-testid=msg-assistant] pre").first
-    assert pre.get_attribute("tabindex") == "0" and pre.get_attribute("role") == "region"
-    pre.focus()
-    assert page.evaluate("document.activeElement.tagName") == "PRE"
+    code = page.locator("[data-testid=msg-assistant] pre code").first
+    assert code.get_attribute("tabindex") == "0" and code.get_attribute("role") == "region"
+    code.focus()
+    assert page.evaluate("document.activeElement.tagName") == "CODE"
     assert page.get_attribute("#prompt-text", "tabindex") == "0"
 
     page.fill("#input", "Say hello.")
@@ -124,7 +155,8 @@ def test_replies_are_announced_once_and_controls_are_named(page: Any) -> None:
     page.wait_for_function("(document.querySelector('#announcer') || {}).textContent")
     said = page.locator("#announcer").inner_text()
     reply = page.locator("[data-testid=msg-assistant]").last.locator(".content").inner_text()
-    assert said.startswith("Reply finished: ") and said.split(": ", 1)[1][:20] == reply[:20]
+    words = " ".join(reply.split())
+    assert said.startswith("Reply finished: ") and " ".join(said.split())[16:][:40] == words[:40]
     # the only live regions: the announcer, and the page's status lines; never the messages
     live = page.evaluate("[...document.querySelectorAll('[aria-live]')].map(e => e.id ||"
                          " e.dataset.testid || e.className)")
@@ -136,3 +168,39 @@ def test_replies_are_announced_once_and_controls_are_named(page: Any) -> None:
 def test_the_vendored_scripts_name_no_missing_source_map() -> None:
     for script in STATIC.glob("vendor/**/*.js"):
         assert "sourceMappingURL" not in script.read_text(encoding="utf-8"), script
+
+
+def violations(page: Any) -> list[str]:
+    """What axe-core (vendored: tests/vendor/axe-core) finds on the page as it is now."""
+    if not page.evaluate("typeof window.axe === 'object'"):
+        page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
+    found: list[str] = page.evaluate("""async () => (await axe.run(document, {
+        resultTypes: ['violations']})).violations.flatMap(v => v.nodes.map(n =>
+        v.id + ' ' + n.target.join(' ') + ': ' + n.failureSummary))""")
+    return found
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_axe_finds_nothing_on_the_page_its_panels_and_its_menu(
+        browser: Any, server: str, viewport: dict[str, int], color_scheme: str) -> None:
+    errors: list[str] = []
+    page = open_page(browser, server, errors, viewport, color_scheme)
+    assert violations(page) == [], "empty page"
+    if viewport is PHONE:
+        page.click("#sidebar-toggle")
+        page.wait_for_selector("#sidebar button.conv-text", state="visible")
+        assert violations(page) == [], "the drawer open"
+    page.locator("#conversations button.conv-text", has_text="Seeded code").click()
+    idle(page)
+    page.wait_for_selector("[data-testid=msg-assistant] pre")
+    assert violations(page) == [], "a conversation (code, a table, an interrupted message)"
+    page.click("#system-toggle")
+    page.click("#prompt-toggle")
+    page.wait_for_selector("#prompt-text:not(:empty)")
+    assert violations(page) == [], "the system and prompt panels open"
+    page.click("#conv-menu summary")
+    page.wait_for_selector("#conv-menu .menu-items", state="visible")
+    assert violations(page) == [], "the menu open"
+    page.context.close()
+    assert not errors, errors

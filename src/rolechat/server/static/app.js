@@ -11,12 +11,13 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
-import { announce, setTitle, wireKeys } from "./keys.js";
+import { announce, setTitle, wireKeys, wireMenus } from "./keys.js";
 import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
 import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
          keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
          startWaiting, streamText, turnList, usageText } from "./messages.js";
 import { act, button, el, els, showError, showNotice, state } from "./page.js";
+import { wireSearch } from "./search.js";
 
 // ----- the API key ------------------------------------------------------------------------
 function askKey(message) {
@@ -535,13 +536,14 @@ async function streamReply(path, body, node) {
       }
     });
     if (!finished) throw new Error("The reply ended early.");
-    announce("Reply finished: " + (text.length > 300 ? text.slice(0, 300) + "…" : text));
   } finally {
     endWaiting(node);
     node.classList.remove("streaming");
     setText(node, text);
     state.abort = null;
   }
+  const said = node.querySelector(".content").innerText.trim();  // as rendered, no Markdown
+  announce("Reply finished: " + (said.length > 300 ? said.slice(0, 300) + "…" : said));
 }
 
 async function send() {
@@ -819,9 +821,11 @@ function wire() {
   els.persona.addEventListener("change", refreshSystem);
   els.editCancel.addEventListener("click", cancelEdit);
   wireModels();
+  wireMenus();
   wireKeys({ streaming: () => state.streaming,
              stop: () => { if (state.abort) state.abort.abort(); },
              newChat: act(startNew) });
+  wireSearch(act(open));
   onKeyNeeded(askKey);
 }
 

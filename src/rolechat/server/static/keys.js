@@ -7,6 +7,8 @@
 //   streamed text is never announced chunk by chunk.
 // - Scrollable regions (code blocks, the prompt's text) take keyboard focus, so they can be
 //   scrolled with the arrow keys.
+// - A menu (role="menu" in a <details class="menu">) takes focus on its first item when it
+//   opens; the arrow keys, Home and End move between its items.
 
 export const SHORTCUTS = [
   ["Enter", "Send the message"],
@@ -68,6 +70,27 @@ export function wireKeys({ streaming, stop, newChat }) {
       if (!dialog.open) dialog.showModal();
     }
   }, true);  // before the page's own Esc handling, which closes panels
+}
+
+// Arrow keys in every menu of the page.
+export function wireMenus() {
+  for (const details of document.querySelectorAll("details.menu")) {
+    details.addEventListener("toggle", () => {
+      const first = details.querySelector("[role^=menuitem]:not(:disabled)");
+      if (details.open && first) first.focus();
+    });
+  }
+  document.addEventListener("keydown", (ev) => {
+    const menu = ev.target instanceof Element && ev.target.closest("[role=menu]");
+    if (!menu || !["ArrowDown", "ArrowUp", "Home", "End"].includes(ev.key)) return;
+    const items = [...menu.querySelectorAll("[role^=menuitem]:not(:disabled)")];
+    if (!items.length) return;
+    ev.preventDefault();
+    const at = items.indexOf(ev.target);
+    const next = ev.key === "Home" ? 0 : ev.key === "End" ? items.length - 1
+      : (at + (ev.key === "ArrowDown" ? 1 : -1) + items.length) % items.length;
+    items[next].focus();
+  });
 }
 
 export function setTitle(title) {

@@ -1,12 +1,13 @@
 // Assistant replies as Markdown: marked turns the text into HTML, DOMPurify ALWAYS sanitizes
 // that HTML before it reaches the page, highlight.js colours code blocks, and each code block
-// gets a copy button. The three libraries are vendored (vendor/README.md) and loaded as
-// globals by index.html.
+// gets a copy button; math (KaTeX) and diagrams (Mermaid) come from extras.js. The libraries
+// are vendored (vendor/README.md) and loaded as globals by index.html (Mermaid on demand).
 //
 // SAFETY: raw HTML in a reply is shown as text (never as markup); whatever marked or
 // highlight.js produce still goes through DOMPurify; links open in a new tab with
 // rel="noopener noreferrer"; javascript: and other unsafe URLs are dropped by DOMPurify.
 
+import { putMath, renderDiagrams, takeMath } from "./extras.js";
 import { focusable } from "./keys.js";
 
 const { marked, DOMPurify, hljs } = window;
@@ -49,7 +50,7 @@ const markdown = new marked.Marked({
 });
 
 const PURIFY = {
-  USE_PROFILES: { html: true },
+  USE_PROFILES: { html: true, mathMl: true },  // KaTeX's MathML (extras.js), nothing more
   FORBID_TAGS: ["style", "form", "button", "textarea", "select", "iframe"],
   FORBID_ATTR: ["style"],
   RETURN_DOM_FRAGMENT: true,
@@ -102,6 +103,8 @@ export function copyButton(label, get, testid, name) {
   return button;
 }
 
+let codeBlocks = 0;
+
 // Each <pre><code> gets a header with its language and a copy button.
 function decorateCode(root) {
   for (const pre of root.querySelectorAll("pre")) {
@@ -118,17 +121,21 @@ function decorateCode(root) {
     head.appendChild(name);
     head.appendChild(copyButton("Copy code", () => code.textContent, "copy-code",
                                 "Copy code (" + name.textContent + ")"));
-    focusable(pre, "Code (" + name.textContent + ")");
+    codeBlocks += 1;  // landmarks need names of their own
+    focusable(code, "Code block " + codeBlocks + " (" + name.textContent + ")");  // it scrolls
     pre.replaceWith(box);
     box.appendChild(head);
     box.appendChild(pre);
   }
 }
 
-// Renders Markdown `text` into `target` (its children are replaced), sanitized.
-export function renderMarkdown(target, text) {
-  const html = markdown.parse(String(text || ""), { async: false });
+// Renders Markdown `text` into `target` (its children are replaced), sanitized; its math as
+// MathML, its diagrams once it is no longer `streaming` (extras.js).
+export function renderMarkdown(target, text, streaming = false) {
+  const taken = takeMath(String(text || ""));
+  const html = putMath(markdown.parse(taken.text, { async: false }), taken, escapeHTML);
   const fragment = DOMPurify.sanitize(html, PURIFY);
   decorateCode(fragment);
   target.replaceChildren(fragment);
+  renderDiagrams(target, streaming);
 }

@@ -66,7 +66,7 @@ export function setText(node, text) {
   rawText.set(node, text);
   const content = node.querySelector(".content");
   if (node.dataset.role === "user") content.textContent = text;
-  else renderMarkdown(content, text);
+  else renderMarkdown(content, text, node.classList.contains("streaming"));
 }
 
 // While streaming, render at most once a frame.

@@ -18,7 +18,8 @@ import pytest
 
 from rolechat.store import Store, process_alive
 
-#: Opens the store, begins a turn, says so, then waits: "complete" completes the turn.
+#: Opens the store, begins a turn, says so, then waits: "partial TEXT" saves the reply's text
+#: so far (as a server does while it writes), "complete" completes the turn.
 WRITER = textwrap.dedent("""
     import sys
     from rolechat.store import Store
@@ -27,7 +28,11 @@ WRITER = textwrap.dedent("""
     cid = store.create()
     user = store.begin_turn(cid, "a question being answered")
     print(cid, user, flush=True)
-    if sys.stdin.readline() == "complete\\n":
+    line = sys.stdin.readline()
+    if line.startswith("partial "):
+        print(store.save_partial(user, line[8:-1]), flush=True)
+        line = sys.stdin.readline()
+    if line == "complete\\n":
         store.complete_turn(cid, user, "the answer", 2, {})
         print("COMPLETED", flush=True)
     sys.stdin.readline()
@@ -99,6 +104,26 @@ def test_a_store_opened_before_the_kill_sees_it_on_the_next_read(
     assert [m.status for m in store.messages(cid)] == ["interrupted"]  # no restart needed
     assert status_in_file(db_path, user) == "interrupted"
     assert store.conversation(cid).turns == []
+    store.close()
+
+
+def test_the_text_a_killed_writer_had_saved_comes_back_after_its_message(
+        db_path: Path, writer: subprocess.Popen[bytes]) -> None:
+    cid, user = started(writer)
+    assert writer.stdin is not None and writer.stdout is not None
+    writer.stdin.write("partial Half of the answer, 中文 too\n".encode())
+    writer.stdin.flush()
+    assert writer.stdout.readline() == b"True\n"
+    before = Store(db_path, read_only=True).version_of(cid)
+    kill_unreaped(writer)
+    store = Store(db_path)  # the restarted server
+    assert store.recovered == 1
+    assert [(m.role, m.status, m.content) for m in store.messages(cid)] == [
+        ("user", "interrupted", "a question being answered"),
+        ("assistant", "interrupted", "Half of the answer, 中文 too")]
+    assert store.version_of(cid) > before  # a change the clients that follow it see
+    assert store.conversation(cid).turns == []  # never part of a prompt
+    assert not store.save_partial(user, "too late")  # no longer pending
     store.close()
 
 

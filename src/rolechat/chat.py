@@ -146,6 +146,12 @@ class ReplyStream(Iterator[str]):
         if self.on_wait is not None:
             self.on_wait(ahead)
 
+    @property
+    def handle(self) -> Any:
+        """What the chat's log named this turn when it began (a saved chat's: its pending
+        message's id; None without a log)."""
+        return self._handle
+
     def cancel(self) -> None:
         """Stop the reply soon, from any thread: its reader then gets
         :class:`~rolechat.engines.base.Cancelled` (and the turn is stored interrupted)."""

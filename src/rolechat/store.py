@@ -149,6 +149,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 7: full-text search over messages and titles (FTS5, trigram; rolechat.store_search).
     searching.SEARCH_MIGRATION,
+    # 8: a pending message's reply text so far, saved while it is written (what a crash
+    #    leaves is put after the message, interrupted, when a store next opens).
+    """
+    ALTER TABLE messages ADD COLUMN partial TEXT;
+    """,
 )
 
 
@@ -244,8 +249,8 @@ class Store:
         if dead and not self.read_only and not self._db.in_transaction:
             try:  # a read does not wait for another process's lock to write this
                 with self._transaction(wait=cid is None) as db:
-                    db.executemany("UPDATE messages SET status = 'interrupted' WHERE id = ? "
-                                   "AND status = 'pending'", [(i,) for i in dead])
+                    for message_id in sorted(dead):  # with the reply text saved so far
+                        turns.interrupt(db, message_id, None, _now())
             except StoreError:  # busy: they read interrupted anyway, and stay out of prompts
                 pass
         return dead
@@ -517,12 +522,24 @@ class Store:
         with self._transaction() as db:
             return turns.extend(db, cid, turn, text, tokens, usage, _now())
 
-    def interrupt_turn(self, user_id: int, partial: str = "") -> int | None:
+    def interrupt_turn(self, user_id: int, partial: str | None = "") -> int | None:
         """The reply did not complete: keep the message, and the reply's text so far
-        (``partial``), both marked interrupted and out of every prompt. The new version (None:
-        the message was not pending)."""
+        (``partial``; None: the text last saved with :meth:`save_partial`), both marked
+        interrupted and out of every prompt. The new version (None: the message was not
+        pending)."""
         with self._transaction() as db:
             return turns.interrupt(db, user_id, partial, _now())
+
+    def save_partial(self, user_id: int, text: str) -> bool:
+        """Keep the reply text so far of pending message ``user_id`` (a server does, every few
+        seconds), so that a crash loses at most those seconds: the next open puts it after the
+        message, both interrupted. No version change; never waits for another process's lock
+        (False then, or when the message is no longer pending)."""
+        try:
+            with self._transaction(wait=False) as db:
+                return turns.save_partial(db, user_id, text)
+        except StoreError:
+            return False
 
     def drop_last_turn(self, cid: int, turn: TurnName = ..., *,
                        version: int | None = None) -> Dropped | None:

@@ -160,7 +160,8 @@ def complete(db: sqlite3.Connection, cid: int, user_id: int, reply: str, tokens:
         db.execute("UPDATE conversations SET memory = ? WHERE id = ?",
                    (json.dumps(memory, ensure_ascii=False), cid))
     move_to_end(db, cid, user_id)
-    db.execute("UPDATE messages SET status = 'complete' WHERE id = ?", (user_id,))
+    db.execute("UPDATE messages SET status = 'complete', partial = NULL WHERE id = ?",
+               (user_id,))
     cursor = db.execute(
         "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, usage,"
         " created_at, steps) VALUES (?, ?, 'assistant', ?, 'complete', ?, ?, ?, ?)",
@@ -188,13 +189,19 @@ def extend(db: sqlite3.Connection, cid: int, turn: TurnName, text: str, tokens: 
     return Written(int(cursor.lastrowid or 0), bump(db, cid))
 
 
-def interrupt(db: sqlite3.Connection, user_id: int, partial: str, now: str) -> int | None:
-    """Mark a pending message interrupted, its reply's text so far after it; the new version
-    (None: it was not pending, nothing changed)."""
-    changed = db.execute("UPDATE messages SET status = 'interrupted' WHERE id = ? AND "
-                         "status = 'pending'", (user_id,)).rowcount
-    if not changed:
+def interrupt(db: sqlite3.Connection, user_id: int, partial: str | None,
+              now: str) -> int | None:
+    """Mark a pending message interrupted, its reply's text so far after it (None: the text
+    last saved on the message while the reply was written, :func:`save_partial`); the new
+    version (None: it was not pending, nothing changed)."""
+    row = db.execute("SELECT partial FROM messages WHERE id = ? AND status = 'pending'",
+                     (user_id,)).fetchone()
+    if row is None:
         return None
+    if partial is None:
+        partial = row["partial"] or ""
+    db.execute("UPDATE messages SET status = 'interrupted', partial = NULL WHERE id = ?",
+               (user_id,))
     cid = int(db.execute("SELECT conversation_id FROM messages WHERE id = ?",
                          (user_id,)).fetchone()[0])
     if partial:
@@ -204,6 +211,14 @@ def interrupt(db: sqlite3.Connection, user_id: int, partial: str, now: str) -> i
             " created_at) VALUES (?, ?, 'assistant', ?, 'interrupted', ?)",
             (cid, next_seq(db, cid), partial, now))
     return bump(db, cid)
+
+
+def save_partial(db: sqlite3.Connection, user_id: int, text: str) -> bool:
+    """Keep a pending message's reply text so far on its row (what a crash leaves: the next
+    start puts it after the message, interrupted); not a change anybody sees, so the version
+    stays. False if the message is no longer pending."""
+    return bool(db.execute("UPDATE messages SET partial = ? WHERE id = ? AND status = "
+                           "'pending'", (text, user_id)).rowcount)
 
 
 def drop_last(db: sqlite3.Connection, cid: int, turn: TurnName,

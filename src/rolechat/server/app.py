@@ -50,7 +50,7 @@ from ..engines import Engine
 from ..errors import RolechatError
 from ..store import Store
 from ..window import Window
-from . import completions, sessions
+from . import completions, follow, sessions
 from .guard import Guard
 from .state import Loader, ServerState
 from .switch import model_id, setup
@@ -91,6 +91,7 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
     app.add_exception_handler(Exception, server_error)
     app.include_router(completions.router)
     app.include_router(sessions.router)
+    app.include_router(follow.router)
 
     static = Path(__file__).with_name("static")
     if (static / "index.html").is_file():  # the web chat page, at every path but /v1

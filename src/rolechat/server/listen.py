@@ -13,12 +13,15 @@ Contract:
 - At most ``max_connections`` connections are open at once; one more is answered 503 at once,
   before anything of it is read, and closed a second later.
 - Answers written here are OpenAI's error shape too, like every error the app writes.
+- When the server starts shutting down, the app's ``state.closing`` is set, so that its
+  endless responses (``GET /v1/conversations/{id}/events``) end and uvicorn can stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -53,6 +56,14 @@ class GuardedH11(H11Protocol):
     deadline_for: str | None = None
     #: No request has started on this connection yet.
     fresh = True
+
+    #: Called once the server starts shutting down (the app's event streams end then).
+    on_shutdown: Callable[[], None] | None = None
+
+    def shutdown(self) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        super().shutdown()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -122,9 +133,12 @@ def config(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
            log_level: str = "warning") -> uvicorn.Config:
     """The uvicorn configuration of ``rolechat serve``. ``body_timeout`` here covers only a body
     the app never reads; give the app (:func:`~rolechat.server.create_app`) the same value."""
+    state = getattr(getattr(app, "state", None), "rolechat", None)
+    closing = getattr(state, "closing", None)
     protocol = type("GuardedH11", (GuardedH11,), {
         "header_timeout": header_timeout, "body_timeout": body_timeout,
-        "max_connections": max_connections})
+        "max_connections": max_connections,
+        "on_shutdown": staticmethod(closing.set) if closing is not None else None})
     return uvicorn.Config(app, host=host, port=port, http=protocol, ws="none",
                           timeout_keep_alive=keep_alive, log_level=log_level,
                           lifespan="on")

@@ -46,7 +46,11 @@ Contract:
   stays sticky and its KV state warm. Two requests to one conversation never interleave: its
   :class:`asyncio.Lock` is held from planning until the worker is done with the reply (it is
   released by the job's end, whether or not the response ever streams). A client that leaves
-  mid-stream stops its generation and its message is stored ``interrupted``.
+  mid-stream stops its generation and its message is stored ``interrupted`` — unless it sent
+  ``"detach": true`` (a message or retry): then the reply goes on, others follow it, and
+  ``POST .../stop`` stops it (:mod:`rolechat.server.follow`, with ``GET .../events``). While a
+  reply is written its text so far is saved on its pending message every few seconds, so that
+  after a crash the next start shows it, interrupted, after the message.
 - Models: a create, message or retry body may name a ``model`` (an id ``/v1/models`` lists): the
   server switches to it first, as for ``/v1/chat/completions`` (:mod:`rolechat.server.switch`;
   during another request's switch: 503 ``model_loading`` with ``Retry-After``). Without one, a
@@ -69,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -142,6 +147,9 @@ class NewMessage(BaseModel):
     parallel_tool_calls: bool | None = None
     #: The model to reply with (an id /v1/models lists); None: the one loaded.
     model: str | None = None
+    #: Go on generating if this client leaves (a reload, a network blip); stop it with
+    #: POST .../stop. Followers see it through GET .../events.
+    detach: bool = False
 
 
 class Retry(BaseModel):
@@ -149,6 +157,8 @@ class Retry(BaseModel):
     #: The model to reply with (an id /v1/models lists); None: the one loaded.
     model: str | None = None
     stream: bool = False
+    #: As NewMessage's: the reply outlives its client.
+    detach: bool = False
     params: dict[str, Any] | None = None
     #: The turn to retry (the id of the last reply the client shows); None: the last turn.
     turn: int | None = None
@@ -483,12 +493,13 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
         results = [(r.tool_call_id, r.content) for r in body.tool_results]
         return await reply(request, cid, body.stream,
                            lambda saved: saved.answer_tools(results, **shape, **overrides),
-                           calls=bool(body.tools), model=body.model)
+                           calls=bool(body.tools), model=body.model, detach=body.detach,
+                           kind="tools")
     text = text_of(body.content, "content", "content")
     return await reply(request, cid, body.stream,
                        lambda saved: saved.stream(text, pinned=body.pinned, **shape,
                                                   **overrides), calls=bool(body.tools),
-                       model=body.model)
+                       model=body.model, detach=body.detach)
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)
@@ -497,16 +508,17 @@ async def retry(cid: int, body: Retry, request: Request) -> Any:
     version = if_match(request)
     return await reply(request, cid, body.stream,
                        lambda saved: saved.retry(body.turn, version=version, **overrides),
-                       model=body.model)
+                       model=body.model, detach=body.detach, kind="retry")
 
 
 async def reply(request: Request, cid: int, stream: bool,
                 start: Callable[[SavedChat], ReplyStream], *, calls: bool = False,
-                model: str | None = None) -> Any:
+                model: str | None = None, detach: bool = False, kind: str = "message") -> Any:
     """Start a reply on ``model`` (None: the loaded one) under the conversation's lock (errors
     found before generating get their HTTP status), hand it to the worker, and answer with
     JSON or SSE (``calls``: tools were offered, the stream's text goes through a tool-call
-    parser). The lease on the engine and the lock are held until the worker is done."""
+    parser). The lease on the engine and the lock are held until the worker is done; until
+    then the job is the conversation's ``live`` reply (``detach``: it outlives its client)."""
     state, owner = state_of(request), owner_of(request)
     await asyncio.to_thread(owned, state, cid, owner)
     lease = await take(state, model)
@@ -519,12 +531,17 @@ async def reply(request: Request, cid: int, stream: bool,
     try:
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         replying = await asyncio.to_thread(start, saved)
-        job, chunks = await state.worker.submit(lambda: replying)
+        handle = replying.handle
+        keep = (partial(state.store.save_partial, handle)
+                if isinstance(handle, int) and not replying.continues else None)
+        job, chunks = await state.worker.submit(lambda: replying, detached=detach, kind=kind,
+                                                checkpoint=keep)
     except BaseException:
         lock.release()
         lease.release()
         raise
-    asyncio.get_running_loop().create_task(release_when_finished(lock, job))
+    state.live[cid] = job
+    asyncio.get_running_loop().create_task(release_when_finished(state, cid, lock, job))
     lease.release_after(job)
     events = reply_events(job, chunks)
     if not stream:
@@ -545,8 +562,11 @@ def delta_event(delta: ContentDelta | CallDelta) -> dict[str, Any]:
     return delta_body(delta)
 
 
-async def release_when_finished(lock: asyncio.Lock, job: Job) -> None:
+async def release_when_finished(state: ServerState, cid: int, lock: asyncio.Lock,
+                                job: Job) -> None:
     await job.finished.wait()
+    if state.live.get(cid) is job:
+        del state.live[cid]
     lock.release()
 
 

@@ -7,7 +7,9 @@ conversations' locks (:meth:`ServerState.lock_of`: one :class:`asyncio.Lock` per
 kept only while somebody holds it or waits for it, so the mapping never outgrows the requests
 in flight) and what model switching needs (:class:`Models`: the loader, the model loaded and
 the one `serve` started with, the requests using the engine now, the load in progress; the
-logic is :mod:`rolechat.server.switch`). :func:`state_of` returns it for a request (it lives on
+logic is :mod:`rolechat.server.switch`), the reply being written in each conversation
+(``live``, which ``GET .../events`` follows) and whether the server is shutting down
+(``closing``: the event streams end). :func:`state_of` returns it for a request (it lives on
 ``app.state.rolechat``).
 """
 
@@ -29,7 +31,7 @@ from ..engines import Engine
 from ..saved import SavedChat
 from ..store import Store
 from ..window import Window
-from .worker import Worker
+from .worker import Job, Worker
 
 #: Conversations whose live chat (and so whose sticky window) stays in memory.
 CHAT_CACHE_SIZE = 64
@@ -137,6 +139,10 @@ class ServerState:
     locks: weakref.WeakValueDictionary[int, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary)
     models: Models = field(default_factory=Models)
+    #: The reply being written in each conversation now (the job that holds its lock).
+    live: dict[int, Job] = field(default_factory=dict)
+    #: Set when the server starts shutting down: event streams end (listen.py sets it).
+    closing: threading.Event = field(default_factory=threading.Event)
 
     def lock_of(self, cid: int) -> asyncio.Lock:
         """The lock of conversation ``cid``: the same object for everybody who holds a

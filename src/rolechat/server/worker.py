@@ -9,7 +9,11 @@ same time, each on its own thread: the engine's scheduler batches them (a local 
 remote server does (the openai engine), or the engine queues them (one sequence). No async
 handler ever iterates a blocking generator. Cancelling a job (the client went away) closes its
 stream, which frees the engine's sequence at its next step and leaves the conversation as it
-was (a session's turn is stored interrupted).
+was (a session's turn is stored interrupted). A *detached* job (a session reply whose client
+asked it to outlive the connection) is not cancelled when its client leaves, only by
+:meth:`Job.cancel` (``POST .../stop``); its text so far is :meth:`Job.text`, for whoever
+follows the conversation (``GET .../events``), and every :data:`CHECKPOINT_S` it goes to
+the job's checkpoint (a session's pending message keeps it against a crash).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +33,8 @@ _DONE = object()
 #: Most jobs read at once; more wait here for a reading thread (each is a thread that mostly
 #: waits for the engine, which queues what it cannot take yet).
 MAX_JOBS = 256
+#: How often a job's text so far is handed to its checkpoint (seconds).
+CHECKPOINT_S = 2.0
 
 Event = str | Waiting
 
@@ -42,6 +49,19 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     reply: Reply | None = None
     stream: ReplyStream | None = None
+    #: The client asked the reply to go on if it leaves (only a stop cancels it).
+    detached: bool = False
+    #: What the job is ("message", "retry", "tools"), for those who follow it.
+    kind: str = "message"
+    #: The text chunks so far (appended by the job's thread).
+    parts: list[str] = field(default_factory=list)
+    #: Called with the text so far every :data:`CHECKPOINT_S` while it grows (a session
+    #: saves it on its pending message: a crash then loses only the last seconds).
+    checkpoint: Callable[[str], Any] | None = None
+
+    def text(self) -> str:
+        """The reply's text so far."""
+        return "".join(self.parts)
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
@@ -56,6 +76,11 @@ class Job:
         stream = self.stream
         if stream is not None:
             stream.cancel()
+
+    def leave(self) -> None:
+        """The client left: cancel, unless the job was detached from its client."""
+        if not self.detached:
+            self.cancel()
 
 
 class Worker:
@@ -91,16 +116,26 @@ class Worker:
                 stream.on_wait = lambda ahead: job.put(Waiting(ahead))
                 if job.cancelled.is_set():  # the client left before its turn came
                     return  # closing the stream records nothing (a turn is interrupted)
+                saved_at = time.monotonic()
                 for chunk in stream:
                     if job.cancelled.is_set():
                         break  # closing the stream stops the engine; nothing is recorded
+                    if isinstance(chunk, str):
+                        job.parts.append(chunk)
+                        if (job.checkpoint is not None
+                                and time.monotonic() - saved_at >= CHECKPOINT_S):
+                            job.checkpoint(job.text())
+                            saved_at = time.monotonic()
                     job.put(chunk)
                 job.reply = stream.reply
         except BaseException as exc:  # handed to the request that asked
             job.put(exc)
 
-    async def submit(self, start: Callable[[], ReplyStream]) -> tuple[Job, AsyncIterator[Event]]:
-        job = Job(start, asyncio.get_running_loop())
+    async def submit(self, start: Callable[[], ReplyStream], *, detached: bool = False,
+                     kind: str = "message", checkpoint: Callable[[str], Any] | None = None
+                     ) -> tuple[Job, AsyncIterator[Event]]:
+        job = Job(start, asyncio.get_running_loop(), detached=detached, kind=kind,
+                  checkpoint=checkpoint)
         self._pool.submit(self._run, job)
 
         async def chunks() -> AsyncIterator[Event]:
@@ -113,7 +148,7 @@ class Worker:
                         raise item
                     yield item
             finally:
-                job.cancel()  # a client that left stops its generation
+                job.leave()  # a client that left stops its generation (unless detached)
 
         return job, chunks()
 
@@ -128,7 +163,7 @@ async def reply_events(job: Job,
     finally:
         # At once, without awaiting: inside a cancelled task every await is cancelled too.
         if not job.finished.is_set():
-            job.cancel()
+            job.leave()
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
@@ -140,13 +175,14 @@ async def joined_unless_gone(request: Any, job: Job,
                              events: AsyncGenerator[Event | Reply, None]) -> tuple[str,
                                                                                    Reply | None]:
     """:func:`joined`, for a client that waits for the whole reply: if it leaves (closes the
-    connection, times out), the generation stops within a fraction of a second."""
+    connection, times out), the generation stops within a fraction of a second (a detached
+    job goes on)."""
     async def watch() -> None:
         # The body was read: the next thing the connection can say is that it closed.
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                job.cancel()
+                job.leave()
                 return
 
     watcher = asyncio.get_running_loop().create_task(watch())

@@ -3,6 +3,8 @@
 // remember it on this device (localStorage). A request answered 503 model_loading (the
 // server is switching models) is sent again after its Retry-After, for up to LOADING_MS.
 
+import { t } from "./i18n.js";
+
 const KEY_STORE = "rolechat.apiKey";
 
 function storage(kind) {
@@ -41,12 +43,12 @@ export const apiKey = {
 };
 
 // Called on a 401 with a message; resolves once the user entered a key (set by the page).
-let askForKey = () => Promise.reject(new Error("This server needs an API key."));
+let askForKey = () => Promise.reject(new Error(t("key.needed")));
 export function onKeyNeeded(ask) { askForKey = ask; }
 
 export function errorMessage(body, status) {
   if (body && body.error) return body.error.message || JSON.stringify(body.error);
-  return "Request failed (HTTP " + status + ")";
+  return t("error.requestFailed", { status: status });
 }
 
 // An Error with the server's message, its HTTP status and its error code (a 409
@@ -117,8 +119,8 @@ export async function request(path, init) {
     let body = null;
     try { body = await response.json(); } catch (_) { /* not JSON */ }
     if (key) apiKey.forget();  // refused: do not keep sending it
-    await askForKey(key ? "The API key was refused: " + errorMessage(body, 401)
-                        : "This server needs an API key.");
+    await askForKey(key ? t("key.refused", { message: errorMessage(body, 401) })
+                        : t("key.needed"));
   }
 }
 

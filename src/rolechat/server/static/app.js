@@ -11,6 +11,7 @@
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
+import { onLanguageChange, t, tn, translatePage, wireLanguage } from "./i18n.js";
 import { announce, setTitle, wireKeys, wireMenus } from "./keys.js";
 import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
 import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
@@ -22,7 +23,7 @@ import { wireSearch } from "./search.js";
 // ----- the API key ------------------------------------------------------------------------
 function askKey(message) {
   els.keyBox.hidden = false;
-  showError(message || "This server needs an API key.");
+  showError(message || t("key.needed"));
   els.apiKey.focus();
   return new Promise((resolve) => state.keyWaiters.push(resolve));
 }
@@ -73,19 +74,19 @@ function refreshPins() {
     const asked = reply.previousElementSibling;
     reply.dataset.turn = asked.dataset.turn = String(index);
     const pinned = pins.has(index);
-    const label = "turn " + (index + 1);
-    const pin = button(pinned ? "Unpin" : "Pin", "pin", () => togglePin(index),
-                       pinned ? "Let the window drop " + label + " again"
-                         : "Pin " + label + ": the window always keeps it");
+    const label = t("turn.name", { n: index + 1 });
+    const pin = button(pinned ? t("pin.unpin") : t("pin.pin"), "pin", () => togglePin(index),
+                       pinned ? t("pin.unpinTitle", { turn: label })
+                         : t("pin.pinTitle", { turn: label }));
     pin.setAttribute("aria-pressed", String(pinned));
     pin.classList.add("turn-action");
     reply.querySelector(".msg-actions").appendChild(pin);
     if (pinned) {
       reply.classList.add("pinned");
       asked.classList.add("pinned");
-      const badge = el("span", "pin-badge", "pinned");
+      const badge = el("span", "pin-badge", t("pin.badge"));
       badge.dataset.testid = "pin-badge";
-      badge.title = "Pinned: the window keeps " + label + " in every prompt";
+      badge.title = t("pin.badgeTitle", { turn: label });
       reply.insertBefore(badge, reply.firstChild);
     }
   });
@@ -112,7 +113,7 @@ function refreshMemory() {
   const on = memoryOf(state.conv).mode === "summary";
   els.memoryToggle.disabled = state.cid === null;
   els.memoryToggle.setAttribute("aria-checked", String(on));
-  els.memoryToggle.textContent = "Summarize dropped turns: " + (on ? "on" : "off");
+  els.memoryToggle.textContent = on ? t("menu.memoryOn") : t("menu.memoryOff");
 }
 
 async function toggleMemory() {
@@ -159,11 +160,11 @@ function refreshTurnActions() {
     b.classList.add("turn-action");
     node.querySelector(".msg-actions").appendChild(b);
   };
-  add(last, button("Regenerate", "retry", retry, "Generate this reply again"));
-  add(last, button("Undo", "undo", undo, "Remove the last turn"));
+  add(last, button(t("action.regenerate"), "retry", retry, t("action.regenerateTitle")));
+  add(last, button(t("action.undo"), "undo", undo, t("action.undoTitle")));
   const asked = last.previousElementSibling;
   if (asked && asked.dataset.role === "user" && !asked.dataset.status) {
-    add(asked, button("Edit", "edit", () => startEdit(asked), "Edit and send again"));
+    add(asked, button(t("action.edit"), "edit", () => startEdit(asked), t("action.editTitle")));
   }
 }
 
@@ -172,12 +173,12 @@ function renderConversation(conv) {
   state.conv = conv;
   endRename();
   els.messages.replaceChildren();
-  els.title.textContent = conv ? (conv.title || "Untitled conversation") : "New conversation";
-  setTitle(conv ? (conv.title || "Untitled conversation") : "");
+  els.title.textContent = conv ? (conv.title || t("conv.untitled")) : t("conv.new");
+  setTitle(conv ? (conv.title || t("conv.untitled")) : "");
   els.rename.disabled = els.exportMd.disabled = els.exportJson.disabled = !conv;
   refreshMemory();
   if (!conv) {
-    els.messages.appendChild(el("p", "empty", "Say something to start a new conversation."));
+    els.messages.appendChild(el("p", "empty", t("conv.empty")));
     return;
   }
   const partials = loadPartials(conv.id);
@@ -204,13 +205,13 @@ function renderConversation(conv) {
       const found = partials.find((p) => p.user === m.content && !shown.includes(p));
       if (found) {
         shown.push(found);
-        addMessage("assistant", found.text, "interrupted", "stopped; kept in this tab only");
+        addMessage("assistant", found.text, "interrupted", t("status.keptHere"));
       }
     }
   });
   savePartials(conv.id, shown);  // forget those whose message is gone
   if (!(conv.messages || []).length) {
-    els.messages.appendChild(el("p", "empty", "No messages yet."));
+    els.messages.appendChild(el("p", "empty", t("conv.noMessages")));
   }
   refreshTurnActions();
   scrollDown();
@@ -230,7 +231,7 @@ function turnOf(node) {
 }
 
 // Another tab or window changed the conversation first (a 409): show what is stored now, and
-// say why (`what`: what did not happen).
+// say why (`what`: what did not happen, in the page's language).
 async function reloadChanged(what) {
   try {
     renderConversation(await api(conversationPath(state.cid)));
@@ -238,8 +239,7 @@ async function reloadChanged(what) {
     showError(err.message);
     return;
   }
-  showNotice("This conversation was changed in another tab or window, so " + what
-             + ". It now shows what is stored.");
+  showNotice(t("changed.notice", { what: what }));
 }
 
 // The conversation once no reply is being written to it: after a Stop, the server finishes
@@ -272,13 +272,13 @@ async function refreshList() {
     li.dataset.testid = "conversation";
     const text = el("button", "conv-text");  // a real button: focus, Enter and Space
     text.type = "button";
-    text.appendChild(el("span", "conv-title", c.title || "Untitled"));
+    text.appendChild(el("span", "conv-title", c.title || t("conv.untitledShort")));
     const turns = c.turns ?? 0;
-    text.appendChild(el("span", "conv-turns", turns + (turns === 1 ? " turn" : " turns")));
+    text.appendChild(el("span", "conv-turns", tn("conv.turns", turns)));
     li.appendChild(text);
-    const del = button("×", "delete", () => remove(c.id), "Delete conversation");
+    const del = button("×", "delete", () => remove(c.id), t("conv.delete"));
     del.className = "delete";
-    del.setAttribute("aria-label", "Delete conversation");
+    del.setAttribute("aria-label", t("conv.delete"));
     li.appendChild(del);
     text.addEventListener("click", () => act(open)(c.id));
     li.addEventListener("click", (ev) => { if (ev.target === li) act(open)(c.id); });
@@ -329,7 +329,7 @@ function startNew() {
 
 async function remove(cid) {
   if (state.streaming) return;
-  if (!confirm("Delete this conversation?")) return;
+  if (!confirm(t("conv.confirmDelete"))) return;
   try {
     await api(conversationPath(cid), { method: "DELETE" });
     savePartials(cid, []);
@@ -375,13 +375,15 @@ async function afterChange() {
     if (state.cid !== null) {
       const conv = await api(conversationPath(state.cid));
       state.conv = conv;
-      els.title.textContent = conv.title || "Untitled conversation";
-      setTitle(conv.title || "Untitled conversation");
+      els.title.textContent = conv.title || t("conv.untitled");
+      setTitle(conv.title || t("conv.untitled"));
       const last = lastReplyNode();
       // A reply the page cannot name (no id): show the stored conversation, each turn named,
       // so that Undo and Regenerate never act on a turn by guess.
-      if (last && !last.dataset.id && !state.streaming) renderConversation(conv);
+      if (state.relabel && !state.streaming) renderConversation(conv);  // a switch of language
+      else if (last && !last.dataset.id && !state.streaming) renderConversation(conv);
     }
+    if (!state.streaming) state.relabel = false;
   } catch (err) {
     showError(err.message);
   }
@@ -414,8 +416,8 @@ async function saveRename() {
   try {
     const conv = await api(conversationPath(state.cid), { method: "PATCH", body: { title } });
     state.conv = conv;
-    els.title.textContent = conv.title || "Untitled conversation";
-    setTitle(conv.title || "Untitled conversation");
+    els.title.textContent = conv.title || t("conv.untitled");
+    setTitle(conv.title || t("conv.untitled"));
     endRename();
     await refreshList();
   } catch (err) {
@@ -436,8 +438,7 @@ function refreshSystem() {
   els.systemToggle.classList.toggle("set", Boolean(currentSystem()));
   if (els.systemPanel.hidden) return;
   els.systemInput.value = currentSystem();
-  els.systemNote.textContent = state.cid === null
-    ? "(for the new conversation; empty: none)" : "(the next reply uses it; empty: none)";
+  els.systemNote.textContent = state.cid === null ? t("system.noteNew") : t("system.noteNext");
 }
 
 function toggleSystem(show) {
@@ -535,7 +536,7 @@ async function streamReply(path, body, node) {
         }
       }
     });
-    if (!finished) throw new Error("The reply ended early.");
+    if (!finished) throw new Error(t("error.endedEarly"));
   } finally {
     endWaiting(node);
     node.classList.remove("streaming");
@@ -543,7 +544,7 @@ async function streamReply(path, body, node) {
     state.abort = null;
   }
   const said = node.querySelector(".content").innerText.trim();  // as rendered, no Markdown
-  announce("Reply finished: " + (said.length > 300 ? said.slice(0, 300) + "…" : said));
+  announce(t("announce.finished", { text: said.length > 300 ? said.slice(0, 300) + "…" : said }));
 }
 
 async function send() {
@@ -573,11 +574,11 @@ async function send() {
     const partial = replyNode ? rawText.get(replyNode) : "";
     if (isChanged(err)) {  // the edited turn changed elsewhere: nothing sent, the text kept
       endEdit();
-      await reloadChanged("your edit was not sent (it is still in the box)");
+      await reloadChanged(t("changed.editNotSent"));
     } else if (err.name === "AbortError") {
       markStatus(userNode, "interrupted");
       if (partial) {
-        markStatus(replyNode, "interrupted", "stopped");
+        markStatus(replyNode, "interrupted", t("status.stopped"));
         keepPartial(state.cid, text, partial);
       } else if (replyNode) {
         replyNode.remove();
@@ -599,7 +600,7 @@ async function send() {
 async function retry() {
   if (state.streaming || state.cid === null) return;
   const old = lastReplyNode();
-  if (!old) { showError("Nothing to regenerate."); return; }
+  if (!old) { showError(t("error.nothingToRegenerate")); return; }
   showError("");
   const fresh = addMessage("assistant", "");
   old.after(fresh);
@@ -621,11 +622,10 @@ async function retry() {
     failed = failed || err;
   }
   if (isChanged(failed)) {
-    showNotice("This conversation was changed in another tab or window, so nothing was "
-               + "regenerated. It now shows what is stored.");
+    showNotice(t("changed.notice", { what: t("changed.nothingRegenerated") }));
   } else if (failed) {
-    showError(failed.name === "AbortError" ? "Stopped: the previous reply is kept."
-      : failed.message + " The previous reply is kept.");
+    showError(failed.name === "AbortError" ? t("error.stoppedKept")
+      : t("error.previousKept", { message: failed.message }));
   }
   await afterChange();
 }
@@ -639,9 +639,9 @@ async function undo() {
     const body = await api(conversationPath(state.cid, "undo"),
                            { method: "POST", body: { turn: turnOf(lastReplyNode()) } });
     renderConversation(body.conversation);
-    if (!body.removed) showError("Nothing to undo.");
+    if (!body.removed) showError(t("error.nothingToUndo"));
   } catch (err) {
-    if (isChanged(err)) await reloadChanged("nothing was undone");
+    if (isChanged(err)) await reloadChanged(t("changed.nothingUndone"));
     else showError(err.message);
   }
   await afterChange();
@@ -709,24 +709,28 @@ function renderPlan(plan, next) {
   const mode = memoryOf(state.conv).mode;
   const parts = [];
   if (kept.length || dropped.length) {
-    parts.push("kept: " + turnList(kept), "dropped: " + turnList(dropped));
+    parts.push(t("plan.kept", { turns: turnList(kept) }),
+               t("plan.dropped", { turns: turnList(dropped) }));
   }
-  if (pinned.length) parts.push("pinned: " + turnList(pinned));
-  if (mode) parts.push("memory: " + (mode === "summary" ? "summary of dropped turns" : "none"));
+  if (pinned.length) parts.push(t("plan.pinned", { turns: turnList(pinned) }));
+  if (mode) {
+    parts.push(t("plan.memory", { mode: mode === "summary" ? t("plan.memorySummary")
+      : t("plan.memoryNone") }));
+  }
   if (parts.length) line("plan-turns", parts.join(" · "), "plan-turns");
   if (memory.summary) {
     const box = line("plan-summary", null, "plan-summary");
     const covered = memory.summarized_turns || [];
     box.appendChild(el("div", "plan-label", covered.length
-      ? "Summary of " + turnList(covered) : "Summary of the earlier turns"));
+      ? t("plan.summaryOf", { turns: turnList(covered) }) : t("plan.summaryEarlier")));
     box.appendChild(el("div", "plan-summary-text", memory.summary));
   }
   const fold = memory.summarize_turns || [];
   if (fold.length) {
-    line("plan-fold", (next ? "The next message" : "Sending this") + " slides the window: "
-         + turnList(fold) + " will be folded into the summary.", "plan-fold");
+    line("plan-fold", t(next ? "plan.foldNext" : "plan.foldThis", { turns: turnList(fold) }),
+         "plan-fold");
   }
-  if (memory.note) line("plan-note", "⚠ memory: " + memory.note, "plan-note");
+  if (memory.note) line("plan-note", t("memory.note", { note: memory.note }), "plan-note");
 }
 
 function planText(plan, next) {
@@ -734,12 +738,12 @@ function planText(plan, next) {
   const kept = Array.isArray(plan.kept_turns) ? plan.kept_turns.length : plan.kept_turns;
   const dropped = Array.isArray(plan.dropped_turns) ? plan.dropped_turns.length
     : plan.dropped_turns;
-  const parts = ["kept " + (kept ?? 0) + " turns", "dropped " + (dropped ?? 0) + " turns",
-                 (plan.prompt_tokens ?? "?") + " / " + (plan.budget ?? "?") + " prompt tokens"];
-  if (plan.context_length != null) parts.push("context " + plan.context_length);
-  if (plan.max_new_tokens != null) parts.push("max new " + plan.max_new_tokens);
-  if (next) parts.unshift("next message (nothing typed yet)");
-  if (state.editing) parts.unshift("editing: sending first removes the last turn shown here");
+  const parts = [t("plan.keptCount", { n: kept ?? 0 }), t("plan.droppedCount", { n: dropped ?? 0 }),
+                 t("plan.tokens", { used: plan.prompt_tokens ?? "?", budget: plan.budget ?? "?" })];
+  if (plan.context_length != null) parts.push(t("plan.context", { n: plan.context_length }));
+  if (plan.max_new_tokens != null) parts.push(t("plan.maxNew", { n: plan.max_new_tokens }));
+  if (next) parts.unshift(t("plan.next"));
+  if (state.editing) parts.unshift(t("plan.editing"));
   return parts.join(" · ");
 }
 
@@ -748,7 +752,7 @@ async function refreshPrompt() {
   const seq = ++promptSeq;
   if (state.cid === null) {
     els.plan.textContent = "";
-    els.promptText.textContent = "(Start a conversation to see its prompt.)";
+    els.promptText.textContent = t("prompt.noConversation");
     return;
   }
   const draft = els.input.value;
@@ -772,6 +776,37 @@ function togglePrompt() {
   els.promptToggle.setAttribute("aria-expanded", String(show));
   els.promptToggle.classList.toggle("on", show);
   if (show) refreshPrompt();
+}
+
+// ----- language ---------------------------------------------------------------------------
+// A switch of language (the sidebar's select, i18n.js) redraws at once, without a reload: the
+// static markup is translated by i18n.js, and here the open conversation as last loaded (its
+// messages' lines and buttons; while a reply is being written, once it is done: afterChange),
+// the list, the menu's switch, the panels' notes and the prompt's plan.
+function relabel() {
+  if (state.streaming) {
+    state.relabel = true;
+  } else if (state.cid === null || state.conv) {
+    const scrolled = els.messages.scrollTop;
+    const renaming = !els.renameForm.hidden;
+    renderConversation(state.cid === null ? null : state.conv);
+    els.messages.scrollTop = scrolled;
+    if (renaming) { els.title.hidden = true; els.renameForm.hidden = false; }
+    if (state.editing) {  // the turn being edited stays marked
+      const reply = els.messages.querySelector(
+        ".msg[data-id='" + CSS.escape(String(state.editTurn)) + "']");
+      if (reply) {
+        reply.classList.add("editing");
+        if (reply.previousElementSibling) reply.previousElementSibling.classList.add("editing");
+      }
+    }
+  }
+  refreshMemory();
+  refreshSystem();
+  refreshPrompt();
+  act(async () => {
+    try { await refreshList(); } catch (err) { showError(err.message); }
+  })();
 }
 
 // ----- start ------------------------------------------------------------------------------
@@ -827,9 +862,12 @@ function wire() {
              newChat: act(startNew) });
   wireSearch(act(open));
   onKeyNeeded(askKey);
+  wireLanguage(els.language);
+  onLanguageChange(relabel);
 }
 
 async function init() {
+  translatePage();  // the markup is written in English; the page speaks the user's language
   wire();
   renderConversation(null);
   try {

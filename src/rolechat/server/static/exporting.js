@@ -1,6 +1,8 @@
 // Conversation exports, made in the page from GET /v1/conversations/{id}: the same Markdown
 // and JSON as `rolechat conversations export` (rolechat/transfer.py and conversation.py), every
 // message included, interrupted ones marked (the JSON can be imported again).
+// Their text is not translated (i18n.js): an export is a file format, the same whatever the
+// page's language, so that the CLI's import and other tools read it alike.
 
 import { el } from "./page.js";
 

@@ -9,6 +9,8 @@
 //   escaped) and shown as an <img> of its SVG: an image cannot run scripts or load anything.
 //   Mermaid is loaded the first time a reply has a diagram (it is large).
 
+import { t } from "./i18n.js";
+
 const MATH_PATTERN = new RegExp([
   String.raw`\$\$([\s\S]+?)\$\$`,            // $$ display $$
   String.raw`\\\[([\s\S]+?)\\\]`,            // \[ display \]
@@ -71,7 +73,7 @@ function loadMermaid() {
                                     suppressErrorRendering: true });
         resolve(window.mermaid);
       };
-      script.onerror = () => reject(new Error("Mermaid could not be loaded."));
+      script.onerror = () => reject(new Error(t("diagram.loadFailed")));
       document.head.appendChild(script);
     });
   }
@@ -113,14 +115,14 @@ export function renderDiagrams(root, streaming) {
     block.after(figure);
     diagramImage(code.textContent).then((drawn) => {
       if (drawn.error !== undefined) {
-        figure.textContent = "This diagram could not be drawn: " + drawn.error;
+        figure.textContent = t("diagram.failed", { error: drawn.error });
         figure.classList.add("failed");
         return;
       }
       const img = document.createElement("img");
       img.src = drawn.url;
       if (drawn.width) img.width = drawn.width;
-      img.alt = "Diagram: " + code.textContent.trim().split("\n")[0].slice(0, 80);
+      img.alt = t("diagram.alt", { source: code.textContent.trim().split("\n")[0].slice(0, 80) });
       figure.replaceChildren(img);
     });
   }

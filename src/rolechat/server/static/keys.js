@@ -10,18 +10,30 @@
 // - A menu (role="menu" in a <details class="menu">) takes focus on its first item when it
 //   opens; the arrow keys, Home and End move between its items.
 
+import { onLanguageChange, t } from "./i18n.js";
+
+// The keys (as written on keyboards, in every language) and what they do (a catalogue key).
 export const SHORTCUTS = [
-  ["Enter", "Send the message"],
-  ["Shift+Enter", "New line"],
-  ["Esc", "Stop the reply"],
-  ["Ctrl+K", "Search conversations"],
-  ["Ctrl+Shift+O", "New chat"],
-  ["?", "This list"],
+  ["Enter", "shortcuts.send"],
+  ["Shift+Enter", "shortcuts.newLine"],
+  ["Esc", "shortcuts.stop"],
+  ["Ctrl+K", "shortcuts.search"],
+  ["Ctrl+Shift+O", "shortcuts.newChat"],
+  ["?", "shortcuts.list"],
 ];
 
 function typing(target) {
   return target instanceof HTMLElement &&
     (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+}
+
+// The shortcuts' texts, in the page's language (again after a switch).
+function labelShortcuts(dialog) {
+  dialog.querySelector("#shortcuts-title").textContent = t("shortcuts.title");
+  dialog.querySelectorAll("dd").forEach((desc, index) => {
+    desc.textContent = t(SHORTCUTS[index][1]);
+  });
+  dialog.querySelector("button").textContent = t("common.close");
 }
 
 function shortcutsDialog() {
@@ -33,27 +45,29 @@ function shortcutsDialog() {
   dialog.setAttribute("aria-labelledby", "shortcuts-title");
   const title = document.createElement("h2");
   title.id = "shortcuts-title";
-  title.textContent = "Keyboard shortcuts";
   dialog.appendChild(title);
   const list = document.createElement("dl");
-  for (const [keys, what] of SHORTCUTS) {
+  for (const [keys] of SHORTCUTS) {
     const term = document.createElement("dt");
     const kbd = document.createElement("kbd");
     kbd.textContent = keys;
     term.appendChild(kbd);
-    const desc = document.createElement("dd");
-    desc.textContent = what;
-    list.append(term, desc);
+    list.append(term, document.createElement("dd"));
   }
   dialog.appendChild(list);
   const close = document.createElement("button");
   close.type = "button";
-  close.textContent = "Close";
   close.addEventListener("click", () => dialog.close());
   dialog.appendChild(close);
   document.body.appendChild(dialog);
+  labelShortcuts(dialog);
   return dialog;
 }
+
+onLanguageChange(() => {
+  const dialog = document.getElementById("shortcuts");
+  if (dialog) labelShortcuts(dialog);
+});
 
 // `streaming()`: whether a reply is being written; `stop()` stops it; `newChat()` starts one.
 export function wireKeys({ streaming, stop, newChat }) {
@@ -94,7 +108,7 @@ export function wireMenus() {
 }
 
 export function setTitle(title) {
-  document.title = title ? title + " · rolechat" : "rolechat";
+  document.title = title ? t("tab.title", { title: title }) : "rolechat";
 }
 
 // One announcement per finished reply (`text`: what to say).

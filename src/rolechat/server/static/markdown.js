@@ -8,6 +8,7 @@
 // rel="noopener noreferrer"; javascript: and other unsafe URLs are dropped by DOMPurify.
 
 import { putMath, renderDiagrams, takeMath } from "./extras.js";
+import { t } from "./i18n.js";
 import { focusable } from "./keys.js";
 
 const { marked, DOMPurify, hljs } = window;
@@ -85,7 +86,8 @@ export async function copyText(text) {
 }
 
 // A button that copies what get() returns and says so for a moment; `name`, when given, is
-// what a screen reader calls it ("Copy reply", "Copy code (python)").
+// what a screen reader calls it ("Copy reply", "Copy code (python)"). Both in the page's
+// language (i18n.js), as is what it says after copying.
 export function copyButton(label, get, testid, name) {
   const button = document.createElement("button");
   button.type = "button";
@@ -96,7 +98,7 @@ export function copyButton(label, get, testid, name) {
   button.addEventListener("click", async (ev) => {
     ev.stopPropagation();
     const ok = await copyText(get());
-    button.textContent = ok ? "Copied" : "Copy failed";
+    button.textContent = ok ? t("msg.copied") : t("msg.copyFailed");
     button.dataset.copied = ok ? "1" : "0";
     setTimeout(() => { button.textContent = label; delete button.dataset.copied; }, 1500);
   });
@@ -117,12 +119,12 @@ function decorateCode(root) {
     const lang = /(?:^|\s)language-([\w+#.-]+)/.exec(code.className);
     const name = document.createElement("span");
     name.className = "code-lang";
-    name.textContent = lang ? lang[1] : "text";
+    name.textContent = lang ? lang[1] : t("code.plain");
     head.appendChild(name);
-    head.appendChild(copyButton("Copy code", () => code.textContent, "copy-code",
-                                "Copy code (" + name.textContent + ")"));
+    head.appendChild(copyButton(t("code.copy"), () => code.textContent, "copy-code",
+                                t("code.copyName", { lang: name.textContent })));
     codeBlocks += 1;  // landmarks need names of their own
-    focusable(code, "Code block " + codeBlocks + " (" + name.textContent + ")");  // it scrolls
+    focusable(code, t("code.region", { n: codeBlocks, lang: name.textContent }));  // it scrolls
     pre.replaceWith(box);
     box.appendChild(head);
     box.appendChild(pre);

@@ -2,6 +2,7 @@
 // users' text as plain text, the assistant's as sanitized Markdown; and the partial replies a
 // Stop leaves, kept in this tab.
 
+import { t, tn } from "./i18n.js";
 import { copyButton, renderMarkdown } from "./markdown.js";
 import { el, els, fmt } from "./page.js";
 
@@ -13,37 +14,40 @@ export function usageText(usage, extra) {
   const u = Object.assign({}, usage || {}, extra || {});
   const parts = [];
   const completion = u.completion_tokens ?? u.generated_tokens ?? u.tokens;
-  if (completion != null) parts.push(completion + " tokens");
+  if (completion != null) parts.push(t("usage.tokens", { n: completion }));
   const prompt = u.prompt_tokens;
-  if (prompt != null) parts.push("prompt " + prompt);
+  if (prompt != null) parts.push(t("usage.prompt", { n: prompt }));
   const tps = fmt(u.tokens_per_s, 1);
-  if (tps) parts.push(tps + " tok/s");
+  if (tps) parts.push(t("usage.speed", { n: tps }));
   const ttft = fmt(u.ttft_s, 2);
-  if (ttft) parts.push("TTFT " + ttft + " s");
+  if (ttft) parts.push(t("usage.ttft", { n: ttft }));
   const cached = (u.prompt_tokens_details && u.prompt_tokens_details.cached_tokens)
     ?? u.cached_tokens;
-  if (cached != null) parts.push("cached " + cached);
-  if (u.restored_tokens) parts.push("restored from " + u.kv_source);
+  if (cached != null) parts.push(t("usage.cached", { n: cached }));
+  if (u.restored_tokens) parts.push(t("usage.restored", { source: u.kv_source }));
   const turns = u.dropped_turns ?? (u.window && u.window.dropped);  // live, or as stored
   const dropped = Array.isArray(turns) ? turns.length : turns;
-  if (dropped) parts.push("dropped " + dropped + (dropped === 1 ? " turn" : " turns"));
-  if (u.finish_reason && u.finish_reason !== "stop") parts.push("finish: " + u.finish_reason);
+  if (dropped) parts.push(tn("usage.dropped", dropped));
+  if (u.finish_reason && u.finish_reason !== "stop") {
+    parts.push(t("usage.finish", { reason: u.finish_reason }));
+  }
   return parts.join(" · ");
 }
 
 // Turn indices (from 0) as people number them: 1-based, runs joined ("turns 1, 3–5").
 export function turnList(indices) {
   const sorted = [...new Set(indices || [])].filter(Number.isInteger).sort((a, b) => a - b);
-  if (!sorted.length) return "none";
+  if (!sorted.length) return t("turns.none");
   const runs = [];
   for (const i of sorted) {
     const run = runs[runs.length - 1];
     if (run && i === run[1] + 1) run[1] = i;
     else runs.push([i, i]);
   }
+  const comma = t("turns.separator");
   const text = runs.map(([a, b]) => (a === b ? String(a + 1)
-    : (b === a + 1 ? (a + 1) + ", " + (b + 1) : (a + 1) + "–" + (b + 1)))).join(", ");
-  return (sorted.length === 1 ? "turn " : "turns ") + text;
+    : (b === a + 1 ? (a + 1) + comma + (b + 1) : (a + 1) + "–" + (b + 1)))).join(comma);
+  return tn("turns", sorted.length, { list: text });
 }
 
 // The lines a slide of the window leaves under a reply: what its summarization cost
@@ -52,13 +56,12 @@ export function turnList(indices) {
 export function addMemoryLines(node, usage, note, folded) {
   if (usage) {
     const secs = fmt(usage.total_s, 1);
-    const took = secs ? " in " + secs + " s" : "";
-    addLine(node, "memory-usage", folded
-      ? "window slid: " + folded + (folded === 1 ? " turn" : " turns") + " summarized" + took
-      : "window slid: summarizing took" + (secs ? " " + secs + " s" : " a while"),
+    const took = secs ? t("memory.took", { s: secs }) : "";
+    addLine(node, "memory-usage", folded ? tn("memory.slid", folded, { took: took })
+      : (secs ? t("memory.slidTook", { s: secs }) : t("memory.slidWhile")),
     "memory-usage");
   }
-  if (note) addLine(node, "memory-note", "⚠ memory: " + note, "memory-note");
+  if (note) addLine(node, "memory-note", t("memory.note", { note: note }), "memory-note");
 }
 
 // The text of a message node, rendered: users' as plain text, the assistant's as Markdown.
@@ -96,7 +99,7 @@ export function addLine(node, cls, text, testid) {
 // messages (role="status", polite): it is put there empty before the reply is asked for, so
 // a screen reader hears each new count once, and never the streamed text.
 export function waitingText(ahead) {
-  return ahead > 0 ? "waiting (" + ahead + " ahead)" : "waiting (next)";
+  return ahead > 0 ? t("waiting.ahead", { n: ahead }) : t("waiting.next");
 }
 
 export function startWaiting(node) {
@@ -104,8 +107,7 @@ export function startWaiting(node) {
   line.setAttribute("role", "status");
   line.setAttribute("aria-live", "polite");
   line.dataset.testid = "waiting";
-  line.title = "Every sequence of the server is busy with other replies; this one starts "
-    + "when one is free.";
+  line.title = t("waiting.title");
   node.insertBefore(line, node.querySelector(".msg-actions"));
 }
 
@@ -125,13 +127,24 @@ export function endWaiting(node) {
   if (line) line.remove();
 }
 
+// A message's status as the page says it (an unknown one as the server wrote it).
+function statusName(status) {
+  if (status === "interrupted") return t("status.interrupted");
+  if (status === "failed") return t("status.failed");
+  if (status === "pending") return t("status.pending");
+  return status;
+}
+
+// `note`: what to add, already in the page's language (t("status.stopped")...).
 export function markStatus(node, status, note) {
   if (!node) return;
   node.classList.add(status);
   node.dataset.status = status;
   const old = node.querySelector(".status");
   if (old) old.remove();
-  addLine(node, "status", note ? status + " · " + note : status, "status");
+  const name = statusName(status);
+  addLine(node, "status", note ? t("status.withNote", { status: name, note: note }) : name,
+          "status");
 }
 
 // A reply's tool calls and their results (stored with it, before it): one collapsible card
@@ -147,14 +160,14 @@ export function addToolCards(steps) {
       const card = el("details", "tool-card");
       card.dataset.testid = "tool-call";
       const summary = el("summary", "tool-summary");
-      summary.appendChild(el("span", "tool-kind", "tool call"));
+      summary.appendChild(el("span", "tool-kind", t("tool.call")));
       summary.appendChild(el("span", "tool-name", call.function.name));
       summary.appendChild(el("span", "tool-args", "(" + call.function.arguments + ")"));
       card.appendChild(summary);
-      card.appendChild(el("div", "tool-label", "Arguments"));
+      card.appendChild(el("div", "tool-label", t("tool.arguments")));
       card.appendChild(el("pre", "tool-arguments", prettyJson(call.function.arguments)));
-      card.appendChild(el("div", "tool-label", "Result"));
-      const result = el("pre", "tool-result", results.get(call.id) ?? "(no result)");
+      card.appendChild(el("div", "tool-label", t("tool.result")));
+      const result = el("pre", "tool-result", results.get(call.id) ?? t("tool.noResult"));
       result.dataset.testid = "tool-result";
       card.appendChild(result);
       els.messages.appendChild(card);
@@ -174,8 +187,8 @@ export function addMessage(role, content, status, note, id) {
   node.dataset.testid = "msg-" + role;
   node.appendChild(el("div", "content"));
   const actions = el("div", "msg-actions");
-  actions.appendChild(copyButton("Copy", () => rawText.get(node) || "", "copy",
-                                 role === "user" ? "Copy your message" : "Copy reply"));
+  actions.appendChild(copyButton(t("msg.copy"), () => rawText.get(node) || "", "copy",
+                                 role === "user" ? t("msg.copyUser") : t("msg.copyReply")));
   node.appendChild(actions);
   setText(node, content || "");
   if (status && status !== "complete") markStatus(node, status, note);

@@ -7,6 +7,7 @@
 // showLoading() meanwhile.
 
 import { api, onModelLoading } from "./api.js";
+import { onLanguageChange, t } from "./i18n.js";
 import { el, els, showNotice } from "./page.js";
 
 const CHOICE_STORE = "rolechat.model";
@@ -34,7 +35,7 @@ function size(bytes) {
 // What an option's tooltip says of a model: where it is, its size, quantization, context.
 function facts(m) {
   return [m.location, size(m.size), m.quantization,
-          m.context_length ? "context " + m.context_length + " tokens" : null]
+          m.context_length ? t("model.context", { n: m.context_length }) : null]
     .filter(Boolean).join(" · ");
 }
 
@@ -43,12 +44,12 @@ function render() {
   els.model.textContent = models.loaded || "…";
   const loaded = models.list.find((m) => m.id === models.loaded);
   if (loaded && loaded.context_length) {
-    els.model.title = "context " + loaded.context_length + " tokens";
+    els.model.title = t("model.context", { n: loaded.context_length });
   }
   els.model.hidden = several;
   els.modelBox.hidden = !several;
   els.modelPicker.replaceChildren(...models.list.map((m) => {
-    const option = el("option", null, m.id + (m.loaded ? " (loaded)" : ""));
+    const option = el("option", null, m.loaded ? t("model.loaded", { id: m.id }) : m.id);
     option.value = m.id;
     option.title = facts(m);
     return option;
@@ -92,7 +93,7 @@ export function announceLoad() {
 
 export function showLoading(name) {
   models.loading = true;
-  showNotice("Loading " + (name || chosenModel() || "the model") + "…");
+  showNotice(t("model.loading", { name: name || chosenModel() || t("model.theModel") }));
 }
 
 // A request was answered 503 model_loading: say which model the server is loading.
@@ -109,10 +110,11 @@ function pick() {
   models.chosen = els.modelPicker.value;
   store(models.chosen);
   showNotice(models.chosen === models.loaded ? ""
-    : models.chosen + " is loaded when you send your next message.");
+    : t("model.nextMessage", { name: models.chosen }));
 }
 
 export function wireModels() {
   els.modelPicker.addEventListener("change", pick);
   onModelLoading(serverLoading);
+  onLanguageChange(render);
 }

@@ -16,7 +16,7 @@ export const els = {
   systemPanel: $("system-panel"), systemInput: $("system-input"), systemNote: $("system-note"),
   systemSave: $("system-save"), systemCancel: $("system-cancel"),
   editBanner: $("edit-banner"), editCancel: $("edit-cancel"), notice: $("notice"),
-  memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"),
+  memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"), language: $("language"),
 };
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)
@@ -28,6 +28,7 @@ export const state = {
   editTurn: null,     // the turn an edit replaces (its reply's id)
   draftSystem: null,  // a system prompt chosen before the conversation exists
   keyWaiters: [],
+  relabel: false,     // the language changed while a reply was written: redraw it once done
 };
 
 export function el(tag, cls, text) {

@@ -8,6 +8,7 @@
 // nodes); the marked parts are <mark> elements made here, never markup from the server.
 
 import { api } from "./api.js";
+import { onLanguageChange, t, tn } from "./i18n.js";
 import { el, state } from "./page.js";
 
 const DEBOUNCE_MS = 200;
@@ -22,6 +23,7 @@ let seq = 0;
 let hits = [];       // [{conv, hit}], in the listbox's order
 let active = -1;     // the highlighted hit (aria-activedescendant), -1: none
 let returnFocus = null;
+let shownError = null;  // the search's error (server text), shown instead of the count
 
 // `open(cid)`: loads conversation `cid` in the page (resolves when it is shown).
 export function wireSearch(open) {
@@ -51,6 +53,9 @@ export function wireSearch(open) {
     timer = setTimeout(run, DEBOUNCE_MS);
   });
   input.addEventListener("keydown", onKey);
+  onLanguageChange(() => {  // the hits' roles and the count, in the language chosen
+    if (dialog.dataset.state === "done" && !shownError) render(hits, dialog.dataset.query || "");
+  });
   dialog.addEventListener("click", (ev) => { if (ev.target === dialog) dialog.close(); });
   dialog.addEventListener("close", () => {
     clearTimeout(timer);
@@ -110,14 +115,20 @@ async function run() {
   } catch (err) {
     if (mine !== seq) return;
     render([], q);
+    shownError = err.message;
     status.textContent = err.message;
   }
 }
 
-const ROLES = { user: "you", assistant: "assistant" };
+function roleName(role) {
+  if (role === "user") return t("search.role.user");
+  if (role === "assistant") return t("search.role.assistant");
+  return t("search.role.title");
+}
 
 function render(found, q) {
   hits = found;
+  shownError = null;
   list.replaceChildren();
   found.forEach(({ conv, hit }, index) => {
     const option = el("li", "search-hit");
@@ -130,8 +141,8 @@ function render(found, q) {
       option.dataset.messageId = String(hit.message_id);
     }
     const head = el("div", "search-hit-head");
-    head.appendChild(el("span", "search-hit-title", conv.title || "Untitled"));
-    head.appendChild(el("span", "search-hit-role", ROLES[hit.role] || "title"));
+    head.appendChild(el("span", "search-hit-title", conv.title || t("conv.untitledShort")));
+    head.appendChild(el("span", "search-hit-role", roleName(hit.role)));
     option.appendChild(head);
     const snippet = el("div", "search-hit-snippet");
     snippet.dataset.testid = "search-snippet";
@@ -147,8 +158,8 @@ function render(found, q) {
   input.setAttribute("aria-expanded", String(found.length > 0));
   select(found.length ? 0 : -1);
   status.textContent = !q ? ""
-    : found.length ? found.length + (found.length === 1 ? " match" : " matches")
-      : "Nothing found for “" + q + "”.";
+    : found.length ? tn("search.matches", found.length)
+      : t("search.nothing", { q: q });
   dialog.dataset.query = q;
   dialog.dataset.state = "done";
 }

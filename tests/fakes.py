@@ -12,6 +12,7 @@ KV reuse and snapshots (RAM and disk) run the production code with exact token a
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -233,3 +234,27 @@ class Summarizer(FakeEngine):
         elif not self.replies:
             self.replies.append("An answer of some length here.")
         return super().make_sampler(prompt)
+
+
+class PacedSampler(FakeSampler):
+    def __init__(self, engine: FakeEngine, text: str, pace: float) -> None:
+        super().__init__(engine, text)
+        self.pace = pace
+
+    def sample(self, row: int) -> int:
+        time.sleep(self.pace)
+        return super().sample(row)
+
+
+class PacedEngine(FakeEngine):
+    """The fake, a token every ``pace`` seconds (tests watch a reply being written); with no
+    reply queued it writes :attr:`reply`."""
+
+    pace = 0.02
+    reply = ("A reply long enough to be watched while it is written, one character a token, "
+             "so that the stream shows it growing and a client can leave in the middle of it.")
+
+    def make_sampler(self, prompt: list[int]) -> Sampler:
+        self.prompts.append(prompt)
+        return PacedSampler(self, self.replies.pop(0) if self.replies else self.reply,
+                            self.pace)

@@ -77,16 +77,18 @@ def rolechat_serve(home: Path, *args: str) -> Iterator[str]:
 
 
 @contextmanager
-def in_process(app: Any, **listen: Any) -> Iterator[str]:
+def in_process(app: Any, port: int = 0, **listen: Any) -> Iterator[str]:
     """``app`` served by uvicorn with `rolechat serve`'s listener (``listen``: the options of
     :func:`rolechat.server.listen.config`, e.g. ``header_timeout=0.5``) on a loopback socket
-    bound here, in a thread; yields its base URL (``http://127.0.0.1:PORT``)."""
+    bound here (``port``: that one, as a restarted server), in a thread; yields its base URL
+    (``http://127.0.0.1:PORT``)."""
     import uvicorn
 
     from rolechat.server.listen import config
 
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = int(sock.getsockname()[1])
     server = uvicorn.Server(config(app, host="127.0.0.1", port=port, **listen))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -19,35 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes import FakeEngine, FakeSampler
-from rolechat.engines.adapter import Sampler
+from fakes import PacedEngine
 from rolechat.server import create_app, worker
 from rolechat.store import Store
 from servers import in_process
 
-REPLY = ("A reply long enough to be watched while it is written, one character a token, "
-         "so that the stream shows it growing and a client can leave in the middle of it.")
+REPLY = PacedEngine.reply
 KEY, OTHER = "key-one", "key-two"
-
-
-class PacedSampler(FakeSampler):
-    def __init__(self, engine: FakeEngine, text: str, pace: float) -> None:
-        super().__init__(engine, text)
-        self.pace = pace
-
-    def sample(self, row: int) -> int:
-        time.sleep(self.pace)
-        return super().sample(row)
-
-
-class PacedEngine(FakeEngine):
-    """The fake, a token every ``pace`` seconds."""
-
-    pace = 0.02
-
-    def make_sampler(self, prompt: list[int]) -> Sampler:
-        self.prompts.append(prompt)
-        return PacedSampler(self, self.replies.pop(0) if self.replies else REPLY, self.pace)
 
 
 @pytest.fixture

@@ -7,10 +7,16 @@
 // Other tabs and windows write to the same conversations: Regenerate, Undo and Edit name the
 // turn they act on (the id of the last reply shown); if it changed elsewhere first (409), the
 // page shows the stored conversation again with a note saying so, and nothing is changed.
+// The open conversation is followed (follow.js): a change stored by anyone is shown at once,
+// and a reply being written that this tab did not send (another tab's, or this tab's before a
+// reload: replies are sent detached, so they outlive the page) shows as it is written, with
+// Stop. A reply whose message was interrupted (Stop, a crash) offers Retry; the server not
+// answering shows a connection-lost line until it is back, with Resend for a failed message.
 
 import { api, apiError, apiKey, conversationPath, isChanged, onKeyNeeded, readSSE, request }
   from "./api.js";
 import { download, exportText } from "./exporting.js";
+import { follow, following, unfollow } from "./follow.js";
 import { onLanguageChange, t, tn, translatePage, wireLanguage } from "./i18n.js";
 import { announce, setTitle, wireKeys, wireMenus } from "./keys.js";
 import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
@@ -151,7 +157,15 @@ function folded(now, before) {
 function refreshTurnActions() {
   els.messages.querySelectorAll(".turn-action").forEach((n) => n.remove());
   refreshPins();
-  if (state.cid === null || state.streaming) return;
+  if (state.cid === null || state.streaming || state.live) return;
+  const users = [...els.messages.querySelectorAll(".msg.user")];
+  const lastUser = users[users.length - 1];
+  if (lastUser && lastUser.dataset.status === "interrupted") {
+    const again = button(t("action.retryMessage"), "retry-message",
+                         () => retryMessage(lastUser), t("action.retryMessageTitle"));
+    again.classList.add("turn-action");
+    lastUser.querySelector(".msg-actions").appendChild(again);
+  }
   const replies = [...els.messages.querySelectorAll(".msg.assistant")]
     .filter((n) => !n.dataset.status);
   const last = replies[replies.length - 1];
@@ -173,6 +187,9 @@ function renderConversation(conv) {
   state.conv = conv;
   endRename();
   els.messages.replaceChildren();
+  liveNode = null;
+  if (!conv) { unfollow(); setLive(null); }
+  else if (String(following()) !== String(conv.id)) { setLive(null); startFollowing(conv.id); }
   els.title.textContent = conv ? (conv.title || t("conv.untitled")) : t("conv.new");
   setTitle(conv ? (conv.title || t("conv.untitled")) : "");
   els.rename.disabled = els.exportMd.disabled = els.exportJson.disabled = !conv;
@@ -199,7 +216,7 @@ function renderConversation(conv) {
     }
     const next = messages[index + 1];
     const stored = next && next.role === "assistant" && next.status === "interrupted";
-    if (m.role === "user" && !stored && (m.status === "interrupted" || m.status === "pending")) {
+    if (m.role === "user" && !stored && m.status === "interrupted") {
       // The server keeps a stopped reply's text; a partial kept by this tab covers a reply the
       // server had not started, or one from before it kept them.
       const found = partials.find((p) => p.user === m.content && !shown.includes(p));
@@ -215,6 +232,116 @@ function renderConversation(conv) {
   }
   refreshTurnActions();
   scrollDown();
+  if (state.live) showLive(state.live);
+}
+
+// ----- following the conversation (follow.js) ------------------------------------------------
+let liveNode = null;  // the node of the reply being written that this tab did not send
+let ownLive = false;  // this tab sent the reply being written (stopped here, it may go on a bit)
+
+function startFollowing(cid) {
+  follow(cid, {
+    onVersion: (version) => act(syncTo)(cid, version),
+    onLive: (live) => {
+      if (String(state.cid) !== String(cid)) return;
+      if (ownLive) { if (!live) ownLive = false; return; }  // this tab's reply, until it ends
+      setLive(live);
+    },
+    onDeleted: () => { if (String(state.cid) === String(cid)) act(afterChange)(); },
+    onLost: () => setConnection(true),
+    onBack: () => setConnection(false),
+  });
+}
+
+// The stored conversation is at `version`: show it, unless this tab shows it already or is
+// writing to it (its own reply reloads it when done). The scroll position is kept.
+async function syncTo(cid, version) {
+  if (String(state.cid) !== String(cid) || state.streaming) return;
+  if (state.conv && state.conv.version === version) return;
+  let conv;
+  try { conv = await api(conversationPath(cid)); } catch (_) { return; }
+  if (String(state.cid) !== String(cid) || state.streaming) return;
+  const atEnd = nearBottom();
+  const top = els.messages.scrollTop;
+  renderConversation(conv);
+  if (!atEnd) els.messages.scrollTop = top;
+  await afterChange();
+}
+
+// A reply being written that this tab did not send: shown as it grows, with Stop.
+function setLive(live) {
+  if (state.streaming) live = null;  // this tab's own reply shows itself
+  const was = state.live;
+  state.live = live;
+  if (live) showLive(live);
+  else if (liveNode) { liveNode.remove(); liveNode = null; }
+  if (Boolean(was) !== Boolean(live)) {
+    els.stop.hidden = !live && !state.streaming;
+    els.send.disabled = Boolean(live) || state.streaming;
+    refreshTurnActions();
+  }
+}
+
+function showLive(live) {
+  if (!liveNode || !liveNode.isConnected) {
+    clearEmpty();
+    if (live.kind === "retry") {  // it replaces the last reply shown
+      const old = lastReplyNode();
+      if (old) old.hidden = true;
+    }
+    liveNode = addMessage("assistant", "", "live", null);
+    liveNode.classList.add("streaming");
+  }
+  const atEnd = nearBottom();
+  streamText(liveNode, live.text || "");
+  if (atEnd) scrollDown();
+}
+
+// Stop: this tab's reply (its request is cut, the server told to stop: replies are sent
+// detached) or the one it follows.
+async function stopReply() {
+  const cid = state.cid;
+  if (state.abort) state.abort.abort();
+  if (cid === null || (!state.streaming && !state.live)) return;
+  try {
+    await api(conversationPath(cid, "stop"), { method: "POST" });
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+// The server stopped answering (`lost`), or answers again.
+function setConnection(lost) {
+  state.lost = lost;
+  els.connection.hidden = false;
+  if (lost) {
+    els.connectionText.textContent = t("connection.lost");
+    els.resend.hidden = true;
+    return;
+  }
+  showError("");  // "Failed to fetch" and the like are over
+  els.connectionText.textContent = state.unsent !== null ? t("connection.backUnsent")
+    : t("connection.back");
+  els.resend.hidden = state.unsent === null;
+  if (state.unsent === null) {
+    setTimeout(() => { if (!state.lost) els.connection.hidden = true; }, 4000);
+  }
+}
+
+async function resend() {
+  const text = state.unsent;
+  state.unsent = null;
+  els.connection.hidden = true;
+  if (text === null) return;
+  if (!els.input.value.trim()) els.input.value = text;
+  await send();
+}
+
+// Retry: a message whose reply did not complete (stopped, or cut by a crash) is sent again.
+async function retryMessage(node) {
+  if (state.streaming || state.live) return;
+  els.input.value = rawText.get(node) || "";
+  await send();
 }
 
 // The last turn the page shows: its reply's node (complete, shown), or null.
@@ -485,6 +612,7 @@ async function exportConversation(format) {
 // ----- sending, streaming, stop, regenerate, edit, undo -----------------------------------
 function setStreaming(on) {
   state.streaming = on;
+  if (on) { ownLive = true; setLive(null); }
   els.send.disabled = on;
   els.stop.hidden = !on;
   els.newBtn.disabled = on;
@@ -569,7 +697,7 @@ async function send() {
     fitInput();
     replyNode = addMessage("assistant", "");
     await streamReply(conversationPath(state.cid, "messages"),
-                      withModel({ content: text, stream: true }), replyNode);
+                      withModel({ content: text, stream: true, detach: true }), replyNode);
   } catch (err) {
     const partial = replyNode ? rawText.get(replyNode) : "";
     if (isChanged(err)) {  // the edited turn changed elsewhere: nothing sent, the text kept
@@ -587,6 +715,7 @@ async function send() {
       markStatus(userNode, "failed");
       if (replyNode && !partial) replyNode.remove();
       if (!els.input.value) els.input.value = text;  // to send again
+      if (err instanceof TypeError) state.unsent = text;  // the network: Resend when back
       showError(err.message);
     }
   } finally {
@@ -610,7 +739,7 @@ async function retry() {
   try {
     announceLoad();
     await streamReply(conversationPath(state.cid, "retry"),
-                      withModel({ stream: true, turn: turnOf(old) }), fresh);
+                      withModel({ stream: true, detach: true, turn: turnOf(old) }), fresh);
   } catch (err) {
     failed = err;
   } finally {
@@ -640,6 +769,12 @@ async function undo() {
                            { method: "POST", body: { turn: turnOf(lastReplyNode()) } });
     renderConversation(body.conversation);
     if (!body.removed) showError(t("error.nothingToUndo"));
+    else if (!els.input.value.trim()) {  // the removed message, to edit and send again
+      els.input.value = body.removed.user;
+      fitInput();
+      showNotice(t("undo.textBack"));
+      els.input.focus();
+    }
   } catch (err) {
     if (isChanged(err)) await reloadChanged(t("changed.nothingUndone"));
     else showError(err.message);
@@ -827,7 +962,8 @@ function wire() {
     clearTimeout(promptTimer);
     promptTimer = setTimeout(refreshPrompt, 250);
   });
-  els.stop.addEventListener("click", () => { if (state.abort) state.abort.abort(); });
+  els.stop.addEventListener("click", act(stopReply));
+  els.resend.addEventListener("click", act(resend));
   on(els.newBtn, "click", startNew);
   els.promptToggle.addEventListener("click", togglePrompt);
   els.keyBox.addEventListener("submit", (ev) => { ev.preventDefault(); saveKey(); });
@@ -857,8 +993,8 @@ function wire() {
   els.editCancel.addEventListener("click", cancelEdit);
   wireModels();
   wireMenus();
-  wireKeys({ streaming: () => state.streaming,
-             stop: () => { if (state.abort) state.abort.abort(); },
+  wireKeys({ streaming: () => state.streaming || Boolean(state.live),
+             stop: act(stopReply),
              newChat: act(startNew) });
   wireSearch(act(open));
   onKeyNeeded(askKey);

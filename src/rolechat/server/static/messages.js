@@ -132,6 +132,7 @@ function statusName(status) {
   if (status === "interrupted") return t("status.interrupted");
   if (status === "failed") return t("status.failed");
   if (status === "pending") return t("status.pending");
+  if (status === "live") return t("status.live");
   return status;
 }
 

@@ -17,11 +17,15 @@ export const els = {
   systemSave: $("system-save"), systemCancel: $("system-cancel"),
   editBanner: $("edit-banner"), editCancel: $("edit-cancel"), notice: $("notice"),
   memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"), language: $("language"),
+  connection: $("connection"), connectionText: $("connection-text"), resend: $("resend"),
 };
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)
   conv: null,         // its last known body (GET /v1/conversations/{id})
   streaming: false,
+  live: null,         // the reply being written that this tab did not send ({kind, text})
+  lost: false,        // the server stopped answering (follow.js)
+  unsent: null,       // a message whose sending failed while the server was away
   abort: null,        // AbortController of the reply being streamed
   personas: [],
   editing: false,     // the composer holds the last user message, to replace its turn

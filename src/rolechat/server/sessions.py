@@ -185,6 +185,9 @@ class ConversationChange(BaseModel):
     pins: list[int] | None = None
     #: What the window keeps of dropped turns: "none" or "summary".
     memory: Literal["none", "summary"] | None = None
+    #: Generation parameters for the next replies: each one given is set, a null one goes
+    #: back to where it came from (the persona, the model, rolechat's default).
+    params: dict[str, Any] | None = None
 
 
 class Listing(BaseModel):
@@ -342,9 +345,11 @@ def conversation_body(state: ServerState, info: ConversationInfo, *,
 @router.get("/personas")
 def personas() -> dict[str, Any]:
     found, _broken = load_personas()
+    default = get_persona(None).name  # what a conversation without one gets
     return {"object": "list",
             "data": [{"name": p.name, "description": p.description, "system": p.system,
-                      "params": p.params.explicit()} for p in found.values()]}
+                      "params": p.params.explicit(), "default": p.name == default}
+                     for p in found.values()]}
 
 
 @router.post("/conversations", status_code=201)
@@ -433,8 +438,11 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
         if body.pins is not None:
             check_pins(saved, body.pins)
+        params = None if body.params is None else changed_params(state, saved, body.params)
         if system is not None and system.strip():
             await asyncio.to_thread(check_system_fits, state, saved, system)
+        if params is not None:
+            await asyncio.to_thread(saved.set_params, params)
         if body.pins is not None:
             await asyncio.to_thread(saved.set_pins, body.pins)
         if body.memory is not None:
@@ -445,6 +453,40 @@ async def change(cid: int, body: ConversationChange, request: Request) -> dict[s
             await asyncio.to_thread(state.store.update, cid, title=clean_title(title))
         info = await asyncio.to_thread(owned, state, cid, owner)
     return conversation_body(state, info)
+
+
+def changed_params(state: ServerState, saved: SavedChat,
+                   change: dict[str, Any]) -> GenerationParams:
+    """The conversation's own parameters with ``change`` applied (null: unset), checked as a
+    message's are (errors name ``params.FIELD``)."""
+    own = saved.chat.params.explicit()
+    for name, value in change.items():
+        if value is None:
+            own.pop(name, None)
+        else:
+            own[name] = value
+    persona = saved.chat.persona.params.explicit()
+    for name in change:  # an unset persona value is the persona's again
+        if change[name] is None and name in persona:
+            own[name] = persona[name]
+    return GenerationParams.from_mapping(overrides_of(state, own))
+
+
+@router.get("/conversations/{cid}/params")
+async def params(cid: int, request: Request) -> dict[str, Any]:
+    """What the next reply uses: the persona, the system prompt and every generation parameter
+    with where its value comes from (``you``, ``persona``, ``model``, ``rolechat``)."""
+    state, owner = state_of(request), owner_of(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with leased(state), state.lock_of(cid):
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        chat = saved.chat
+        effective = chat.effective_params()
+        sources = chat.params_from(effective)
+    values = effective.model_dump(mode="json")
+    return {"persona": chat.persona.name, "system": chat.system,
+            "params": {name: {"value": values[name], "source": sources[name]}
+                       for name in GenerationParams.model_fields}}
 
 
 @router.post("/conversations/{cid}/prompt")

@@ -555,7 +555,9 @@ async function saveRename() {
 function currentSystem() {
   if (state.cid === null) {
     if (state.draftSystem !== null) return state.draftSystem;
-    const persona = state.personas.find((p) => p.name === els.persona.value);
+    // "": the default persona, which has its own system prompt
+    const persona = state.personas.find((p) => els.persona.value ? p.name === els.persona.value
+                                                                   : p.default);
     return persona && persona.system ? persona.system : "";
   }
   return (state.conv && state.conv.system) || "";
@@ -566,6 +568,68 @@ function refreshSystem() {
   if (els.systemPanel.hidden) return;
   els.systemInput.value = currentSystem();
   els.systemNote.textContent = state.cid === null ? t("system.noteNew") : t("system.noteNext");
+  act(refreshParams)();
+}
+
+// ----- the open conversation's parameters (the Settings panel) ------------------------------
+// Each is shown with where its value comes from (GET .../params); a changed one is saved with
+// the system prompt (PATCH params), an emptied one goes back to its default (null).
+const PARAMS = [["temperature", "0.05", "params.temperature"], ["top_p", "0.01", "params.topP"],
+                ["top_k", "1", "params.topK"], ["max_new_tokens", "1", "params.maxNewTokens"],
+                ["repetition_penalty", "0.05", "params.repetitionPenalty"],
+                ["seed", "1", "params.seed"]];
+let shownParams = null;  // {name: value} as GET .../params gave them
+
+function sourceName(source) {
+  const known = { you: "params.source.you", persona: "params.source.persona",
+                  model: "params.source.model", rolechat: "params.source.rolechat",
+                  "this reply": "params.source.reply" };
+  return known[source] ? t(known[source]) : source;
+}
+
+async function refreshParams() {
+  const box = els.paramsBox;
+  if (state.cid === null || els.systemPanel.hidden) { box.hidden = true; shownParams = null; return; }
+  let body;
+  try { body = await api(conversationPath(state.cid, "params")); }
+  catch (err) { box.hidden = true; shownParams = null; showError(err.message); return; }
+  els.paramsPersona.textContent = "(" + t("params.persona", { name: body.persona }) + ")";
+  els.paramsFields.replaceChildren();
+  shownParams = {};
+  for (const [name, step, key] of PARAMS) {
+    const param = body.params[name];
+    if (!param) continue;
+    shownParams[name] = param.value;
+    const label = el("label", "param");
+    label.appendChild(el("span", "param-name", t(key)));
+    const input = el("input");
+    input.type = "number";
+    input.step = step;
+    input.id = "param-" + name;
+    input.dataset.testid = "param-" + name;
+    input.dataset.name = name;
+    input.value = param.value === null ? "" : String(param.value);
+    input.placeholder = t("params.default");
+    label.appendChild(input);
+    const source = el("span", "param-source note", sourceName(param.source));
+    source.dataset.testid = "param-source-" + name;
+    label.appendChild(source);
+    els.paramsFields.appendChild(label);
+  }
+  box.hidden = false;
+}
+
+// The parameters changed in the panel: {name: number, or null for "back to the default"}.
+function changedParams() {
+  const changed = {};
+  if (!shownParams) return changed;
+  for (const input of els.paramsFields.querySelectorAll("input[data-name]")) {
+    const name = input.dataset.name;
+    const text = input.value.trim();
+    const value = text === "" ? null : Number(text);
+    if (value !== shownParams[name]) changed[name] = value;
+  }
+  return changed;
 }
 
 function toggleSystem(show) {
@@ -585,7 +649,10 @@ async function saveSystem() {
     return;
   }
   try {
-    state.conv = await api(conversationPath(state.cid), { method: "PATCH", body: { system } });
+    const body = { system };
+    const params = changedParams();
+    if (Object.keys(params).length) body.params = params;
+    state.conv = await api(conversationPath(state.cid), { method: "PATCH", body });
     toggleSystem(false);
     refreshSystem();
     refreshPrompt();
@@ -918,7 +985,15 @@ function togglePrompt() {
 // static markup is translated by i18n.js, and here the open conversation as last loaded (its
 // messages' lines and buttons; while a reply is being written, once it is done: afterChange),
 // the list, the menu's switch, the panels' notes and the prompt's plan.
+// The persona a conversation gets when none is chosen, named (it has a system prompt).
+function labelDefaultPersona() {
+  const fallback = state.personas.find((p) => p.default);
+  els.personaDefault.textContent = t("new.defaultPersona",
+                                     { name: fallback ? fallback.name : "?" });
+}
+
 function relabel() {
+  labelDefaultPersona();
   if (state.streaming) {
     state.relabel = true;
   } else if (state.cid === null || state.conv) {
@@ -1016,6 +1091,7 @@ async function init() {
       if (p.description) opt.title = p.description;
       els.persona.appendChild(opt);
     }
+    labelDefaultPersona();
     await refreshList();
     const match = /^#c=(.+)$/.exec(location.hash);
     if (match) await open(decodeURIComponent(match[1]));

@@ -18,6 +18,8 @@ export const els = {
   editBanner: $("edit-banner"), editCancel: $("edit-cancel"), notice: $("notice"),
   memoryNew: $("memory-new"), memoryToggle: $("memory-toggle"), language: $("language"),
   connection: $("connection"), connectionText: $("connection-text"), resend: $("resend"),
+  paramsBox: $("params-box"), paramsPersona: $("params-persona"),
+  paramsFields: $("params-fields"), personaDefault: $("persona-default"),
 };
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)

@@ -1,0 +1,121 @@
+"""The Settings panel in real headless Chromium (uvicorn in-process over the fake engine): it
+shows the open conversation's persona, system prompt and parameters with where each comes
+from; a change applies to the next reply and an emptied field goes back to its default; the
+persona a new conversation gets without a choice is named, its system prompt shown."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fakes import FakeEngine
+from rolechat.persona import get_persona
+from rolechat.server import create_app
+from rolechat.store import Store
+from servers import in_process
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    store = Store(tmp_path_factory.mktemp("page-settings") / "rolechat.db")
+    with in_process(create_app(FakeEngine(), store=store)) as base:
+        yield base
+    store.close()
+
+
+@pytest.fixture
+def page(url: str) -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        opened = browser.new_page(viewport={"width": 1280, "height": 800})
+        opened.set_default_timeout(30_000)
+        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened.goto(url)
+        idle(opened)
+        yield opened
+        browser.close()
+    assert not errors, errors
+
+
+def idle(page: Any) -> None:
+    page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
+
+
+def params(url: str, cid: int) -> dict[str, tuple[Any, str]]:
+    body = httpx.get(f"{url}/v1/conversations/{cid}/params", timeout=30).json()
+    return {name: (p["value"], p["source"]) for name, p in body["params"].items()}
+
+
+def test_the_panel_shows_and_changes_the_open_conversations_parameters(
+        url: str, page: Any) -> None:
+    default = get_persona(None)
+    # Nothing chosen: the default persona, named, and its system prompt.
+    assert page.inner_text("#persona-default") == f"{default.name} (default)"
+    page.click("#system-toggle")
+    assert page.input_value("#system-input") == (default.system or "")
+    assert page.is_hidden("#params-box")  # a conversation's, once it exists
+    page.click("#system-toggle")
+
+    page.fill("#input", "Hello there.")
+    page.press("#input", "Enter")
+    idle(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    idle(page)
+    assert f"persona: {default.name}" in page.inner_text("#params-persona")
+    assert page.input_value("#param-temperature") == "0.9"
+    assert page.inner_text("[data-testid=param-source-temperature]") == "rolechat's default"
+    assert page.input_value("#param-max_new_tokens") == "512"
+
+    page.fill("#param-temperature", "0.3")
+    page.fill("#param-max_new_tokens", "3")
+    page.click("#system-save")
+    idle(page)
+    assert params(url, cid)["temperature"] == (0.3, "you")
+    assert params(url, cid)["max_new_tokens"] == (3, "you")
+    assert params(url, cid)["top_p"][1] == "rolechat"  # untouched fields are not written
+    # The next reply uses them: cut after 3 tokens.
+    page.fill("#input", "Again.")
+    page.press("#input", "Enter")
+    idle(page)
+    assert page.locator(".msg.assistant .content").last.inner_text().strip() == "ech"
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    idle(page)
+    assert page.inner_text("[data-testid=param-source-temperature]") == "set here"
+    # Emptied: back to its default.
+    page.fill("#param-max_new_tokens", "")
+    page.click("#system-save")
+    idle(page)
+    assert params(url, cid)["max_new_tokens"] == (512, "rolechat")
+    assert params(url, cid)["temperature"] == (0.3, "you")
+
+
+def test_a_bad_value_is_refused_with_the_servers_reason(url: str, page: Any) -> None:
+    page.fill("#input", "Hi.")
+    page.press("#input", "Enter")
+    idle(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    idle(page)
+    page.fill("#param-temperature", "7")
+    page.click("#system-save")
+    idle(page)
+    assert page.is_visible("#error") and "temperature" in page.inner_text("#error")
+    assert params(url, cid)["temperature"] == (0.9, "rolechat")
+    assert page.is_visible("#system-panel")  # what was typed is still there to fix

@@ -1,7 +1,8 @@
 """The Settings panel in real headless Chromium (uvicorn in-process over the fake engine): it
 shows the open conversation's persona, system prompt and parameters with where each comes
 from; a change applies to the next reply and an emptied field goes back to its default; the
-persona a new conversation gets without a choice is named, its system prompt shown."""
+persona a new conversation gets without a choice is named, its system prompt shown. A reply
+cut at max new tokens offers Continue, which appends to it."""
 
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
 
+ENGINE = FakeEngine()
+
+
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     store = Store(tmp_path_factory.mktemp("page-settings") / "rolechat.db")
-    with in_process(create_app(FakeEngine(), store=store)) as base:
+    with in_process(create_app(ENGINE, store=store)) as base:
         yield base
     store.close()
 
@@ -119,3 +123,31 @@ def test_a_bad_value_is_refused_with_the_servers_reason(url: str, page: Any) -> 
     assert page.is_visible("#error") and "temperature" in page.inner_text("#error")
     assert params(url, cid)["temperature"] == (0.9, "rolechat")
     assert page.is_visible("#system-panel")  # what was typed is still there to fix
+
+
+def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) -> None:
+    cid = httpx.post(f"{url}/v1/conversations", json={"params": {"max_new_tokens": 6}},
+                     timeout=30).json()["id"]
+    page.goto(f"{url}/#c={cid}")
+    page.reload()  # a new hash alone does not load the page again
+    idle(page)
+    ENGINE.replies.append("Once upon a time")
+    page.fill("#input", "A story?")
+    page.press("#input", "Enter")
+    idle(page)
+    reply = page.locator(".msg.assistant").last
+    assert reply.locator(".content").inner_text().strip() == "Once u"
+    ENGINE.replies.append("pon a time.")
+    page.click("[data-testid=continue]")
+    idle(page)
+    assert page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg.assistant .content").inner_text().strip() == "Once upon a"
+    stored = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
+    assert [m["content"] for m in stored] == ["A story?", "Once upon a "]
+    # Cut again (6 more tokens): it may go on once more; a finished one may not.
+    assert page.locator("[data-testid=continue]").count() == 1
+    ENGINE.replies.append("end.")
+    page.click("[data-testid=continue]")
+    idle(page)
+    assert page.locator(".msg.assistant .content").inner_text().strip() == "Once upon a end."
+    assert page.locator("[data-testid=continue]").count() == 0

@@ -9,7 +9,9 @@ Contract:
 - ``POST /v1/conversations/{id}/messages``: one turn, JSON or SSE (``{"delta"}`` events, then
   ``{"done": true, ...}``, then ``[DONE]``; an error mid-stream is ``{"error": {...}}``).
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
-  not complete, the old one stays. ``POST /v1/conversations/{id}/undo``: remove the last turn.
+  not complete, the old one stays. ``POST /v1/conversations/{id}/continue`` (Retry's body): the
+  last reply goes on where it stopped (a length cut), the added text streamed and appended.
+  ``POST /v1/conversations/{id}/undo``: remove the last turn.
   A reply names its stored turn (``turn``: the reply's message id). A message may carry
   ``response_format`` (JSON replies) and ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
   as ``/v1/chat/completions`` takes them: a reply that calls tools (``finish_reason``
@@ -551,6 +553,19 @@ async def retry(cid: int, body: Retry, request: Request) -> Any:
     return await reply(request, cid, body.stream,
                        lambda saved: saved.retry(body.turn, version=version, **overrides),
                        model=body.model, detach=body.detach, kind="retry")
+
+
+@router.post("/conversations/{cid}/continue", response_model=None)
+async def continued(cid: int, body: Retry, request: Request) -> Any:
+    """Go on with the last reply where it stopped (cut at ``max_new_tokens``): the text added
+    is streamed as ``delta``s and appended to the stored reply, which keeps its turn's place
+    (a new id: ``turn``); one that does not complete changes nothing."""
+    overrides = overrides_of(state_of(request), body.params)
+    version = if_match(request)
+    return await reply(request, cid, body.stream,
+                       lambda saved: saved.continue_reply(body.turn, version=version,
+                                                          **overrides),
+                       model=body.model, detach=body.detach, kind="continue")
 
 
 async def reply(request: Request, cid: int, stream: bool,

@@ -174,6 +174,10 @@ function refreshTurnActions() {
     b.classList.add("turn-action");
     node.querySelector(".msg-actions").appendChild(b);
   };
+  if (last.dataset.finish === "length") {  // cut at max new tokens: it can go on
+    add(last, button(t("action.continue"), "continue", continueReply,
+                     t("action.continueTitle")));
+  }
   add(last, button(t("action.regenerate"), "retry", retry, t("action.regenerateTitle")));
   add(last, button(t("action.undo"), "undo", undo, t("action.undoTitle")));
   const asked = last.previousElementSibling;
@@ -205,6 +209,7 @@ function renderConversation(conv) {
   messages.forEach((m, index) => {
     if (m.steps) addToolCards(m.steps);
     const node = addMessage(m.role, m.content, m.status, undefined, m.id);
+    if (m.usage && m.usage.finish_reason) node.dataset.finish = m.usage.finish_reason;
     if (m.role === "assistant" && m.usage) {
       addLine(node, "usage", usageText(m.usage), "usage");
       const plan = m.usage.window;
@@ -691,12 +696,12 @@ function setStreaming(on) {
 // on the node (rawText) whatever happens. While the server has no free sequence for it, a
 // line in the reply says how many requests are ahead ("waiting (2 ahead)"), until its first
 // text comes or it ends.
-async function streamReply(path, body, node) {
+async function streamReply(path, body, node, prefix = "") {
   node.classList.add("streaming");
   startWaiting(node);
   const before = summarizedBefore();
   state.abort = new AbortController();
-  let text = "";
+  let text = prefix;  // a continuation goes on from the reply's text
   try {
     const response = await request(path, { method: "POST", body: body,
                                            signal: state.abort.signal });
@@ -720,8 +725,9 @@ async function streamReply(path, body, node) {
         finished = true;
         if (Number.isInteger(event.turn)) node.dataset.id = String(event.turn);
         if (event.message && typeof event.message.content === "string") {
-          text = event.message.content;
+          text = prefix + event.message.content;
         }
+        node.dataset.finish = event.finish_reason || "";
         addLine(node, "usage", usageText(event.usage,
           Object.assign({ finish_reason: event.finish_reason }, event.rolechat || {})), "usage");
         const memory = event.rolechat && event.rolechat.memory;
@@ -822,6 +828,39 @@ async function retry() {
   } else if (failed) {
     showError(failed.name === "AbortError" ? t("error.stoppedKept")
       : t("error.previousKept", { message: failed.message }));
+  }
+  await afterChange();
+}
+
+// Continue: the last reply (cut at max new tokens) goes on where it stopped, appended to it.
+async function continueReply() {
+  if (state.streaming || state.cid === null) return;
+  const last = lastReplyNode();
+  if (!last) return;
+  showError("");
+  const usage = last.querySelector(".usage");
+  if (usage) usage.remove();
+  setStreaming(true);
+  let failed = null;
+  try {
+    announceLoad();
+    await streamReply(conversationPath(state.cid, "continue"),
+                      withModel({ stream: true, detach: true, turn: turnOf(last) }), last,
+                      rawText.get(last) || "");
+  } catch (err) {
+    failed = err;
+  } finally {
+    setStreaming(false);
+  }
+  try {  // as stored: the longer reply, or the same one if this failed
+    renderConversation(await settled(state.cid));
+  } catch (err) {
+    failed = failed || err;
+  }
+  if (isChanged(failed)) {
+    showNotice(t("changed.notice", { what: t("changed.nothingContinued") }));
+  } else if (failed && failed.name !== "AbortError") {
+    showError(failed.message);
   }
   await afterChange();
 }

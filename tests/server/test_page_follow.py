@@ -3,7 +3,9 @@ Chromium against uvicorn in-process over the fake engine writing at a set pace: 
 shows the first tab's reply as it is written and then as stored, and can stop it; a reload in
 the middle of a reply re-attaches to it and the stored reply is complete; a reply a crash cut
 (its writer SIGKILLed) shows its saved text, interrupted, with Retry; a server that stops
-answering shows a connection-lost line, then Resend for the message that failed."""
+answering shows a connection-lost line, then Resend for the message that failed. The end of a
+reply stays in sight above the composer, at desktop and phone sizes, unless the reader
+scrolled up."""
 
 from __future__ import annotations
 
@@ -75,12 +77,12 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def new_page(browser: Any) -> Iterator[Callable[[str], Any]]:
+def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
     contexts: list[Any] = []
     errors: list[str] = []
 
-    def make(url: str) -> Any:
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
+    def make(url: str, viewport: dict[str, int] | None = None) -> Any:
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(30_000)
@@ -120,7 +122,7 @@ def live_text(page: Any) -> str:
 
 
 def test_a_second_tab_shows_the_reply_as_it_is_written_then_as_stored(
-        served: dict[str, Any], new_page: Callable[[str], Any]) -> None:
+        served: dict[str, Any], new_page: Callable[..., Any]) -> None:
     url = served["url"]
     cid = conversation(url)
     writer, watcher = new_page(f"{url}/#c={cid}"), new_page(f"{url}/#c={cid}")
@@ -146,7 +148,7 @@ def test_a_second_tab_shows_the_reply_as_it_is_written_then_as_stored(
 
 
 def test_a_reload_in_the_middle_of_a_reply_re_attaches_to_it(
-        served: dict[str, Any], new_page: Callable[[str], Any]) -> None:
+        served: dict[str, Any], new_page: Callable[..., Any]) -> None:
     url = served["url"]
     cid = conversation(url)
     page = new_page(f"{url}/#c={cid}")
@@ -169,7 +171,7 @@ def test_a_reload_in_the_middle_of_a_reply_re_attaches_to_it(
 
 
 def test_a_tab_stops_the_reply_another_tab_sent(served: dict[str, Any],
-                                                new_page: Callable[[str], Any]) -> None:
+                                                new_page: Callable[..., Any]) -> None:
     url = served["url"]
     cid = conversation(url)
     writer, watcher = new_page(f"{url}/#c={cid}"), new_page(f"{url}/#c={cid}")
@@ -191,7 +193,7 @@ def test_a_tab_stops_the_reply_another_tab_sent(served: dict[str, Any],
 
 
 def test_a_reply_cut_by_a_crash_shows_its_text_and_offers_retry(
-        served: dict[str, Any], new_page: Callable[[str], Any]) -> None:
+        served: dict[str, Any], new_page: Callable[..., Any]) -> None:
     url, cid = served["url"], served["crashed"]
     assert stored(url, cid) == [("user", "interrupted", "Will this survive?"),
                                 ("assistant", "interrupted", "Half of an answer")]
@@ -207,7 +209,7 @@ def test_a_reply_cut_by_a_crash_shows_its_text_and_offers_retry(
 
 
 def test_a_lost_connection_is_said_and_a_failed_message_can_be_resent(
-        tmp_path: Path, new_page: Callable[[str], Any]) -> None:
+        tmp_path: Path, new_page: Callable[..., Any]) -> None:
     """The server stops (its event streams end, then nothing answers) and starts again on
     the same port."""
     store = Store(tmp_path / "rolechat.db")
@@ -234,3 +236,52 @@ def test_a_lost_connection_is_said_and_a_failed_message_can_be_resent(
                                     ("assistant", "complete", REPLY)]
         assert page.is_hidden("#connection") and page.input_value("#input") == ""
     store.close()
+
+
+LONG = "\n\n".join(f"Paragraph {i}: " + "many words " * 12 for i in range(6))
+PHONE = {"width": 390, "height": 844}
+
+
+def end_in_sight(page: Any) -> bool:
+    """The last reply's action row is inside the scrolled view, above the composer."""
+    return bool(page.evaluate("""() => {
+        const reply = [...document.querySelectorAll('.msg.assistant')].pop();
+        const actions = reply.querySelector('.msg-actions').getBoundingClientRect();
+        const view = document.getElementById('messages').getBoundingClientRect();
+        const composer = document.getElementById('composer').getBoundingClientRect();
+        return actions.top >= view.top && actions.bottom <= view.bottom + 1
+            && actions.bottom <= composer.top + 1;
+    }"""))
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, PHONE],
+                         ids=["desktop", "phone"])
+def test_a_replys_end_stays_in_sight_unless_the_reader_scrolls_up(
+        served: dict[str, Any], new_page: Callable[..., Any], viewport: dict[str, int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, engine = served["url"], served["engine"]
+    monkeypatch.setattr(engine, "pace", 0.01)  # a long reply, streamed in a few seconds
+    cid = int(api(url, "POST", "/conversations",
+                  json={"params": {"max_new_tokens": 1500}})["id"])
+    page = new_page(f"{url}/#c={cid}", viewport)
+    engine.replies.append(LONG)
+    page.fill("#input", "A long one, please.")
+    page.press("#input", "Enter")
+    page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content')"
+                           "?.textContent || '').length > 300")
+    ready(page)
+    assert page.locator(".msg.assistant .content").inner_text().startswith("Paragraph 0")
+    assert end_in_sight(page)  # followed to the end: usage and actions above the composer
+    # A reader who scrolls up while the next reply streams is left there.
+    engine.replies.append(LONG)
+    page.fill("#input", "Another.")
+    page.press("#input", "Enter")
+    page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content')"
+                           "?.textContent || '').length > 50")
+    box = page.locator("#messages").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -20_000)  # the reader scrolls up to the start
+    page.wait_for_function("document.getElementById('messages').scrollTop < 50")
+    ready(page)
+    assert page.evaluate("document.getElementById('messages').scrollTop") < 50
+    assert not end_in_sight(page)

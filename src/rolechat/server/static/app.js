@@ -21,7 +21,8 @@ import { onLanguageChange, t, tn, translatePage, wireLanguage } from "./i18n.js"
 import { announce, setTitle, wireKeys, wireMenus } from "./keys.js";
 import { announceLoad, refreshModels, wireModels, withModel } from "./models.js";
 import { addLine, addMemoryLines, addMessage, addToolCards, clearEmpty, endWaiting,
-         keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown, setText, showWaiting,
+         keepEnd, keepPartial, loadPartials, markStatus, nearBottom, rawText, savePartials, scrollDown,
+         setText, showWaiting, stickToEnd,
          startWaiting, streamText, turnList, usageText } from "./messages.js";
 import { act, button, el, els, showError, showNotice, state } from "./page.js";
 import { wireSearch } from "./search.js";
@@ -715,11 +716,9 @@ async function streamReply(path, body, node, prefix = "") {
       if (event.error) throw apiError(event, 500);
       if (event.waiting && !text) showWaiting(node, event.waiting.ahead);
       if (typeof event.delta === "string") {
-        const follow = nearBottom();
         endWaiting(node);
         text += event.delta;
-        streamText(node, text);
-        if (follow) scrollDown();
+        streamText(node, text);  // the view follows its end (keepEnd)
       }
       if (event.done) {
         finished = true;
@@ -742,6 +741,7 @@ async function streamReply(path, body, node, prefix = "") {
     endWaiting(node);
     node.classList.remove("streaming");
     setText(node, text);
+    keepEnd();  // the reply's end, its usage and its actions in sight above the composer
     state.abort = null;
   }
   const said = node.querySelector(".content").innerText.trim();  // as rendered, no Markdown
@@ -765,6 +765,7 @@ async function send() {
     announceLoad();
     if (state.cid === null) await createConversation();
     clearEmpty();
+    stickToEnd();  // the reader wants to see the reply to what they sent
     userNode = addMessage("user", text);
     els.input.value = "";
     fitInput();

@@ -72,7 +72,8 @@ export function setText(node, text) {
   else renderMarkdown(content, text, node.classList.contains("streaming"));
 }
 
-// While streaming, render at most once a frame.
+// While streaming, render at most once a frame; the view follows the text's end unless the
+// reader scrolled up (keepEnd).
 const renderQueued = new Set();
 export function streamText(node, text) {
   rawText.set(node, text);
@@ -81,8 +82,34 @@ export function streamText(node, text) {
   requestAnimationFrame(() => {
     renderQueued.delete(node);
     if (node.classList.contains("streaming")) setText(node, rawText.get(node) || "");
+    keepEnd();
   });
 }
+
+// ----- following the end of the conversation ----------------------------------------------
+// The view sticks to the end while it is there: text that grows (a streamed reply, its usage
+// line, its actions) keeps the end in sight above the composer; a reader who scrolls up is
+// left where they are until they come back down (or send a message).
+// The reader's own moves say they went up (a scroll event alone cannot: the page's own
+// scrolling to the end makes them too); reaching the end again sticks to it.
+let sticky = true;
+const away = () => { sticky = false; };
+els.messages.addEventListener("wheel", (ev) => { if (ev.deltaY < 0) away(); }, { passive: true });
+els.messages.addEventListener("touchmove", away, { passive: true });
+els.messages.addEventListener("pointerdown", (ev) => { if (ev.target === els.messages) away(); });
+els.messages.addEventListener("keydown", (ev) => {
+  if (["ArrowUp", "PageUp", "Home"].includes(ev.key)) away();
+});
+let lastTop = 0;
+els.messages.addEventListener("scroll", () => {
+  const top = els.messages.scrollTop;
+  if (top > lastTop && nearBottom()) sticky = true;  // down to the end again
+  lastTop = top;
+}, { passive: true });
+
+export function keepEnd() { if (sticky) scrollDown(); }
+
+export function stickToEnd() { sticky = true; scrollDown(); }
 
 // A line under the message's content (status, usage), above its actions.
 export function addLine(node, cls, text, testid) {

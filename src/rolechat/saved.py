@@ -127,6 +127,9 @@ class SavedChat:
         self._stored: dict[str, Any] = {}
         #: The turn a continuation goes on with.
         self._continuing: int | None = None
+        #: The turns undo removed, newest last, each with the stored version it left: redo
+        #: puts the newest back while the conversation is still at that version.
+        self._undone: list[tuple[RemovedTurn, int | None]] = []
         chat.log = self
         if cid is not None:
             chat.cache_key = conversation_snapshot(cid)
@@ -320,7 +323,36 @@ class SavedChat:
         names it (default: the last turn this chat shows); ``version``, the version it must be
         at. If the conversation changed, ConversationChanged, and nothing is removed."""
         removed = self._remove_last(turn, version)
-        return removed.turn if removed is not None else None
+        if removed is None:
+            return None
+        after = (self.store.version_of(self._cid)
+                 if self.store is not None and self._cid is not None else None)
+        self._undone.append((removed, after))
+        return removed.turn
+
+    def redo(self) -> Turn | None:
+        """Put back the turn the last :meth:`undo` removed (its text, reply, usage and ids),
+        if the conversation has not changed since; None if there is nothing to redo. A change
+        since (a new message, another writer) is ConversationChanged, and redo forgets what it
+        held: the turn would no longer be the last."""
+        if not self._undone:
+            return None
+        removed, after = self._undone[-1]
+        if self.store is not None and self._cid is not None:
+            current = self.store.version_of(self._cid)
+            if current != after:
+                self._undone.clear()
+                raise ConversationChanged(self._cid, turn=None, last=self.last_turn,
+                                          version=after, current=current)
+        self._undone.pop()
+        self.refresh()
+        self._retrying = removed
+        self._put_back()
+        if self._undone and self.store is not None and self._cid is not None:
+            # Back where the undo before it left the conversation: that one may be redone.
+            earlier, _ = self._undone[-1]
+            self._undone[-1] = (earlier, self.store.version_of(self._cid))
+        return removed.turn
 
     def retry(self, turn: int | None = None, *, version: int | None = None,
               **overrides: Any) -> ReplyStream:

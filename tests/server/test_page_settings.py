@@ -1,8 +1,9 @@
-"""The Settings panel in real headless Chromium (uvicorn in-process over the fake engine): it
-shows the open conversation's persona, system prompt and parameters with where each comes
-from; a change applies to the next reply and an emptied field goes back to its default; the
-persona a new conversation gets without a choice is named, its system prompt shown. A reply
-cut at max new tokens offers Continue, which appends to it."""
+"""The Settings panel, Continue, Undo and Redo in real headless Chromium (uvicorn in-process
+over the fake engine): the panel shows the open conversation's persona, system prompt and
+parameters with where each comes from; a change applies to the next reply and an emptied field
+goes back to its default; the persona a new conversation gets without a choice is named, its
+system prompt shown. A reply cut at max new tokens offers Continue, which appends to it. Undo
+puts the message back in the box, and Redo puts the turn back as it was."""
 
 from __future__ import annotations
 
@@ -151,3 +152,26 @@ def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) ->
     idle(page)
     assert page.locator(".msg.assistant .content").inner_text().strip() == "Once upon a end."
     assert page.locator("[data-testid=continue]").count() == 0
+
+
+def test_undo_puts_the_message_back_in_the_box_and_redo_undoes_it(url: str, page: Any) -> None:
+    ENGINE.replies.extend(["First answer.", "Second answer."])
+    for text in ("First question?", "Second question?"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        idle(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    before = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
+    page.click("[data-testid=undo]")
+    idle(page)
+    assert page.input_value("#input") == "Second question?"
+    assert page.locator(".msg.user .content").all_text_contents() == ["First question?"]
+    assert "back in the box" in page.inner_text("#notice")
+    page.click("[data-testid=redo]")
+    idle(page)
+    assert page.input_value("#input") == ""
+    assert page.locator(".msg.user .content").all_text_contents() == [
+        "First question?", "Second question?"]
+    after = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
+    assert [(m["id"], m["content"]) for m in after] == [(m["id"], m["content"]) for m in before]
+    assert page.locator("[data-testid=undo]").count() == 1  # the last turn again

@@ -11,7 +11,8 @@ Contract:
   ``POST /v1/conversations/{id}/retry``: the last turn again (same shapes); if the new reply does
   not complete, the old one stays. ``POST /v1/conversations/{id}/continue`` (Retry's body): the
   last reply goes on where it stopped (a length cut), the added text streamed and appended.
-  ``POST /v1/conversations/{id}/undo``: remove the last turn.
+  ``POST /v1/conversations/{id}/undo``: remove the last turn; ``POST .../redo`` puts the turn
+  the last undo removed back, as it was, unless the conversation changed since (409).
   A reply names its stored turn (``turn``: the reply's message id). A message may carry
   ``response_format`` (JSON replies) and ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
   as ``/v1/chat/completions`` takes them: a reply that calls tools (``finish_reason``
@@ -520,6 +521,23 @@ async def undo(cid: int, request: Request, body: Undo | None = None) -> dict[str
         info = await asyncio.to_thread(owned, state, cid, owner)
     removed = None if turn is None else {"user": turn.user, "assistant": turn.assistant}
     return {"removed": removed, "conversation": conversation_body(state, info)}
+
+
+@router.post("/conversations/{cid}/redo")
+async def redo(cid: int, request: Request) -> dict[str, Any]:
+    """Put back the turn the last undo (through this server) removed, as it was, if the
+    conversation has not changed since (else 409 and nothing changes)."""
+    state, owner = state_of(request), owner_of(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with leased(state), state.lock_of(cid):
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        turn = await asyncio.to_thread(saved.redo)
+        if turn is None:
+            raise InvalidInput("There is nothing to redo.",
+                               "Redo puts back the turn the last undo removed.")
+        info = await asyncio.to_thread(owned, state, cid, owner)
+    return {"restored": {"user": turn.user, "assistant": turn.assistant},
+            "conversation": conversation_body(state, info)}
 
 
 @router.post("/conversations/{cid}/messages", response_model=None)

@@ -876,14 +876,43 @@ async function undo() {
                            { method: "POST", body: { turn: turnOf(lastReplyNode()) } });
     renderConversation(body.conversation);
     if (!body.removed) showError(t("error.nothingToUndo"));
-    else if (!els.input.value.trim()) {  // the removed message, to edit and send again
-      els.input.value = body.removed.user;
-      fitInput();
-      showNotice(t("undo.textBack"));
-      els.input.focus();
+    else {
+      const back = !els.input.value.trim();
+      if (back) {  // the removed message, to edit and send again
+        els.input.value = body.removed.user;
+        fitInput();
+        els.input.focus();
+      }
+      showUndone(back ? body.removed.user : null);
     }
   } catch (err) {
     if (isChanged(err)) await reloadChanged(t("changed.nothingUndone"));
+    else showError(err.message);
+  }
+  await afterChange();
+}
+
+// After an undo: a note (the message is back in the box) with Redo, which puts the turn back
+// as it was (POST .../redo) unless the conversation changed since.
+function showUndone(textBack) {
+  showNotice(textBack !== null ? t("undo.textBack") : t("undo.done"));
+  const again = button(t("action.redo"), "redo", () => redo(textBack), t("action.redoTitle"));
+  again.classList.add("notice-action");
+  els.notice.appendChild(again);
+}
+
+async function redo(textBack) {
+  if (state.streaming || state.cid === null) return;
+  showError("");
+  try {
+    const body = await api(conversationPath(state.cid, "redo"), { method: "POST" });
+    renderConversation(body.conversation);
+    if (textBack !== null && els.input.value === textBack) {
+      els.input.value = "";
+      fitInput();
+    }
+  } catch (err) {
+    if (isChanged(err)) await reloadChanged(t("changed.nothingRedone"));
     else showError(err.message);
   }
   await afterChange();

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from rolechat.store import Store
@@ -131,6 +132,58 @@ def test_the_keyboard_alone_sends_stops_and_starts_a_new_chat(page: Any) -> None
     page.locator("#input").focus()
     page.keyboard.press("?")  # typing a question mark in the message box is just text
     assert not dialog.is_visible() and page.input_value("#input").endswith("?")
+
+
+def tab_to(page: Any, selector: str, limit: int = 60) -> None:
+    """Press Tab until the element ``selector`` names has the focus (keyboard only)."""
+    for _ in range(limit):
+        if page.evaluate(f"document.activeElement?.matches({selector!r}) ?? false"):
+            return
+        page.keyboard.press("Tab")
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def test_the_keyboard_alone_searches_switches_renames_and_exports(page: Any, server: str) -> None:
+    # Search: Ctrl+K, type, Enter opens the conversation at the match.
+    page.keyboard.press("Control+k")
+    page.wait_for_selector("[data-testid=search-dialog][open]")
+    page.keyboard.type("comment")
+    page.wait_for_selector("[data-testid=search-results] [role=option]")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.title === 'Seeded code · rolechat'")
+    idle(page)
+    # Switch: Ctrl+Shift+O for a new chat, then Tab to the seeded one in the list and Enter.
+    page.keyboard.press("Control+Shift+O")
+    page.wait_for_function("document.title === 'rolechat'")
+    page.locator("body").focus()
+    tab_to(page, "#conversations button.conv-text")
+    while "Seeded code" not in page.evaluate("document.activeElement.innerText"):
+        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.title === 'Seeded code · rolechat'")
+    idle(page)
+    # Rename: Tab to the menu, Enter, Enter on Rename…, type, Enter.
+    tab_to(page, "#conv-menu summary")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'rename'")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'title-input'")
+    page.keyboard.press("Control+a")
+    page.keyboard.type("Renamed by keys")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.title === 'Renamed by keys · rolechat'")
+    idle(page)
+    # Export: the menu again, End (the JSON export), Enter: a file comes.
+    tab_to(page, "#conv-menu summary")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'rename'")
+    page.keyboard.press("End")
+    with page.expect_download() as downloading:
+        page.keyboard.press("Enter")
+    exported = Path(downloading.value.path()).read_text(encoding="utf-8")
+    assert '"title": "Renamed by keys"' in exported and "a comment" in exported
+    cid = page.evaluate("location.hash.slice(3)")  # the other tests find it by its title
+    httpx.patch(f"{server}/v1/conversations/{cid}", json={"title": "Seeded code"}, timeout=30)
 
 
 def test_replies_are_announced_once_and_controls_are_named(page: Any) -> None:

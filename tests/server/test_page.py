@@ -1,8 +1,9 @@
 """The web chat page (``/``) in real headless Chromium (Debian's, through Playwright), against a
 real ``rolechat serve`` with the embedded model, at a desktop (1200x800) and a phone (390x844)
 viewport. Screenshots are kept as test artifacts in ``$ROLECHAT_ARTIFACTS`` (default:
-``test-artifacts/screenshots/`` at the repository root); ``readme-page.png`` there is the
-README's picture (``docs/img/page.png``)."""
+``test-artifacts/screenshots/`` at the repository root); ``readme-page.png``,
+``readme-settings.png`` and ``readme-search.png`` there are the README's pictures
+(``docs/img/``)."""
 
 from __future__ import annotations
 
@@ -1003,6 +1004,28 @@ def test_readme_screenshot_and_light_theme(showcase: dict[str, Any], page: Any,
     page.evaluate("document.getElementById('messages').scrollTop = 0")
     path = shot(page, shots, "readme-page")
     assert path.stat().st_size < 200_000
+
+
+def test_readme_screenshots_of_settings_and_search(showcase: dict[str, Any], page: Any,
+                                                   shots: Path) -> None:
+    """``readme-settings.png`` and ``readme-search.png`` are the README's other pictures
+    (``docs/img/``): the Settings panel with the parameters' sources, and Ctrl+K's hits."""
+    load(page, f"{showcase['base']}/#c={showcase['ids'][-1]}")
+    page.locator(".code-block").wait_for()
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    idle(page)
+    assert page.input_value("#system-input") == "Be concise."
+    assert page.inner_text("[data-testid=param-source-temperature]") == "rolechat's default"
+    page.locator("#input").blur()
+    assert shot(page, shots, "readme-settings").stat().st_size < 250_000
+    page.click("#system-toggle")
+    page.keyboard.press("Control+k")
+    page.keyboard.type("reverse")
+    page.wait_for_selector("[data-testid=search-results] [role=option]")
+    hits = page.locator("[data-testid=search-results] [role=option]")
+    assert "Reverse a list in Python" in hits.first.inner_text()
+    assert shot(page, shots, "readme-search").stat().st_size < 250_000
 
 
 def test_dark_theme_follows_the_system(showcase: dict[str, Any],

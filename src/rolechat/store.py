@@ -62,10 +62,11 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
+from . import store_branches as branching
 from . import store_search as searching
 from . import store_turns as turns
 from .conversation import Conversation, Message, check_text, steps_from_json, steps_to_json
-from .errors import InvalidInput, StoreError
+from .errors import ConversationChanged, InvalidInput, StoreError
 from .store_db import (
     BUSY_STEP_S,
     connect,
@@ -154,6 +155,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN partial TEXT;
     """,
+    # 9: branches: the versions an edit or a regeneration left (rolechat.store_branches).
+    branching.BRANCH_MIGRATION,
 )
 
 
@@ -372,7 +375,8 @@ class Store:
                              "See `rolechat conversations list`.", missing=True)
         rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            "m.role = 'assistant' AND m.status = 'complete') AS turns FROM conversations c "
+            "m.role = 'assistant' AND m.status = 'complete' AND m.branch_id IS NULL) AS turns "
+            "FROM conversations c "
             f"WHERE {where}", args)
         row = rows[0] if rows else None
         if row is None:
@@ -396,7 +400,8 @@ class Store:
             where, args = "WHERE c.owner IS ? ", [owner, limit]
         rows = self._read(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND "
-            "m.role = 'assistant' AND m.status = 'complete') AS turns FROM conversations c "
+            "m.role = 'assistant' AND m.status = 'complete' AND m.branch_id IS NULL) AS turns "
+            "FROM conversations c "
             f"{where}"
             "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", args)
         return [conversation_info(row) for row in rows]
@@ -455,7 +460,8 @@ class Store:
         marked, where the store can be written) ``interrupted``."""
         self.info(cid, damaged_ok=True)
         dead = self._recover(cid)
-        rows = self._read("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))
+        rows = self._read("SELECT * FROM messages WHERE conversation_id = ? AND branch_id IS NULL "
+                          "ORDER BY seq", (cid,))
         return [stored_message(r, interrupted=r["id"] in dead) for r in rows]
 
     def conversation(self, cid: int) -> Conversation:
@@ -529,6 +535,46 @@ class Store:
         pending)."""
         with self._transaction() as db:
             return turns.interrupt(db, user_id, partial, _now())
+
+    # ----- branches (rolechat.store_branches) ----------------------------------------------
+    def fork(self, cid: int, message_id: int, *, version: int | None = None) -> int:
+        """Keep active message ``message_id`` and what follows it as a branch, so that the
+        conversation goes on from the message before it (an edit, a regeneration); the new
+        version. With ``version``, only at that version (else ConversationChanged); a message
+        the conversation does not show is an InvalidInput."""
+        self.info(cid, damaged_ok=True)
+        with self._transaction() as db:
+            self._at_version(db, cid, version)
+            try:
+                return branching.fork(db, cid, message_id, _now())[1]
+            except branching.NoSuchBranch as exc:
+                raise InvalidInput(f"Cannot branch there: {exc}.",
+                                   "Name a message the conversation shows (its id).") from None
+
+    def switch_branch(self, cid: int, branch: int, *, version: int | None = None) -> int:
+        """Show branch ``branch`` (what it replaces becomes a branch); the new version."""
+        self.info(cid, damaged_ok=True)
+        with self._transaction() as db:
+            self._at_version(db, cid, version)
+            try:
+                return branching.switch(db, cid, branch, _now())
+            except branching.NoSuchBranch as exc:
+                raise InvalidInput(f"Cannot switch: {exc}.",
+                                   "Switch to a branch GET /v1/conversations/{id} lists under "
+                                   "a message's versions.") from None
+
+    def versions(self, cid: int) -> dict[int, dict[str, Any]]:
+        """The active messages where other versions diverge, with their place among them."""
+        with self._lock:
+            try:
+                return branching.versions(self._db, cid)
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from None
+
+    def _at_version(self, db: sqlite3.Connection, cid: int, version: int | None) -> None:
+        current = turns.version_of(db, cid)
+        if version is not None and current != version:
+            raise ConversationChanged(cid, version=version, current=current)
 
     def save_partial(self, user_id: int, text: str) -> bool:
         """Keep the reply text so far of pending message ``user_id`` (a server does, every few

@@ -145,7 +145,7 @@ def find(db: sqlite3.Connection, q: str, *, owner: str | EllipsisType | None = .
             SELECT m.conversation_id AS cid, m.id AS mid, m.role, m.content AS text, f.rank AS score
             FROM messages_fts f JOIN messages m ON m.id = f.rowid
             JOIN conversations c ON c.id = m.conversation_id
-            WHERE messages_fts MATCH :match {owned}{likes('m.content')}
+            WHERE messages_fts MATCH :match AND m.branch_id IS NULL {owned}{likes('m.content')}
             UNION ALL
             SELECT c.id, NULL, NULL, c.title, f.rank
             FROM titles_fts f JOIN conversations c ON c.id = f.rowid
@@ -154,7 +154,7 @@ def find(db: sqlite3.Connection, q: str, *, owner: str | EllipsisType | None = .
         hits = f"""
             SELECT m.conversation_id AS cid, m.id AS mid, m.role, m.content AS text, 0 AS score
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
-            WHERE 1 {owned}{likes('m.content')}
+            WHERE m.branch_id IS NULL {owned}{likes('m.content')}
             UNION ALL
             SELECT c.id, NULL, NULL, c.title, 0 FROM conversations c
             WHERE 1 {owned}{likes('c.title')}"""

@@ -107,7 +107,7 @@ def turn_pairs(messages: Sequence[Any], kind: Callable[[Any], tuple[str, str]] =
 def last_turn(db: sqlite3.Connection, cid: int) -> tuple[sqlite3.Row, sqlite3.Row] | None:
     """The conversation's last turn (its user message and its reply), or None."""
     pairs = turn_pairs(db.execute("SELECT * FROM messages WHERE conversation_id = ? "
-                                  "ORDER BY seq", (cid,)).fetchall())
+                                  "AND branch_id IS NULL ORDER BY seq", (cid,)).fetchall())
     return pairs[-1] if pairs else None
 
 
@@ -231,7 +231,8 @@ def drop_last(db: sqlite3.Connection, cid: int, turn: TurnName,
     user, reply = last
     db.execute("DELETE FROM messages WHERE id IN (?, ?)", (user["id"], reply["id"]))
     left = len(turn_pairs(db.execute("SELECT role, status FROM messages WHERE "
-                                     "conversation_id = ? ORDER BY seq", (cid,)).fetchall()))
+                                     "conversation_id = ? AND branch_id IS NULL ORDER BY seq",
+                                     (cid,)).fetchall()))
     _forget_from(db, cid, left)
     return user, reply, bump(db, cid)
 

@@ -450,17 +450,21 @@ def test_regenerate_edit_undo_and_copy(server: str, page: Any) -> None:
         api(server, "POST", f"/conversations/{cid}/messages", json={"content": text})
     load(page, f"{server}/#c={cid}")
     assert page.locator(".msg.assistant").count() == 2
-    # The last turn's actions sit on its messages; every message can be copied.
+    # The last turn's actions sit on its reply, Edit on every message sent; every message can
+    # be copied.
     last_reply, last_user = page.locator(".msg.assistant").last, page.locator(".msg.user").last
     assert last_reply.locator("[data-testid=retry]").is_enabled()
     assert last_reply.locator("[data-testid=undo]").is_enabled()
     assert last_user.locator("[data-testid=edit]").count() == 1
-    assert page.locator("[data-testid=retry], [data-testid=undo], [data-testid=edit]").count() == 3
+    assert page.locator("[data-testid=retry], [data-testid=undo]").count() == 2
+    assert page.locator(".msg.user [data-testid=edit]").count() == 2
     assert page.locator("[data-testid=copy]").count() == 4
     page.locator(".msg.user").first.locator("[data-testid=copy]").click()
     assert clipboard(page) == "First question?"
 
-    # Regenerate: the last reply is generated again, in place, with its usage line.
+    # Regenerate: the last reply is generated again, in place, with its usage line; the old one
+    # stays a version (1/2), one click away.
+    old_reply = api(server, "GET", f"/conversations/{cid}")["messages"][-1]
     page.click("[data-testid=retry]")
     idle(page)
     stored = api(server, "GET", f"/conversations/{cid}")
@@ -469,14 +473,24 @@ def test_regenerate_edit_undo_and_copy(server: str, page: Any) -> None:
     assert page.locator(".msg.assistant .usage").count() == 2
     page.locator(".msg.assistant").last.locator("[data-testid=copy]").click()
     assert clipboard(page) == stored["messages"][-1]["content"]
+    assert page.locator(".msg.user").last.locator(".version-of").inner_text() == "2/2"
+    page.locator(".msg.user").last.locator("[data-testid=version-prev]").click()
+    idle(page)
+    stored_reply = api(server, "GET", f"/conversations/{cid}")["messages"][-1]
+    assert stored_reply["id"] == old_reply["id"]
+    assert page.locator(".msg.user").last.locator(".version-of").inner_text() == "1/2"
+    page.locator(".msg.user").last.locator("[data-testid=version-next]").click()
+    idle(page)
+    newest = api(server, "GET", f"/conversations/{cid}")["messages"][-1]
+    assert newest["id"] == stored["messages"][-1]["id"]
 
     # Edit: the last message goes back into the box; Escape (or Cancel) leaves it be.
-    page.click("[data-testid=edit]")
+    page.locator(".msg.user").last.locator("[data-testid=edit]").click()
     assert page.input_value("#input") == "Second question?" and page.is_visible("#edit-banner")
     page.press("#input", "Escape")
     assert page.input_value("#input") == "" and page.is_hidden("#edit-banner")
     # Edit and resend: the last turn is replaced by the edited one.
-    page.click("[data-testid=edit]")
+    page.locator(".msg.user").last.locator("[data-testid=edit]").click()
     page.fill("#input", "Second question, edited?")
     page.press("#input", "Enter")
     idle(page)

@@ -175,3 +175,41 @@ def test_undo_puts_the_message_back_in_the_box_and_redo_undoes_it(url: str, page
     after = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
     assert [(m["id"], m["content"]) for m in after] == [(m["id"], m["content"]) for m in before]
     assert page.locator("[data-testid=undo]").count() == 1  # the last turn again
+
+
+def test_editing_an_old_message_makes_a_version_that_survives_a_reload(
+        url: str, page: Any) -> None:
+    ENGINE.replies.extend(["A one.", "A two.", "A three.", "A two, again."])
+    for text in ("Q one?", "Q two?", "Q three?"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        idle(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    # Edit the second message (not the last): what followed it stays as the old version.
+    page.locator(".msg.user").nth(1).locator("[data-testid=edit]").click()
+    assert page.input_value("#input") == "Q two?" and page.is_visible("#edit-banner")
+    page.fill("#input", "Q two, edited?")
+    page.press("#input", "Enter")
+    idle(page)
+    texts = page.locator(".msg .content").all_inner_texts()
+    assert [t.strip() for t in texts] == ["Q one?", "A one.", "Q two, edited?", "A two, again."]
+    switcher = page.locator(".msg.user").nth(1).locator(".version-of")
+    assert switcher.inner_text() == "2/2"
+    # The prompt view shows the branch shown.
+    page.click("#prompt-toggle")
+    page.wait_for_selector("#prompt-text:not(:empty)")
+    idle(page)
+    prompt = page.inner_text("#prompt-text")
+    assert "Q two, edited?" in prompt and "Q three?" not in prompt
+    page.click("#prompt-toggle")
+    # Back to the first version, then a reload: the same branch and text come back.
+    page.locator(".msg.user").nth(1).locator("[data-testid=version-prev]").click()
+    idle(page)
+    page.reload()
+    idle(page)
+    texts = page.locator(".msg .content").all_inner_texts()
+    assert [t.strip() for t in texts] == ["Q one?", "A one.", "Q two?", "A two.", "Q three?",
+                                          "A three."]
+    assert page.locator(".msg.user").nth(1).locator(".version-of").inner_text() == "1/2"
+    stored = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()
+    assert stored["turns"] == 3

@@ -153,6 +153,10 @@ class NewMessage(BaseModel):
     #: Go on generating if this client leaves (a reload, a network blip); stop it with
     #: POST .../stop. Followers see it through GET .../events.
     detach: bool = False
+    #: This message replaces the user message with this id (one the conversation shows) and
+    #: everything after it, which stay as a branch (an edit, or with the same text a
+    #: regeneration that keeps the old reply). With If-Match, only at that version.
+    edit: int | None = None
 
 
 class Retry(BaseModel):
@@ -165,6 +169,12 @@ class Retry(BaseModel):
     params: dict[str, Any] | None = None
     #: The turn to retry (the id of the last reply the client shows); None: the last turn.
     turn: int | None = None
+
+
+class Switch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: The branch to show (one a message's "versions" lists).
+    branch: int
 
 
 class Undo(BaseModel):
@@ -336,9 +346,11 @@ def conversation_body(state: ServerState, info: ConversationInfo, *,
                             "created_at": info.created_at, "updated_at": info.updated_at,
                             "turns": info.turns, "version": info.version}
     if messages:
+        versions = state.store.versions(info.id)
         body["messages"] = [{"id": m.id, "role": m.role, "content": m.content,
                              "status": m.status, "tokens": m.tokens, "usage": m.usage,
-                             **({"steps": [s.to_openai() for s in m.steps]} if m.steps else {})}
+                             **({"steps": [s.to_openai() for s in m.steps]} if m.steps else {}),
+                             **({"versions": versions[m.id]} if m.id in versions else {})}
                             for m in state.store.messages(info.id)]
     return body
 
@@ -523,6 +535,21 @@ async def undo(cid: int, request: Request, body: Undo | None = None) -> dict[str
     return {"removed": removed, "conversation": conversation_body(state, info)}
 
 
+@router.post("/conversations/{cid}/branch")
+async def branch(cid: int, body: Switch, request: Request) -> dict[str, Any]:
+    """Show another version (branch) of the conversation; what it replaces stays as one. With
+    If-Match, only at that version (else 409)."""
+    state, owner = state_of(request), owner_of(request)
+    version = if_match(request)
+    await asyncio.to_thread(owned, state, cid, owner)
+    async with leased(state), state.lock_of(cid):
+        saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        await asyncio.to_thread(state.store.switch_branch, cid, body.branch, version=version)
+        await asyncio.to_thread(saved.refresh)
+        info = await asyncio.to_thread(owned, state, cid, owner)
+    return conversation_body(state, info)
+
+
 @router.post("/conversations/{cid}/redo")
 async def redo(cid: int, request: Request) -> dict[str, Any]:
     """Put back the turn the last undo (through this server) removed, as it was, if the
@@ -558,10 +585,28 @@ async def message(cid: int, body: NewMessage, request: Request) -> Any:
                            calls=bool(body.tools), model=body.model, detach=body.detach,
                            kind="tools")
     text = text_of(body.content, "content", "content")
-    return await reply(request, cid, body.stream,
-                       lambda saved: saved.stream(text, pinned=body.pinned, **shape,
-                                                  **overrides), calls=bool(body.tools),
+    edit, version = body.edit, if_match(request)
+
+    def start(saved: SavedChat) -> ReplyStream:
+        if edit is not None:  # the old version stays as a branch
+            edited(state, saved, edit, version)
+        return saved.stream(text, pinned=body.pinned, **shape, **overrides)
+
+    return await reply(request, cid, body.stream, start, calls=bool(body.tools),
                        model=body.model, detach=body.detach)
+
+
+def edited(state: ServerState, saved: SavedChat, message_id: int, version: int | None) -> None:
+    """Branch off at user message ``message_id`` (blocking, under the conversation's lock): it
+    and what follows stay as a branch, and the chat goes on from the message before it."""
+    assert saved.cid is not None
+    shown = {m.id: m.role for m in state.store.messages(saved.cid)}
+    if shown.get(message_id) != "user":
+        raise InvalidInput(f"Message {message_id} is not a user message this conversation "
+                           "shows.", "Edit a user message GET /v1/conversations/{id} lists.",
+                           field="edit")
+    state.store.fork(saved.cid, message_id, version=version)
+    saved.refresh()
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)

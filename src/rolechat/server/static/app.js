@@ -181,8 +181,9 @@ function refreshTurnActions() {
   }
   add(last, button(t("action.regenerate"), "retry", retry, t("action.regenerateTitle")));
   add(last, button(t("action.undo"), "undo", undo, t("action.undoTitle")));
-  const asked = last.previousElementSibling;
-  if (asked && asked.dataset.role === "user" && !asked.dataset.status) {
+  // Edit on every message you sent: sending the edit starts a new version from there.
+  for (const asked of els.messages.querySelectorAll(".msg.user")) {
+    if (asked.dataset.status || !asked.dataset.id) continue;
     add(asked, button(t("action.edit"), "edit", () => startEdit(asked), t("action.editTitle")));
   }
 }
@@ -211,6 +212,7 @@ function renderConversation(conv) {
     if (m.steps) addToolCards(m.steps);
     const node = addMessage(m.role, m.content, m.status, undefined, m.id);
     if (m.usage && m.usage.finish_reason) node.dataset.finish = m.usage.finish_reason;
+    if (m.versions) addVersions(node, m.versions);
     if (m.role === "assistant" && m.usage) {
       addLine(node, "usage", usageText(m.usage), "usage");
       const plan = m.usage.window;
@@ -515,6 +517,10 @@ async function afterChange() {
       // so that Undo and Regenerate never act on a turn by guess.
       if (state.relabel && !state.streaming) renderConversation(conv);  // a switch of language
       else if (last && !last.dataset.id && !state.streaming) renderConversation(conv);
+      else if (!state.streaming && !state.editing
+               && els.messages.querySelector(".msg.user:not([data-id]):not([data-status])")) {
+        renderConversation(conv);  // a message just sent: its id, to edit it
+      }
     }
     if (!state.streaming) state.relabel = false;
   } catch (err) {
@@ -697,14 +703,14 @@ function setStreaming(on) {
 // on the node (rawText) whatever happens. While the server has no free sequence for it, a
 // line in the reply says how many requests are ahead ("waiting (2 ahead)"), until its first
 // text comes or it ends.
-async function streamReply(path, body, node, prefix = "") {
+async function streamReply(path, body, node, prefix = "", headers = undefined) {
   node.classList.add("streaming");
   startWaiting(node);
   const before = summarizedBefore();
   state.abort = new AbortController();
   let text = prefix;  // a continuation goes on from the reply's text
   try {
-    const response = await request(path, { method: "POST", body: body,
+    const response = await request(path, { method: "POST", body: body, headers: headers,
                                            signal: state.abort.signal });
     if (!response.ok) {
       let errorBody = null;
@@ -755,12 +761,12 @@ async function send() {
   setStreaming(true);
   let userNode = null;
   let replyNode = null;
+  const edit = state.editing ? state.editMessage : null;  // a new version from that message
   try {
-    if (state.editing) {  // replace the turn edited: undo it, then send the edited text
-      const undone = await api(conversationPath(state.cid, "undo"),
-                               { method: "POST", body: { turn: state.editTurn } });
+    if (edit !== null) {
+      let node = els.messages.querySelector(".msg[data-id='" + CSS.escape(String(edit)) + "']");
+      while (node) { const next = node.nextElementSibling; node.remove(); node = next; }
       endEdit();
-      renderConversation(undone.conversation);
     }
     announceLoad();
     if (state.cid === null) await createConversation();
@@ -770,12 +776,16 @@ async function send() {
     els.input.value = "";
     fitInput();
     replyNode = addMessage("assistant", "");
-    await streamReply(conversationPath(state.cid, "messages"),
-                      withModel({ content: text, stream: true, detach: true }), replyNode);
+    const body = { content: text, stream: true, detach: true };
+    if (edit !== null) body.edit = edit;
+    await streamReply(conversationPath(state.cid, "messages"), withModel(body), replyNode, "",
+                      edit !== null ? versionHeader() : undefined);
+    if (edit !== null) renderConversation(await api(conversationPath(state.cid)));  // "2/2"
   } catch (err) {
     const partial = replyNode ? rawText.get(replyNode) : "";
     if (isChanged(err)) {  // the edited turn changed elsewhere: nothing sent, the text kept
       endEdit();
+      if (!els.input.value) els.input.value = text;
       await reloadChanged(t("changed.editNotSent"));
     } else if (err.name === "AbortError") {
       markStatus(userNode, "interrupted");
@@ -799,12 +809,18 @@ async function send() {
   await afterChange();
 }
 
-// Regenerate: the last reply is generated again; if that fails, the old one stays.
+// Regenerate: the last reply is generated again, the old one kept as a version ("2/2"); if
+// the new one fails, the old one is shown again (the attempt stays a version).
 async function retry() {
   if (state.streaming || state.cid === null) return;
   const old = lastReplyNode();
-  if (!old) { showError(t("error.nothingToRegenerate")); return; }
+  const asked = old && old.previousElementSibling;
+  if (!old || !asked || asked.dataset.role !== "user" || !asked.dataset.id) {
+    showError(t("error.nothingToRegenerate"));
+    return;
+  }
   showError("");
+  const text = rawText.get(asked) || "";
   const fresh = addMessage("assistant", "");
   old.after(fresh);
   old.hidden = true;
@@ -812,15 +828,18 @@ async function retry() {
   let failed = null;
   try {
     announceLoad();
-    await streamReply(conversationPath(state.cid, "retry"),
-                      withModel({ stream: true, detach: true, turn: turnOf(old) }), fresh);
+    await streamReply(conversationPath(state.cid, "messages"),
+                      withModel({ content: text, stream: true, detach: true,
+                                  edit: Number(asked.dataset.id) }), fresh, "", versionHeader());
   } catch (err) {
     failed = err;
   } finally {
     setStreaming(false);
   }
-  try {  // as stored: the new reply, or the previous one if this failed
-    renderConversation(await settled(state.cid));
+  try {  // as stored: the new reply, or (after a failure) the previous one shown again
+    let conv = await settled(state.cid);
+    if (failed && !isChanged(failed)) conv = await showPrevious(conv, text) || conv;
+    renderConversation(conv);
   } catch (err) {
     failed = failed || err;
   }
@@ -829,6 +848,56 @@ async function retry() {
   } else if (failed) {
     showError(failed.name === "AbortError" ? t("error.stoppedKept")
       : t("error.previousKept", { message: failed.message }));
+  }
+  await afterChange();
+}
+
+// After a failed regeneration of `text`: switch back to the version before the attempt.
+async function showPrevious(conv, text) {
+  const users = (conv.messages || []).filter((m) => m.role === "user" && m.content === text
+                                                   && m.versions);
+  const last = users[users.length - 1];
+  if (!last || last.versions.index !== last.versions.count || last.versions.count < 2) return null;
+  const branch = last.versions.branches[last.versions.count - 2];
+  return api(conversationPath(state.cid, "branch"), { method: "POST", body: { branch } });
+}
+
+// If-Match with the version this tab shows: a change made elsewhere since is a 409.
+function versionHeader() {
+  return state.conv && Number.isInteger(state.conv.version)
+    ? { "If-Match": '"' + state.conv.version + '"' } : undefined;
+}
+
+// The versions of a message ("2/3"): previous and next switch the branch shown.
+function addVersions(node, versions) {
+  const box = el("span", "versions");
+  box.dataset.testid = "versions";
+  const go = (branch) => act(switchTo)(branch);
+  const prev = button("‹", "version-prev", () => go(versions.branches[versions.index - 2]),
+                      t("version.prev"));
+  const next = button("›", "version-next", () => go(versions.branches[versions.index]),
+                      t("version.next"));
+  prev.setAttribute("aria-label", t("version.prev"));
+  next.setAttribute("aria-label", t("version.next"));
+  prev.disabled = versions.index <= 1;
+  next.disabled = versions.index >= versions.count;
+  const where = el("span", "version-of", versions.index + "/" + versions.count);
+  where.setAttribute("aria-label", t("version.label", { index: versions.index,
+                                                        count: versions.count }));
+  box.append(prev, where, next);
+  node.querySelector(".msg-actions").prepend(box);
+}
+
+async function switchTo(branch) {
+  if (state.streaming || state.live || state.cid === null || branch == null) return;
+  showError("");
+  try {
+    const conv = await api(conversationPath(state.cid, "branch"),
+                           { method: "POST", body: { branch }, headers: versionHeader() });
+    renderConversation(conv);
+  } catch (err) {
+    if (isChanged(err)) await reloadChanged(t("changed.nothingSwitched"));
+    else showError(err.message);
   }
   await afterChange();
 }
@@ -922,6 +991,7 @@ async function redo(textBack) {
 function startEdit(node) {
   if (state.streaming) return;
   state.editing = true;
+  state.editMessage = Number(node.dataset.id);
   state.editTurn = turnOf(node.nextElementSibling);
   els.input.value = rawText.get(node) || "";
   fitInput();

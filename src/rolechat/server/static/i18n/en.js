@@ -96,7 +96,7 @@ export default {
   "plan.context": "context {n}",
   "plan.maxNew": "max new {n}",
   "plan.next": "next message (nothing typed yet)",
-  "plan.editing": "editing: sending first removes the last turn shown here",
+  "plan.editing": "editing: the prompt from the message edited",
   "memory.note": "⚠ memory: {note}",
 
   // turns, as people number them
@@ -169,10 +169,10 @@ export default {
   "action.undo": "Undo",
   "action.undoTitle": "Remove the last turn",
   "action.edit": "Edit",
-  "action.editTitle": "Edit and send again",
+  "action.editTitle": "Put this message in the box: sending it starts a new version from here",
 
   // the composer
-  "edit.banner": "Editing your last message: sending it replaces the last turn.",
+  "edit.banner": "Editing a message: sending it starts a new version from there (the old one stays; ‹ › switch).",
   "composer.placeholder": "Message (Enter sends, Shift+Enter for a new line)",
   "composer.send": "Send",
   "composer.stop": "Stop",
@@ -182,6 +182,10 @@ export default {
   "changed.editNotSent": "your edit was not sent (it is still in the box)",
   "changed.nothingUndone": "nothing was undone",
   "changed.nothingRegenerated": "nothing was regenerated",
+  "version.prev": "Previous version",
+  "version.next": "Next version",
+  "version.label": "Version {index} of {count}",
+  "changed.nothingSwitched": "no other version was shown",
   "action.redo": "Redo",
   "action.redoTitle": "Put back the turn you removed",
   "undo.done": "The last turn was removed.",

@@ -96,7 +96,7 @@ export default {
   "plan.context": "上下文 {n}",
   "plan.maxNew": "最多生成 {n}",
   "plan.next": "下一条消息（尚未输入内容）",
-  "plan.editing": "编辑中：发送时会先删除这里显示的最后一轮",
+  "plan.editing": "编辑中：提示词从被编辑的消息开始",
   "memory.note": "⚠ 记忆：{note}",
 
   // 轮次编号
@@ -169,10 +169,10 @@ export default {
   "action.undo": "撤销",
   "action.undoTitle": "删除最后一轮",
   "action.edit": "编辑",
-  "action.editTitle": "编辑后重新发送",
+  "action.editTitle": "把这条消息放回输入框：发送后从这里开始一个新版本",
 
   // 输入框
-  "edit.banner": "正在编辑你的上一条消息：发送后将替换最后一轮。",
+  "edit.banner": "正在编辑一条消息：发送后从这里开始一个新版本（旧版本会保留，可用 ‹ › 切换）。",
   "composer.placeholder": "输入消息（Enter 发送，Shift+Enter 换行）",
   "composer.send": "发送",
   "composer.stop": "停止",
@@ -182,6 +182,10 @@ export default {
   "changed.editNotSent": "你的修改没有发送（仍在输入框中）",
   "changed.nothingUndone": "没有撤销任何内容",
   "changed.nothingRegenerated": "没有重新生成",
+  "version.prev": "上一个版本",
+  "version.next": "下一个版本",
+  "version.label": "第 {index} 个版本，共 {count} 个",
+  "changed.nothingSwitched": "没有切换版本",
   "action.redo": "重做",
   "action.redoTitle": "恢复刚才撤销的这一轮",
   "undo.done": "已撤销最后一轮。",

@@ -1,9 +1,8 @@
 """The web chat page (``/``) in real headless Chromium (Debian's, through Playwright), against a
 real ``rolechat serve`` with the embedded model, at a desktop (1200x800) and a phone (390x844)
 viewport. Screenshots are kept as test artifacts in ``$ROLECHAT_ARTIFACTS`` (default:
-``test-artifacts/screenshots/`` at the repository root); ``readme-page.png``,
-``readme-settings.png`` and ``readme-search.png`` there are the README's pictures
-(``docs/img/``)."""
+``test-artifacts/screenshots/`` at the repository root); ``readme-*.png`` there are the
+README's pictures (``docs/img/``)."""
 
 from __future__ import annotations
 
@@ -1020,10 +1019,11 @@ def test_readme_screenshot_and_light_theme(showcase: dict[str, Any], page: Any,
     assert path.stat().st_size < 200_000
 
 
-def test_readme_screenshots_of_settings_and_search(showcase: dict[str, Any], page: Any,
+def test_readme_screenshots_of_settings_search_and_branches(showcase: dict[str, Any], page: Any,
                                                    shots: Path) -> None:
-    """``readme-settings.png`` and ``readme-search.png`` are the README's other pictures
-    (``docs/img/``): the Settings panel with the parameters' sources, and Ctrl+K's hits."""
+    """``readme-settings.png``, ``readme-search.png`` and ``readme-branches.png`` are the
+    README's other pictures (``docs/img/``): the Settings panel with the parameters' sources,
+    Ctrl+K's hits, and a message with two versions (the first one shown again)."""
     load(page, f"{showcase['base']}/#c={showcase['ids'][-1]}")
     page.locator(".code-block").wait_for()
     page.click("#system-toggle")
@@ -1040,6 +1040,23 @@ def test_readme_screenshots_of_settings_and_search(showcase: dict[str, Any], pag
     hits = page.locator("[data-testid=search-results] [role=option]")
     assert "Reverse a list in Python" in hits.first.inner_text()
     assert shot(page, shots, "readme-search").stat().st_size < 250_000
+    page.keyboard.press("Escape")
+
+    # readme-branches.png: the follow-up asked another way; the first version stays (1/2).
+    cid = showcase["ids"][-1]
+    follow_up = api(showcase["base"], "GET", f"/conversations/{cid}")["messages"][-2]
+    api(showcase["base"], "POST", f"/conversations/{cid}/messages",
+        json={"content": "And for a tuple?", "edit": follow_up["id"],
+              "params": {"max_new_tokens": 24, "temperature": 0}})
+    load(page, f"{showcase['base']}/#c={cid}")
+    versions = page.locator(".msg.user").last.locator(".version-of")
+    assert versions.inner_text() == "2/2"
+    page.locator(".msg.user").last.locator("[data-testid=version-prev]").click()
+    idle(page)
+    assert page.locator(".msg.user .content").last.inner_text() == "And for a string?"
+    assert versions.inner_text() == "1/2"
+    page.locator("#input").blur()
+    assert shot(page, shots, "readme-branches").stat().st_size < 250_000
 
 
 def test_dark_theme_follows_the_system(showcase: dict[str, Any],

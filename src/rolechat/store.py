@@ -571,6 +571,15 @@ class Store:
             except sqlite3.Error as exc:
                 raise store_error(self.path, exc) from None
 
+    def branch_tree(self, cid: int) -> list[tuple[int, int | None, list[StoredMessage]]]:
+        """Every branch: its id, the message it goes on from, its messages (for exports)."""
+        with self._lock:
+            try:
+                found = branching.tree(self._db, cid)
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from None
+        return [(bid, after, [stored_message(r) for r in rows]) for bid, after, rows in found]
+
     def _at_version(self, db: sqlite3.Connection, cid: int, version: int | None) -> None:
         current = turns.version_of(db, cid)
         if version is not None and current != version:
@@ -640,6 +649,8 @@ class Store:
                   *((0, "{}") if (role, status) == ("assistant", "complete") else (None, None)),
                   now, plan.steps.get(seq)) for seq, (role, content, status)
                  in enumerate(plan.entries)))
+            if plan.branches:
+                branching.write_tree(db, cid, plan.branches, now)
         return cid
 
     def export(self, cid: int, fmt: str) -> str:
@@ -649,7 +660,9 @@ class Store:
             raise InvalidInput(f"Unknown export format {fmt!r}.", "Use md or json.")
         info = self.info(cid, damaged_ok=True)
         messages = self.messages(cid)
-        return (export_json if fmt == "json" else export_markdown)(info, messages)
+        if fmt == "json":  # the branch shown, and every other version with it
+            return export_json(info, messages, self.branch_tree(cid))
+        return export_markdown(info, messages)
 
 
 def _title(text: str) -> str:

@@ -13,6 +13,8 @@ Contract:
 - :func:`versions`: for each active message where branches diverge, its place among them,
   oldest first (``index`` from 1, ``count``, and each version's branch id, None for the
   active one): what a "2/3" switcher shows.
+- :func:`tree`: every branch with the message it goes on from and its messages (exports);
+  :func:`write_tree` writes an import's branches back.
 - Each change moves the conversation's version (rolechat.store_turns.bump).
 """
 
@@ -128,3 +130,50 @@ def versions(db: sqlite3.Connection, cid: int) -> dict[int, dict[str, Any]]:
         ids = [branch for _, branch in ordered]
         out[shown] = {"index": ids.index(None) + 1, "count": len(ids), "branches": ids}
     return out
+
+
+def tree(db: sqlite3.Connection, cid: int) -> list[tuple[int, Any, list[Any]]]:
+    """Every branch of conversation ``cid``: (its id, the message it goes on from, its message
+    rows in order), each after the branch that holds the message it goes on from."""
+    rows = db.execute("SELECT id, after_id FROM branches WHERE conversation_id = ? ORDER BY id",
+                      (cid,)).fetchall()
+    found = [(int(r["id"]), r["after_id"], db.execute(
+        "SELECT * FROM messages WHERE branch_id = ? ORDER BY seq", (r["id"],)).fetchall())
+        for r in rows]
+    placed: set[Any] = {r["id"] for r in db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND branch_id IS NULL", (cid,))}
+    placed.add(None)
+    ordered: list[tuple[int, Any, list[Any]]] = []
+    while found:
+        ready = [b for b in found if b[1] in placed]
+        if not ready:  # goes on from a message that is gone: it cannot be placed
+            break
+        for branch in ready:
+            ordered.append(branch)
+            placed.update(row["id"] for row in branch[2])
+            found.remove(branch)
+    return ordered
+
+
+def write_tree(db: sqlite3.Connection, cid: int,
+               branches: list[tuple[tuple[int | None, int] | None, list[tuple[str, str, str]]]],
+               now: str) -> None:
+    """An import's branches (rolechat.transfer.ImportPlan.branches), after its messages."""
+    shown = [int(r["id"]) for r in db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))]
+    written: list[list[int]] = []
+    for at, messages in branches:
+        after = None if at is None else (shown if at[0] is None else written[at[0]])[at[1]]
+        branch = int(db.execute("INSERT INTO branches (conversation_id, after_id, created_at) "
+                                "VALUES (?, ?, ?)", (cid, after, now)).lastrowid or 0)
+        ids = []
+        for role, content, status in messages:
+            seq = int(db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE "
+                                 "conversation_id = ?", (cid,)).fetchone()[0])
+            ids.append(int(db.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, status, tokens, "
+                "usage, created_at, branch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, seq, role, content, status,
+                 *((0, "{}") if (role, status) == ("assistant", "complete") else (None, None)),
+                 now, branch)).lastrowid or 0))
+        written.append(ids)

@@ -12,11 +12,15 @@ Contract:
   (re-imported, they stay out of the turns), :func:`export_markdown` labels them. A pending
   message (its reply still generating elsewhere) is exported ``pending`` and imported as
   ``interrupted``.
+- Branches travel in JSON: :func:`export_json` writes the versions the conversation does not
+  show as ``branches`` (each with the message it goes on from), :func:`read_import` checks them
+  and the store writes them back (their tool steps are not carried).
 - :func:`check_memory_record` is the one check of a memory record (imported or stored).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +61,11 @@ class ImportPlan:
     unanswered: bool = False
     #: The tool calls and results before a reply: entry index → steps (OpenAI JSON).
     steps: dict[int, str] = field(default_factory=dict)
+    #: Other versions (rolechat.store_branches): each goes on from a message — None (the
+    #: start), ``(None, i)`` (entry i) or ``(k, j)`` (message j of branch k, an earlier one) —
+    #: with its messages ``(role, content, status)``.
+    branches: list[tuple[tuple[int | None, int] | None, list[tuple[str, str, str]]]] = field(
+        default_factory=list)
 
     @property
     def turns(self) -> int:
@@ -115,7 +124,51 @@ def read_import(text: str) -> ImportPlan:
         get_persona(fields["persona"])
     if "params" in fields:
         fields["params"] = GenerationParams.from_mapping(fields["params"]).explicit()
-    return _finish(_grouped(system, read, fields))
+    plan = _finish(_grouped(system, read, fields))
+    if isinstance(data, Mapping) and data.get("branches"):
+        plan = dataclasses.replace(plan, branches=read_branches(data["branches"],
+                                                                len(plan.entries)))
+    return plan
+
+
+def read_branches(data: Any, shown: int) -> list[tuple[tuple[int | None, int] | None,
+                                                       list[tuple[str, str, str]]]]:
+    """An export's ``branches``, checked (``shown``: how many messages the file shows)."""
+    if not isinstance(data, list):
+        raise InvalidInput("The file's branches must be a list.", "Fix or remove 'branches'.",
+                           field="branches")
+    out: list[tuple[tuple[int | None, int] | None, list[tuple[str, str, str]]]] = []
+    for k, branch in enumerate(data):
+        where = f"branches[{k}]"
+        if not isinstance(branch, Mapping) or not isinstance(branch.get("messages"), list) \
+                or not branch["messages"]:
+            raise InvalidInput(f"{where} must be an object with a non-empty messages list.",
+                               "Fix or remove that branch.", field=where)
+        after, at = branch.get("after"), None
+        if after is not None:
+            index, held = (after.get("message"), after.get("branch")) \
+                if isinstance(after, Mapping) else (None, None)
+            size = shown if held is None else (
+                len(out[held][1]) if isinstance(held, int) and 0 <= held < k else -1)
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
+                raise InvalidInput(f"{where}.after names no message of the file (an earlier "
+                                   "branch's, or one it shows).", "Fix or remove that branch.",
+                                   field=f"{where}.after")
+            at = (held, index)
+        messages: list[tuple[str, str, str]] = []
+        for j, item in enumerate(branch["messages"]):
+            place = f"{where}.messages[{j}]"
+            role = item.get("role") if isinstance(item, Mapping) else None
+            status = item.get("status", "complete") if isinstance(item, Mapping) else None
+            if role not in ("user", "assistant") or status not in ("complete", "interrupted") \
+                    or not isinstance(item.get("content"), str):
+                raise InvalidInput(f"{place} must be a user or assistant message with text "
+                                   "content (status complete or interrupted).",
+                                   "Fix or remove that message.", field=place)
+            messages.append((role, check_text(item["content"], "message", allow_blank=True),
+                             status))
+        out.append((at, messages))
+    return out
 
 
 def _finish(plan: ImportPlan) -> ImportPlan:
@@ -131,24 +184,43 @@ def _finish(plan: ImportPlan) -> ImportPlan:
                     if role == "assistant" and status == "complete")
         memory = check_memory_record(memory, turns)
     return ImportPlan(plan.system, entries, plan.title, plan.persona, plan.model, plan.params,
-                      memory, unanswered, plan.steps)
+                      memory, unanswered, plan.steps, plan.branches)
 
 
 # ----- exports ---------------------------------------------------------------------------------
 
-def export_json(info: ConversationInfo, messages: Sequence[StoredMessage]) -> str:
-    """rolechat's own JSON: re-importable, interrupted messages marked so."""
+def _item(m: StoredMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.status != "complete":
+        item["status"] = m.status
+    return item
+
+
+def export_json(info: ConversationInfo, messages: Sequence[StoredMessage],
+                branches: Sequence[tuple[int, int | None, Sequence[StoredMessage]]] = ()
+                ) -> str:
+    """rolechat's own JSON: re-importable, interrupted messages marked so. With ``branches``
+    (the other versions, each after the branch holding the message it goes on from), a
+    ``branches`` list: each version's ``after`` (null: the start; ``{"message": i}``: the i-th
+    of ``messages``; ``{"branch": k, "message": j}``: the j-th of branch k) and its
+    ``messages`` (their tool steps are not carried)."""
     items: list[dict[str, Any]] = []
     for m in messages:
         items += [step.to_openai() for step in m.steps]
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.status != "complete":
-            item["status"] = m.status
-        items.append(item)
-    return json.dumps({"system": info.system, "messages": items, "id": info.id,
-                       "title": info.title, "persona": info.persona, "model": info.model,
-                       "params": info.params, "memory": info.memory,
-                       "created_at": info.created_at}, ensure_ascii=False, indent=2)
+        items.append(_item(m))
+    body: dict[str, Any] = {"system": info.system, "messages": items, "id": info.id,
+                            "title": info.title, "persona": info.persona, "model": info.model,
+                            "params": info.params, "memory": info.memory,
+                            "created_at": info.created_at}
+    if branches:
+        where: dict[int, dict[str, int]] = {m.id: {"message": i} for i, m in enumerate(messages)}
+        out = []
+        for k, (_, after, held) in enumerate(branches):
+            out.append({"after": where.get(after) if after is not None else None,
+                        "messages": [_item(m) for m in held]})
+            where.update({m.id: {"branch": k, "message": j} for j, m in enumerate(held)})
+        body["branches"] = out
+    return json.dumps(body, ensure_ascii=False, indent=2)
 
 
 def export_markdown(info: ConversationInfo, messages: Sequence[StoredMessage]) -> str:

@@ -2,10 +2,11 @@
 sent with ``edit`` replaces a user message the conversation shows, and that message and what
 followed stay as a branch; ``versions`` in GET places each version ("2/3"); POST .../branch
 switches, and the window, the turns, search and the next prompt follow the branch shown; a
-stale version is a 409; the migration keeps older conversations as their one branch."""
+stale version is a 409; a JSON export carries every version and an import brings them back."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fakes import FakeEngine
+from rolechat.errors import InvalidInput
 from rolechat.server import create_app
 from rolechat.store import Store
+from rolechat.transfer import read_import
 
 
 @pytest.fixture
@@ -146,3 +149,54 @@ def test_deleting_a_conversation_deletes_its_branches(
     db = store._db  # what is left on disk
     assert db.execute("SELECT COUNT(*) FROM branches").fetchone()[0] == 0
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_json_export_carries_every_version_and_import_brings_them_back(
+        setup: tuple[TestClient, FakeEngine, Store]) -> None:
+    client, engine, store = setup
+    cid = ok(client.post("/conversations", json={}), 201)["id"]
+    send(client, engine, cid, "Q1", "A1")
+    send(client, engine, cid, "Q2", "A2")
+    q2 = ok(client.get(f"/conversations/{cid}"))["messages"][2]["id"]
+    send(client, engine, cid, "Q2b", "A2b", edit=q2)  # a version of the second turn
+    q1 = ok(client.get(f"/conversations/{cid}"))["messages"][0]["id"]
+    send(client, engine, cid, "Q1b", "A1b", edit=q1)  # and one of the whole conversation
+    exported = json.loads(store.export(cid, "json"))
+    assert [m["content"] for m in exported["messages"]] == ["Q1b", "A1b"]
+    branches = exported["branches"]
+    contents = sorted(tuple(m["content"] for m in b["messages"]) for b in branches)
+    assert contents == [("Q1", "A1", "Q2b", "A2b"), ("Q2", "A2")]
+    nested = next(b for b in branches if b["messages"][0]["content"] == "Q2")
+    holder = branches.index(next(b for b in branches if b["messages"][0]["content"] == "Q1"))
+    assert nested["after"] == {"branch": holder, "message": 1}  # after A1, in its branch
+    assert next(b for b in branches if b is not nested)["after"] is None
+    # Imported, it is the same tree: switch to the first version and to its other branch.
+    new = store.write_import(read_import(json.dumps(exported)))
+    again = json.loads(store.export(new, "json"))
+    assert again["messages"] == exported["messages"] and again["branches"] == branches
+    first = ok(client.get(f"/conversations/{new}"))["messages"][0]["versions"]
+    other = next(b for b in first["branches"] if b is not None)
+    ok(client.post(f"/conversations/{new}/branch", json={"branch": other}))
+    assert shown(client, new) == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2b"),
+                                  ("assistant", "A2b")]
+    second = ok(client.get(f"/conversations/{new}"))["messages"][2]["versions"]
+    assert second["count"] == 2
+
+
+@pytest.mark.parametrize(("branches", "field"), [
+    ("no", "branches"),
+    ([{"after": None, "messages": []}], "branches[0]"),
+    ([{"after": {"message": 9}, "messages": [{"role": "user", "content": "x"}]}],
+     "branches[0].after"),
+    ([{"after": {"branch": 0, "message": 0}, "messages": [{"role": "user", "content": "x"}]}],
+     "branches[0].after"),
+    ([{"after": None, "messages": [{"role": "tool", "content": "x"}]}],
+     "branches[0].messages[0]"),
+])
+def test_bad_branches_in_a_file_are_refused(branches: Any, field: str) -> None:
+    text = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"}],
+                       "branches": branches})
+    with pytest.raises(InvalidInput) as caught:
+        read_import(text)
+    assert caught.value.field == field

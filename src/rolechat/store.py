@@ -585,6 +585,12 @@ class Store:
         if version is not None and current != version:
             raise ConversationChanged(cid, version=version, current=current)
 
+    def revive_stopped(self, cid: int, reply_id: int) -> int | None:
+        """Make a stopped reply (the last message, interrupted after its interrupted message)
+        a complete turn as it stopped, to continue it; the new version (None: it is not)."""
+        with self._transaction() as db:
+            return turns.revive(db, cid, reply_id)
+
     def save_partial(self, user_id: int, text: str) -> bool:
         """Keep the reply text so far of pending message ``user_id`` (a server does, every few
         seconds), so that a crash loses at most those seconds: the next open puts it after the

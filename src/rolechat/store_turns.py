@@ -213,6 +213,21 @@ def interrupt(db: sqlite3.Connection, user_id: int, partial: str | None,
     return bump(db, cid)
 
 
+def revive(db: sqlite3.Connection, cid: int, reply_id: int) -> int | None:
+    """A stopped reply (interrupted, the last message shown, after its interrupted message)
+    becomes a complete turn, its text as it stopped, so that it can be continued; the new
+    version (None: ``reply_id`` is not such a reply)."""
+    rows = db.execute("SELECT id, role, status FROM messages WHERE conversation_id = ? AND "
+                      "branch_id IS NULL ORDER BY seq DESC LIMIT 2", (cid,)).fetchall()
+    if len(rows) != 2 or rows[0]["id"] != reply_id \
+            or (rows[0]["role"], rows[0]["status"]) != ("assistant", "interrupted") \
+            or (rows[1]["role"], rows[1]["status"]) != ("user", "interrupted"):
+        return None
+    db.execute("UPDATE messages SET status = 'complete' WHERE id IN (?, ?)",
+               (rows[0]["id"], rows[1]["id"]))
+    return bump(db, cid)
+
+
 def save_partial(db: sqlite3.Connection, user_id: int, text: str) -> bool:
     """Keep a pending message's reply text so far on its row (what a crash leaves: the next
     start puts it after the message, interrupted); not a change anybody sees, so the version

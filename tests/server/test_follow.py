@@ -239,3 +239,31 @@ def test_a_shutdown_ends_the_open_streams(tmp_path: Path) -> None:
     assert time.monotonic() - started < 20  # not uvicorn's wait for the stream to end
     follower.close()
     store.close()
+
+
+def test_a_stopped_reply_can_be_continued(server: tuple[str, Path]) -> None:
+    base, _ = server
+    with client(base) as http:
+        cid = create(http)
+        follower = Follower(base, cid)
+        follower.until(lambda e: "version" in e)
+        sent = threading.Thread(target=lambda: http.post(
+            f"/conversations/{cid}/messages", json={"content": "Begin.", "detach": True}),
+            daemon=True)
+        sent.start()
+        follower.until(lambda e: len((e.get("live") or {}).get("text", "")) > 20)
+        stopped = http.post(f"/conversations/{cid}/stop").json()["conversation"]["messages"]
+        sent.join(30)
+        partial = stopped[1]
+        assert partial["status"] == "interrupted" and REPLY.startswith(partial["content"])
+        # Continue it: the pair becomes a turn, and the reply goes on from its text.
+        response = http.post(f"/conversations/{cid}/continue", json={"turn": partial["id"]})
+        assert response.status_code == 200, response.text
+        body = http.get(f"/conversations/{cid}").json()
+        assert body["turns"] == 1
+        assert [(m["role"], m["status"]) for m in body["messages"]] == [
+            ("user", "complete"), ("assistant", "complete")]
+        reply = body["messages"][1]["content"]
+        assert reply.startswith(partial["content"]) and len(reply) > len(partial["content"])
+        assert reply == partial["content"] + response.json()["message"]["content"]
+        follower.close()

@@ -285,3 +285,27 @@ def test_a_replys_end_stays_in_sight_unless_the_reader_scrolls_up(
     ready(page)
     assert page.evaluate("document.getElementById('messages').scrollTop") < 50
     assert not end_in_sight(page)
+
+
+def test_a_stopped_reply_offers_continue(served: dict[str, Any],
+                                         new_page: Callable[..., Any]) -> None:
+    url, engine = served["url"], served["engine"]
+    cid = conversation(url)
+    page = new_page(f"{url}/#c={cid}")
+    page.fill("#input", "Start and stop.")
+    page.press("#input", "Enter")
+    page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content')"
+                           "?.textContent || '').length > 15")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant.interrupted [data-testid=continue]")
+    ready(page)
+    partial = stored(url, cid)[1][2]
+    engine.replies.append(" and then the rest.")
+    page.click(".msg.assistant.interrupted [data-testid=continue]")
+    page.wait_for_selector(".msg.assistant[data-id]:not(.interrupted)")
+    ready(page)
+    assert stored(url, cid) == [("user", "complete", "Start and stop."),
+                                ("assistant", "complete", partial + " and then the rest.")]
+    assert page.locator(".msg.interrupted").count() == 0
+    shown = page.locator(".msg.assistant .content").inner_text()
+    assert shown.split() == (partial + " and then the rest.").split()  # as Markdown shows it

@@ -620,15 +620,25 @@ async def retry(cid: int, body: Retry, request: Request) -> Any:
 
 @router.post("/conversations/{cid}/continue", response_model=None)
 async def continued(cid: int, body: Retry, request: Request) -> Any:
-    """Go on with the last reply where it stopped (cut at ``max_new_tokens``): the text added
-    is streamed as ``delta``s and appended to the stored reply, which keeps its turn's place
-    (a new id: ``turn``); one that does not complete changes nothing."""
-    overrides = overrides_of(state_of(request), body.params)
+    """Go on with the last reply where it stopped (cut at ``max_new_tokens``, or stopped: a
+    ``turn`` naming the interrupted reply after an interrupted message makes that pair a
+    complete turn first): the text added is streamed as ``delta``s and appended to the stored
+    reply, which keeps its turn's place (a new id: ``turn``); one that does not complete
+    changes nothing more."""
+    state = state_of(request)
+    overrides = overrides_of(state, body.params)
     version = if_match(request)
-    return await reply(request, cid, body.stream,
-                       lambda saved: saved.continue_reply(body.turn, version=version,
-                                                          **overrides),
-                       model=body.model, detach=body.detach, kind="continue")
+
+    def start(saved: SavedChat) -> ReplyStream:
+        if body.turn is not None and saved.cid is not None:  # a stopped reply goes on too
+            revived = state.store.revive_stopped(saved.cid, body.turn)
+            if revived is not None:
+                saved.refresh()
+                return saved.continue_reply(body.turn, **overrides)
+        return saved.continue_reply(body.turn, version=version, **overrides)
+
+    return await reply(request, cid, body.stream, start, model=body.model, detach=body.detach,
+                       kind="continue")
 
 
 async def reply(request: Request, cid: int, stream: bool,

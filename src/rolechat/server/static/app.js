@@ -166,6 +166,14 @@ function refreshTurnActions() {
                          () => retryMessage(lastUser), t("action.retryMessageTitle"));
     again.classList.add("turn-action");
     lastUser.querySelector(".msg-actions").appendChild(again);
+    const stopped = lastUser.nextElementSibling;  // its reply, stopped: it may go on
+    if (stopped && stopped.dataset.role === "assistant" && stopped.dataset.id
+        && stopped.dataset.status === "interrupted" && !stopped.nextElementSibling) {
+      const more = button(t("action.continue"), "continue", () => continueReply(stopped),
+                          t("action.continueStoppedTitle"));
+      more.classList.add("turn-action");
+      stopped.querySelector(".msg-actions").appendChild(more);
+    }
   }
   const replies = [...els.messages.querySelectorAll(".msg.assistant")]
     .filter((n) => !n.dataset.status);
@@ -903,9 +911,9 @@ async function switchTo(branch) {
 }
 
 // Continue: the last reply (cut at max new tokens) goes on where it stopped, appended to it.
-async function continueReply() {
+async function continueReply(node) {
   if (state.streaming || state.cid === null) return;
-  const last = lastReplyNode();
+  const last = node || lastReplyNode();
   if (!last) return;
   showError("");
   const usage = last.querySelector(".usage");

@@ -192,6 +192,7 @@ export default {
   "changed.nothingRedone": "nothing was put back",
   "action.continue": "Continue",
   "action.continueTitle": "Go on where the reply was cut (it reached the max new tokens)",
+  "action.continueStoppedTitle": "Go on from where the reply was stopped",
   "changed.nothingContinued": "nothing was continued",
   "error.endedEarly": "The reply ended early.",
   "error.nothingToRegenerate": "Nothing to regenerate.",

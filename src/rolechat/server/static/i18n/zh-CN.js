@@ -192,6 +192,7 @@ export default {
   "changed.nothingRedone": "没有恢复任何内容",
   "action.continue": "继续",
   "action.continueTitle": "从回复被截断的地方继续（它达到了最大生成词元数）",
+  "action.continueStoppedTitle": "从回复被停止的地方继续",
   "changed.nothingContinued": "没有继续生成",
   "error.endedEarly": "回复意外中断。",
   "error.nothingToRegenerate": "没有可以重新生成的回复。",

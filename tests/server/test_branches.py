@@ -200,3 +200,28 @@ def test_bad_branches_in_a_file_are_refused(branches: Any, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         read_import(text)
     assert caught.value.field == field
+
+
+def test_switching_back_restores_the_branchs_warm_state(
+        setup: tuple[TestClient, FakeEngine, Store]) -> None:
+    """The branch left is set aside in the RAM tier (engine.set_aside): back on it, the next
+    reply restores its whole prompt, not only what it shares with the other branch."""
+    client, engine, _ = setup
+    cid = ok(client.post("/conversations", json={}), 201)["id"]
+    long = "x" * 300
+    send(client, engine, cid, "Q1", "A1")
+    send(client, engine, cid, "Q2 " + long, "A2 " + long)
+    q2 = ok(client.get(f"/conversations/{cid}"))["messages"][2]["id"]
+    send(client, engine, cid, "Q2b", "A2b", edit=q2)
+    old = ok(client.get(f"/conversations/{cid}"))["messages"][2]["versions"]["branches"][0]
+    ok(client.post(f"/conversations/{cid}/branch", json={"branch": old}))
+    engine.replies.append("A3")
+    reply = ok(client.post(f"/conversations/{cid}/messages", json={"content": "Q3"}))
+    usage, extra = reply["usage"], reply["rolechat"]
+    assert extra["kv_source"] == "ram", extra
+    # All but the new message was restored: the old branch's 600 characters included.
+    assert usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"] < 20
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 600
+    # Deleting the conversation drops what it set aside.
+    ok(client.delete(f"/conversations/{cid}"))
+    assert not [name for name, _ in engine.kv.ram.items() if name.startswith(f"conversation-{cid}")]

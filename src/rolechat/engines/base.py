@@ -219,6 +219,10 @@ class Engine(ABC):
     def forget(self, key: str) -> None:  # noqa: B027 - optional hook
         """Drop whatever is kept warm for ``key`` (its conversation was deleted)."""
 
+    def set_aside(self, key: str, name: str) -> None:  # noqa: B027 - optional hook
+        """Keep what is warm for ``key`` now under ``key.name`` too (a branch the conversation
+        leaves), so that coming back to it restores it rather than evaluating it again."""
+
     def kv_stats(self) -> dict[str, Any] | None:
         """What the engine keeps warm (live cache, snapshot tiers); None if nothing."""
         return None

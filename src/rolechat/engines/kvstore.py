@@ -118,6 +118,18 @@ class RamTier:
     def discard(self, name: str) -> None:
         with self._lock:
             self._cache.pop(name, None)
+            for other in [n for n in self._cache if n.startswith(name + ".")]:
+                del self._cache[other]  # the branches it set aside (copy)
+
+    def copy(self, name: str, new: str) -> bool:
+        """Keep ``name``'s snapshot under ``new`` as well (a branch set aside: the snapshot
+        stays a candidate for any prompt that shares its prefix); False if there is none."""
+        with self._lock:
+            snapshot = self._cache.get(name)
+            if snapshot is None or not self.max_bytes:
+                return False
+            self._cache[new] = snapshot
+            return True
 
     def clear(self) -> None:
         with self._lock:

@@ -136,6 +136,13 @@ class LocalEngine(Engine):
     def forget(self, key: str) -> None:
         self.scheduler.call(lambda: self.scheduler.forget(key))
 
+    def set_aside(self, key: str, name: str) -> None:
+        def aside() -> None:
+            self.scheduler.flush()  # the live sequence's snapshot, taken now
+            self.kv.ram.copy(key, f"{key}.{name}")
+
+        self.scheduler.call(aside)
+
     def set_threads(self, n_threads: int) -> None:
         from .options import check_threads
 

@@ -544,6 +544,7 @@ async def branch(cid: int, body: Switch, request: Request) -> dict[str, Any]:
     await asyncio.to_thread(owned, state, cid, owner)
     async with leased(state), state.lock_of(cid):
         saved = await asyncio.to_thread(saved_chat, state, cid, owner)
+        await asyncio.to_thread(set_aside, state, cid)
         await asyncio.to_thread(state.store.switch_branch, cid, body.branch, version=version)
         await asyncio.to_thread(saved.refresh)
         info = await asyncio.to_thread(owned, state, cid, owner)
@@ -605,8 +606,15 @@ def edited(state: ServerState, saved: SavedChat, message_id: int, version: int |
         raise InvalidInput(f"Message {message_id} is not a user message this conversation "
                            "shows.", "Edit a user message GET /v1/conversations/{id} lists.",
                            field="edit")
+    set_aside(state, saved.cid)
     state.store.fork(saved.cid, message_id, version=version)
     saved.refresh()
+
+
+def set_aside(state: ServerState, cid: int) -> None:
+    """Keep the warm state of the branch the conversation leaves (an edit, a switch), so that
+    switching back restores it (blocking; under the conversation's lock)."""
+    state.engine.set_aside(conversation_snapshot(cid), f"v{state.store.version_of(cid)}")
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)

@@ -277,6 +277,9 @@ async function syncTo(cid, version) {
   let conv;
   try { conv = await api(conversationPath(cid)); } catch (_) { return; }
   if (String(state.cid) !== String(cid) || state.streaming) return;
+  // What this tab shows may be newer by now (its own action answered meanwhile): keep it.
+  if (state.conv && String(state.conv.id) === String(conv.id)
+      && state.conv.version >= conv.version) return;
   const atEnd = nearBottom();
   const top = els.messages.scrollTop;
   renderConversation(conv);

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -33,8 +34,9 @@ _DONE = object()
 #: Most jobs read at once; more wait here for a reading thread (each is a thread that mostly
 #: waits for the engine, which queues what it cannot take yet).
 MAX_JOBS = 256
-#: How often a job's text so far is handed to its checkpoint (seconds).
-CHECKPOINT_S = 2.0
+#: How often a job's text so far is handed to its checkpoint (seconds; the environment's
+#: ROLECHAT_CHECKPOINT_S sets another, as the crash tests do).
+CHECKPOINT_S = float(os.environ.get("ROLECHAT_CHECKPOINT_S") or 2.0)
 
 Event = str | Waiting
 

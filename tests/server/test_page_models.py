@@ -66,7 +66,7 @@ def test_the_picker_lists_the_models_and_the_next_reply_comes_from_the_one_picke
         server: str, page: Any) -> None:
     listed = [m["id"] for m in httpx.get(f"{server}/v1/models", timeout=30).json()["data"]]
     load(page, server)
-    picker = page.get_by_label("Model")  # the select, labelled
+    picker = page.locator("#model-box").get_by_label("Model")  # the select, labelled
     assert page.is_visible("#model-box") and page.is_hidden("#model")
     assert page.eval_on_selector_all("#model-picker option", "os => os.map(o => o.value)") \
         == listed
@@ -105,5 +105,16 @@ def test_the_picker_lists_the_models_and_the_next_reply_comes_from_the_one_picke
 
     page.reload()  # the choice is kept on this device
     page.wait_for_selector("body[data-ready='1']:not([data-busy])")
-    assert page.get_by_label("Model").input_value() == PICKED
+    assert page.locator("#model-box").get_by_label("Model").input_value() == PICKED
     assert page.evaluate("localStorage.getItem('rolechat.model')") == PICKED
+    # The Settings panel shows the same choice, and a choice there is the header's too.
+    page.click("#system-toggle")
+    in_panel = page.locator("#system-panel").get_by_label("Model")
+    assert in_panel.is_visible() and in_panel.input_value() == PICKED
+    values = "os => os.map(o => o.value)"
+    assert page.eval_on_selector_all("#settings-model option", values) == \
+        page.eval_on_selector_all("#model-picker option", values)
+    assert sorted(page.eval_on_selector_all("#settings-model option", values)) == sorted(listed)
+    in_panel.select_option(START)
+    assert page.input_value("#model-picker") == START
+    assert page.evaluate("localStorage.getItem('rolechat.model')") == START

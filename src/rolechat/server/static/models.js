@@ -1,5 +1,6 @@
 // The model picker. /v1/models lists what the server can serve, the loaded model first; with
-// more than one, the header shows a select (labelled "Model") instead of the model's name. The
+// more than one, the header shows a select (labelled "Model") instead of the model's name, and
+// the Settings panel shows the same choice. The
 // model picked is kept on this device (localStorage) and sent as `model` with every request
 // that creates a conversation or writes a reply; the server loads it for the first one, and
 // the page says "Loading MODEL…" until that reply comes. A request answered 503
@@ -47,14 +48,16 @@ function render() {
     els.model.title = t("model.context", { n: loaded.context_length });
   }
   els.model.hidden = several;
-  els.modelBox.hidden = !several;
-  els.modelPicker.replaceChildren(...models.list.map((m) => {
-    const option = el("option", null, m.loaded ? t("model.loaded", { id: m.id }) : m.id);
-    option.value = m.id;
-    option.title = facts(m);
-    return option;
-  }));
-  if (models.chosen) els.modelPicker.value = models.chosen;
+  els.modelBox.hidden = els.settingsModelBox.hidden = !several;
+  for (const picker of [els.modelPicker, els.settingsModel]) {
+    picker.replaceChildren(...models.list.map((m) => {
+      const option = el("option", null, m.loaded ? t("model.loaded", { id: m.id }) : m.id);
+      option.value = m.id;
+      option.title = facts(m);
+      return option;
+    }));
+    if (models.chosen) picker.value = models.chosen;
+  }
 }
 
 // Read /v1/models again: the loaded model (another tab may have switched), and the choice
@@ -106,15 +109,17 @@ async function serverLoading() {
   showLoading(name);
 }
 
-function pick() {
-  models.chosen = els.modelPicker.value;
+function pick(picker) {
+  models.chosen = picker.value;
+  els.modelPicker.value = els.settingsModel.value = models.chosen;  // the two agree
   store(models.chosen);
   showNotice(models.chosen === models.loaded ? ""
     : t("model.nextMessage", { name: models.chosen }));
 }
 
 export function wireModels() {
-  els.modelPicker.addEventListener("change", pick);
+  els.modelPicker.addEventListener("change", () => pick(els.modelPicker));
+  els.settingsModel.addEventListener("change", () => pick(els.settingsModel));
   onModelLoading(serverLoading);
   onLanguageChange(render);
 }

@@ -20,6 +20,7 @@ export const els = {
   connection: $("connection"), connectionText: $("connection-text"), resend: $("resend"),
   paramsBox: $("params-box"), paramsPersona: $("params-persona"),
   paramsFields: $("params-fields"), personaDefault: $("persona-default"),
+  settingsModel: $("settings-model"), settingsModelBox: $("settings-model-box"),
 };
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)

@@ -24,15 +24,24 @@ from rolechat.server import create_app, worker
 from rolechat.store import Store
 from servers import in_process
 
-REPLY = PacedEngine.reply
+#: The reply the paced fake writes (a token every 15 ms: about 6 s; under the 400 tokens the
+#: tests' conversations allow), long enough that a loaded machine still catches it in the
+#: middle.
+REPLY = " ".join(f"Part {i} of a reply written one character a token." for i in range(1, 8))
 KEY, OTHER = "key-one", "key-two"
+
+
+def paced() -> PacedEngine:
+    engine = PacedEngine()
+    engine.pace, engine.reply = 0.015, REPLY
+    return engine
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     path = tmp_path / "rolechat.db"
     store = Store(path)
-    app = create_app(PacedEngine(), store=store, api_keys=[KEY, OTHER])
+    app = create_app(paced(), store=store, api_keys=[KEY, OTHER])
     with in_process(app) as base:
         yield base, path
     store.close()
@@ -229,7 +238,7 @@ def test_the_server_saves_a_replys_text_so_far_on_its_pending_message(
 
 def test_a_shutdown_ends_the_open_streams(tmp_path: Path) -> None:
     store = Store(tmp_path / "rolechat.db")
-    app = create_app(PacedEngine(), store=store)
+    app = create_app(paced(), store=store)
     started = time.monotonic()
     with in_process(app) as base, client(base) as http:
         cid = create(http)

@@ -30,7 +30,11 @@ from servers import in_process
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPLY = PacedEngine.reply
+#: The reply the paced fake writes (a token every 15 ms: about 7 s; under the 512 tokens a
+#: reply may have), long enough that a loaded machine still catches it in the middle (a
+#: reload, a stop).
+REPLY = " ".join(f"Sentence {i} of a reply written slowly enough to be watched." for i in
+                 range(1, 9))
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 
@@ -61,6 +65,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     writer.wait()
     store = Store(path)  # the restarted server's store
     engine = PacedEngine()
+    engine.pace, engine.reply = 0.015, REPLY
     app = create_app(engine, store=store)
     with in_process(app) as url:
         yield {"url": url, "crashed": crashed, "engine": engine}
@@ -134,7 +139,8 @@ def test_a_second_tab_shows_the_reply_as_it_is_written_then_as_stored(
     seen = live_text(watcher)
     assert REPLY.startswith(seen) and len(seen) < len(REPLY)
     assert watcher.is_visible("#stop") and watcher.is_disabled("#send")
-    assert watcher.locator(".msg.user .content").all_text_contents() == ["Tell me something."]
+    watcher.wait_for_function("[...document.querySelectorAll('.msg.user .content')]"
+                              ".map(n => n.textContent).join('|') === 'Tell me something.'")
     # Then the stored turn, as the writing tab shows it.
     watcher.wait_for_function("document.querySelectorAll('.msg.assistant.live').length === 0 &&"
                               " document.querySelectorAll('.msg.assistant[data-id]').length")
@@ -214,6 +220,7 @@ def test_a_lost_connection_is_said_and_a_failed_message_can_be_resent(
     the same port."""
     store = Store(tmp_path / "rolechat.db")
     engine = PacedEngine()
+    engine.pace, engine.reply = 0.015, REPLY
     with in_process(create_app(engine, store=store)) as url:
         cid = conversation(url)
         page = new_page(f"{url}/#c={cid}")

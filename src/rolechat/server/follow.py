@@ -89,13 +89,16 @@ async def changes(state: ServerState, cid: int) -> AsyncIterator[str]:
         running = state.live.get(cid)
         live = live_body(running)
         ended = job is not None and running is not job
+        started = running is not None and running is not job
         if ended and job is not None and live_body(job) != shown:
             yield sse({"live": live_body(job)})  # its last words, before it is gone
-        if live != shown:
+        if started:  # its message is stored (pending): the version first, then its text
+            read_at = 0.0
+        elif live != shown:
             shown, job = live, running
             beat_at = now
             yield sse({"live": live})
-        if ended or now - read_at >= VERSION_EVERY_S:
+        if ended or started or now - read_at >= VERSION_EVERY_S:
             read_at = now
             latest = await asyncio.to_thread(current_version, state, cid)
             if latest is None:
@@ -104,6 +107,9 @@ async def changes(state: ServerState, cid: int) -> AsyncIterator[str]:
             if latest != version:
                 version, beat_at = latest, now
                 yield sse({"version": version})
+            if started:
+                shown, job = live, running
+                yield sse({"live": live})
         if now - beat_at >= HEARTBEAT_S:
             beat_at = now
             yield ": keep-alive\n\n"

@@ -199,6 +199,7 @@ function refreshTurnActions() {
 // ----- the conversation -------------------------------------------------------------------
 function renderConversation(conv) {
   state.conv = conv;
+  state.shown = conv ? conv.version : null;  // the version the messages on the page show
   endRename();
   els.messages.replaceChildren();
   liveNode = null;
@@ -273,13 +274,12 @@ function startFollowing(cid) {
 // writing to it (its own reply reloads it when done). The scroll position is kept.
 async function syncTo(cid, version) {
   if (String(state.cid) !== String(cid) || state.streaming) return;
-  if (state.conv && state.conv.version === version) return;
+  if (state.shown === version) return;
   let conv;
   try { conv = await api(conversationPath(cid)); } catch (_) { return; }
   if (String(state.cid) !== String(cid) || state.streaming) return;
   // What this tab shows may be newer by now (its own action answered meanwhile): keep it.
-  if (state.conv && String(state.conv.id) === String(conv.id)
-      && state.conv.version >= conv.version) return;
+  if (state.shown !== null && state.shown >= conv.version) return;
   const atEnd = nearBottom();
   const top = els.messages.scrollTop;
   renderConversation(conv);

@@ -25,6 +25,7 @@ export const els = {
 export const state = {
   cid: null,          // the open conversation's id (null: a new one, created on first send)
   conv: null,         // its last known body (GET /v1/conversations/{id})
+  shown: null,        // the version its messages on the page show (renderConversation)
   streaming: false,
   live: null,         // the reply being written that this tab did not send ({kind, text})
   lost: false,        // the server stopped answering (follow.js)

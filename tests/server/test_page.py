@@ -302,6 +302,7 @@ def test_user_markup_is_text_and_shift_enter_is_newline(server: str, page: Any) 
     assert page.text_content(".msg.user .content") == XSS
     assert page.locator("#messages img, #messages script").count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
+    idle(page)  # the list is refreshed once the reply is done
     assert page.locator("#conversations li", has_text="<script>").count() >= 1
 
 

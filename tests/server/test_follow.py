@@ -108,18 +108,22 @@ def test_a_follower_sees_another_clients_reply_as_it_is_written(
         follower = Follower(base, cid)
         first = follower.until(lambda e: "version" in e)
         assert first["live"] is None
-        sent = threading.Thread(target=lambda: http.post(
-            f"/conversations/{cid}/messages", json={"content": "Tell me."}), daemon=True)
+        answered: list[httpx.Response] = []
+        sent = threading.Thread(target=lambda: answered.append(http.post(
+            f"/conversations/{cid}/messages", json={"content": "Tell me."})), daemon=True)
         sent.start()
         growing = [follower.until(lambda e: bool(e.get("live")))["live"]]
         while (event := follower.until(lambda e: "live" in e))["live"] is not None:
             growing.append(event["live"])  # until the reply ends: {"live": null}
         assert all(live["kind"] == "message" for live in growing)
+        # one reply, named: the client that asked knows it as its own (X-Rolechat-Reply)
+        assert len({live["id"] for live in growing}) == 1
         texts = [live["text"] for live in growing]
         assert len(texts) > 3 and all(REPLY.startswith(t) for t in texts)
         assert texts == sorted(texts, key=len) and texts[-1] == REPLY  # it grows to the end
         latest = follower.until(lambda e: "version" in e)["version"]
         sent.join(30)
+        assert answered[0].headers["X-Rolechat-Reply"] == growing[0]["id"]
         body = http.get(f"/conversations/{cid}").json()
         assert body["version"] == latest
         assert messages(http, cid) == [("user", "complete", "Tell me."),
@@ -139,10 +143,12 @@ def test_a_detached_reply_outlives_its_client_and_stop_keeps_its_text(
                 "POST", f"/conversations/{cid}/messages",
                 json={"content": "Go on.", "stream": True, "detach": True}) as response:
             assert response.status_code == 200
+            mine = response.headers["X-Rolechat-Reply"]
             for line in response.iter_lines():
                 if line.startswith("data: ") and "delta" in line:
                     break
-        follower.until(lambda e: (e.get("live") or {}).get("text") == REPLY)
+        ended = follower.until(lambda e: (e.get("live") or {}).get("text") == REPLY)
+        assert ended["live"]["id"] == mine
         follower.until(lambda e: e.get("live", "") is None)
         assert messages(http, cid)[-2:] == [("user", "complete", "Go on."),
                                             ("assistant", "complete", REPLY)]

@@ -55,7 +55,7 @@ from .guard import Guard
 from .state import Loader, ServerState
 from .switch import model_id, setup
 from .wire import ErrorJSON, error_body, error_response, field_path
-from .worker import Worker
+from .worker import REPLY_HEADER, Worker
 
 log = logging.getLogger("rolechat.server")
 
@@ -84,7 +84,8 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (),
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                           allow_methods=["*"], allow_headers=["*"])
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=[REPLY_HEADER])
     app.add_exception_handler(RequestValidationError, invalid_body)  # type: ignore[arg-type]
     app.add_exception_handler(RolechatError, library_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]

@@ -6,8 +6,10 @@ Contract:
   after it, ``{"version": V}`` whenever the stored conversation changes (any writer: another
   tab, a REPL, another server on the same store; read every :data:`VERSION_EVERY_S`), and
   ``{"live": L}`` whenever the reply being written here changes. ``L`` is null (no reply is
-  being written) or ``{"kind": "message" | "retry" | "tools", "text": the text so far}``
-  (sent whole, at most every :data:`LIVE_EVERY_S`). When the reply ends, ``{"live": null}``
+  being written) or ``{"kind": "message" | "retry" | "tools", "text": the text so far,
+  "id": the reply's id}`` (sent whole, at most every :data:`LIVE_EVERY_S`). The client that
+  asked for a reply gets its id in the ``X-Rolechat-Reply`` header of its response, so it
+  knows its own reply when it follows the conversation too. When the reply ends, ``{"live": null}``
   comes, then the new version. ``{"deleted": true}`` ends the stream when the conversation is
   deleted. A comment line every :data:`HEARTBEAT_S` keeps proxies from closing it, and the
   stream ends when the server shuts down (a client reconnects).
@@ -49,7 +51,7 @@ STOP_WAIT_S = 30.0
 
 
 def live_body(job: Job | None) -> dict[str, Any] | None:
-    return None if job is None else {"kind": job.kind, "text": job.text()}
+    return None if job is None else {"kind": job.kind, "text": job.text(), "id": job.id}
 
 
 def current_version(state: ServerState, cid: int) -> int | None:

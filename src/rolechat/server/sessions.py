@@ -80,7 +80,7 @@ from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import Reply, ReplyStream
@@ -112,7 +112,7 @@ from .wire import (
     sse_error,
     usage_body,
 )
-from .worker import Event, Job, joined_unless_gone, reply_events
+from .worker import REPLY_HEADER, Event, Job, joined_unless_gone, reply_events
 
 router = APIRouter(prefix="/v1")
 
@@ -686,11 +686,12 @@ async def reply(request: Request, cid: int, stream: bool,
         text, done = await joined_unless_gone(request, job, events)
         if done is None:
             raise RolechatError("The reply was interrupted.", "Try again.")
-        return done_body(text, done, lease.model_id)
+        return JSONResponse(done_body(text, done, lease.model_id),
+                            headers={REPLY_HEADER: job.id})
     parser = CallStream(ids=replying.call_ids) if calls else None
     return StreamingResponse(session_stream(events, parser, lease.model_id),
                              media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache", REPLY_HEADER: job.id})
 
 
 def delta_event(delta: ContentDelta | CallDelta) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import concurrent.futures
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ CHECKPOINT_S = float(os.environ.get("ROLECHAT_CHECKPOINT_S") or 2.0)
 Event = str | Waiting
 
 
+#: The response header that names a reply's job (its ``id`` in the follow stream).
+REPLY_HEADER = "X-Rolechat-Reply"
+
+
 @dataclass
 class Job:
     start: Callable[[], ReplyStream]
@@ -55,6 +60,9 @@ class Job:
     detached: bool = False
     #: What the job is ("message", "retry", "tools"), for those who follow it.
     kind: str = "message"
+    #: Names the reply to those who follow it (the client that asked gets it in the
+    #: ``X-Rolechat-Reply`` header, so it knows its own reply among the live ones).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     #: The text chunks so far (appended by the job's thread).
     parts: list[str] = field(default_factory=list)
     #: Called with the text so far every :data:`CHECKPOINT_S` while it grows (a session

@@ -254,15 +254,23 @@ function renderConversation(conv) {
 
 // ----- following the conversation (follow.js) ------------------------------------------------
 let liveNode = null;  // the node of the reply being written that this tab did not send
-let ownLive = false;  // this tab sent the reply being written (stopped here, it may go on a bit)
+// The replies this tab asked for (their X-Rolechat-Reply ids): it shows them itself, and
+// one it stopped, which the server may still be ending, is not another tab's reply.
+const ownReplies = new Set();
+
+function ownReply(response) {
+  const id = response.headers.get("X-Rolechat-Reply");
+  if (!id) return;
+  ownReplies.add(id);
+  if (ownReplies.size > 50) ownReplies.delete(ownReplies.values().next().value);
+}
 
 function startFollowing(cid) {
   follow(cid, {
     onVersion: (version) => act(syncTo)(cid, version),
     onLive: (live) => {
       if (String(state.cid) !== String(cid)) return;
-      if (ownLive) { if (!live) ownLive = false; return; }  // this tab's reply, until it ends
-      setLive(live);
+      setLive(live && ownReplies.has(live.id) ? null : live);
     },
     onDeleted: () => { if (String(state.cid) === String(cid)) act(afterChange)(); },
     onLost: () => setConnection(true),
@@ -702,7 +710,7 @@ async function exportConversation(format) {
 // ----- sending, streaming, stop, regenerate, edit, undo -----------------------------------
 function setStreaming(on) {
   state.streaming = on;
-  if (on) { ownLive = true; setLive(null); }
+  if (on) setLive(null);
   els.send.disabled = on;
   els.stop.hidden = !on;
   els.newBtn.disabled = on;
@@ -728,6 +736,7 @@ async function streamReply(path, body, node, prefix = "", headers = undefined) {
       try { errorBody = await response.json(); } catch (_) { /* not JSON */ }
       throw apiError(errorBody, response.status);
     }
+    ownReply(response);
     let finished = false;
     await readSSE(response, (event) => {
       if (event.error) throw apiError(event, 500);

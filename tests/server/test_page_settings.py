@@ -59,6 +59,19 @@ def idle(page: Any) -> None:
     page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
 
 
+def last_reply_is(page: Any, text: str) -> None:
+    """The last reply shown says ``text`` (waited for: a follow event may re-render it); if
+    not, what the page shows, to tell a wrong reply from an error."""
+    try:
+        page.wait_for_function(
+            "(text) => { const c = [...document.querySelectorAll('.msg.assistant .content')]"
+            ".pop(); return c && c.innerText.trim() === text; }", arg=text, timeout=10_000)
+    except Exception:
+        shown = page.inner_text("#messages")
+        error = page.inner_text("#error") if page.is_visible("#error") else ""
+        raise AssertionError(f"the last reply is not {text!r}: {shown!r} {error!r}") from None
+
+
 def params(url: str, cid: int) -> dict[str, tuple[Any, str]]:
     body = httpx.get(f"{url}/v1/conversations/{cid}/params", timeout=30).json()
     return {name: (p["value"], p["source"]) for name, p in body["params"].items()}
@@ -97,7 +110,7 @@ def test_the_panel_shows_and_changes_the_open_conversations_parameters(
     page.fill("#input", "Again.")
     page.press("#input", "Enter")
     idle(page)
-    assert page.locator(".msg.assistant .content").last.inner_text().strip() == "ech"
+    last_reply_is(page, "ech")
     page.click("#system-toggle")
     page.wait_for_selector("#params-box:not([hidden])")
     idle(page)

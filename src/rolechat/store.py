@@ -537,16 +537,18 @@ class Store:
             return turns.interrupt(db, user_id, partial, _now())
 
     # ----- branches (rolechat.store_branches) ----------------------------------------------
-    def fork(self, cid: int, message_id: int, *, version: int | None = None) -> int:
+    def fork(self, cid: int, message_id: int, *, version: int | None = None,
+             role: str | None = None) -> int:
         """Keep active message ``message_id`` and what follows it as a branch, so that the
         conversation goes on from the message before it (an edit, a regeneration); the new
         version. With ``version``, only at that version (else ConversationChanged); a message
-        the conversation does not show is an InvalidInput."""
+        the conversation does not show (or not a ``role`` one, if given) is an
+        InvalidInput."""
         self.info(cid, damaged_ok=True)
         with self._transaction() as db:
             self._at_version(db, cid, version)
             try:
-                return branching.fork(db, cid, message_id, _now())[1]
+                return branching.fork(db, cid, message_id, _now(), role)[1]
             except branching.NoSuchBranch as exc:
                 raise InvalidInput(f"Cannot branch there: {exc}.",
                                    "Name a message the conversation shows (its id).") from None

@@ -72,13 +72,15 @@ def _branch_from(db: sqlite3.Connection, cid: int, after_id: Any, now: str) -> i
     return branch
 
 
-def fork(db: sqlite3.Connection, cid: int, message_id: int, now: str) -> tuple[int, int]:
-    """Keep active message ``message_id`` and everything after it as a branch; (the branch's
-    id, the new version)."""
-    row = db.execute("SELECT seq FROM messages WHERE id = ? AND conversation_id = ? AND "
+def fork(db: sqlite3.Connection, cid: int, message_id: int, now: str,
+         role: str | None = None) -> tuple[int, int]:
+    """Keep active message ``message_id`` (a ``role`` message, if given) and everything after
+    it as a branch; (the branch's id, the new version)."""
+    row = db.execute("SELECT seq, role FROM messages WHERE id = ? AND conversation_id = ? AND "
                      "branch_id IS NULL", (message_id, cid)).fetchone()
-    if row is None:
-        raise NoSuchBranch(f"message {message_id} is not one this conversation shows")
+    if row is None or (role is not None and row["role"] != role):
+        kind = f"a {role} message" if role is not None else "one"
+        raise NoSuchBranch(f"message {message_id} is not {kind} this conversation shows")
     branch = _branch_from(db, cid, _after(db, cid, int(row["seq"])), now)
     assert branch is not None
     return branch, bump(db, cid)

@@ -601,20 +601,24 @@ def edited(state: ServerState, saved: SavedChat, message_id: int, version: int |
     """Branch off at user message ``message_id`` (blocking, under the conversation's lock): it
     and what follows stay as a branch, and the chat goes on from the message before it."""
     assert saved.cid is not None
-    shown = {m.id: m.role for m in state.store.messages(saved.cid)}
-    if shown.get(message_id) != "user":
+    left = state.store.version_of(saved.cid)
+    try:
+        state.store.fork(saved.cid, message_id, version=version, role="user")
+    except InvalidInput:
         raise InvalidInput(f"Message {message_id} is not a user message this conversation "
                            "shows.", "Edit a user message GET /v1/conversations/{id} lists.",
-                           field="edit")
-    set_aside(state, saved.cid)
-    state.store.fork(saved.cid, message_id, version=version)
+                           field="edit") from None
+    set_aside(state, saved.cid, left)
     saved.refresh()
 
 
-def set_aside(state: ServerState, cid: int) -> None:
-    """Keep the warm state of the branch the conversation leaves (an edit, a switch), so that
-    switching back restores it (blocking; under the conversation's lock)."""
-    state.engine.set_aside(conversation_snapshot(cid), f"v{state.store.version_of(cid)}")
+def set_aside(state: ServerState, cid: int, version: int | None = None) -> None:
+    """Keep the warm state of the branch the conversation leaves (an edit, a switch), named
+    by the version that showed it (default: the stored one), so that switching back restores
+    it (blocking; under the conversation's lock)."""
+    if version is None:
+        version = state.store.version_of(cid)
+    state.engine.set_aside(conversation_snapshot(cid), f"v{version}")
 
 
 @router.post("/conversations/{cid}/retry", response_model=None)

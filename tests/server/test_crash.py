@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -18,16 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from pages import WIDE, chromium, needs_chromium, open_page
 from servers import ROLECHAT, free_port, running
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 PROMPTS = ["Write a very long story about a dragon who learns to bake bread.",
            "Tell me a long tale about a lighthouse keeper and the sea, in many paragraphs.",
            "Describe, at great length, a journey across a desert with a caravan of camels."]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 def serve(home: Path, port: int) -> Any:
@@ -88,22 +85,16 @@ def test_a_server_killed_mid_reply_leaves_the_saved_text_interrupted_with_retry(
             ("user", "interrupted"), ("assistant", "interrupted")]
         kept = messages[1]["content"]
         assert kept and seen.startswith(kept)  # what was saved, a moment before the kill
-        from playwright import sync_api
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{base}/#c={cid}")
-            page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
+        errors: list[str] = []
+        with chromium() as browser:
+            page = open_page(browser, f"{base}/#c={cid}", errors, viewport=WIDE)
             assert page.locator(".msg.pending").count() == 0
             assert page.locator(".msg.user.interrupted").count() == 1
             shown = page.locator(".msg.assistant.interrupted .content").inner_text()
             assert shown.split()[:3] == kept.split()[:3]
             page.click("[data-testid=retry-message]")
             page.wait_for_selector(".msg.assistant[data-id]:not(.interrupted)", timeout=120_000)
-            browser.close()
-            assert not errors, errors
+        assert not errors, errors
         after = httpx.get(f"{base}/v1/conversations/{cid}", timeout=60).json()
         assert after["turns"] == 1 and after["messages"][2]["content"] == prompt
         assert all(m["status"] != "pending" for m in after["messages"])

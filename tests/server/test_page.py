@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,20 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from pages import DESKTOP, PHONE, api, blank_page, chromium, idle, load, needs_chromium
+from rolechat.conversation import Conversation, Message
+from rolechat.store import Store
+from rolechat.toolcalls import ToolCall
 from servers import rolechat_serve
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-from rolechat.conversation import Conversation, Message  # noqa: E402
-from rolechat.store import Store  # noqa: E402
-from rolechat.toolcalls import ToolCall  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-DESKTOP = {"width": 1200, "height": 800}
-PHONE = {"width": 390, "height": 844}
 KEY = "page-key"
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 #: A turn's tool call and its result (a result with markup: shown as text).
@@ -72,7 +64,7 @@ LONG_TURNS = [(f"Tell me about planet number {i}.",
                f"Planet number {i} is a cold world far from its star.") for i in range(3)]
 LONG_PARAMS = {"max_new_tokens": 925, "temperature": 0, "stop": [" "]}
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 # ----- servers and browsers --------------------------------------------------------------------
@@ -152,10 +144,8 @@ def showcase(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +164,9 @@ def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
     errors: list[str] = []
 
     def make(viewport: dict[str, int] = DESKTOP, color_scheme: str = "light") -> Any:
-        context = browser.new_context(viewport=viewport, color_scheme=color_scheme,
-                                      permissions=["clipboard-read", "clipboard-write"])
-        contexts.append(context)
-        opened = context.new_page()
-        opened.set_default_timeout(30_000)
-        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened = blank_page(browser, errors, viewport=viewport, color_scheme=color_scheme,
+                            permissions=["clipboard-read", "clipboard-write"])
+        contexts.append(opened.context)
         return opened
 
     yield make
@@ -193,16 +180,6 @@ def page(new_page: Callable[..., Any]) -> Any:
     return new_page()
 
 
-def load(page: Any, url: str) -> None:
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
-
-
-def idle(page: Any) -> None:
-    """Wait until the page's last action, and the refresh after it, is done."""
-    page.wait_for_selector("body:not([data-busy])", state="attached")
-
-
 def clipboard(page: Any) -> str:
     text: str = page.evaluate("navigator.clipboard.readText()")
     return text
@@ -213,12 +190,6 @@ def shot(page: Any, folder: Path, name: str) -> Path:
     page.screenshot(path=str(path), animations="disabled")
     assert path.stat().st_size > 5_000
     return path
-
-
-def api(base: str, method: str, path: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, f"{base}/v1{path}", timeout=60, **kwargs)
-    response.raise_for_status()
-    return response.json() if response.content else None
 
 
 def luminance(css_color: str) -> float:

@@ -4,21 +4,14 @@ attack strings either library might pass on never execute."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pages import chromium, idle, needs_chromium, open_page
 from rolechat.store import Store
 from servers import rolechat_serve
-
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 MATH = r"""Energy: $E = mc^2$, and it costs $5 or $6 (not math).
 
@@ -53,7 +46,7 @@ graph TD
 ```
 """
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +61,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
-def page(server: str) -> Iterator[Any]:
+def page(browser: Any, server: str) -> Iterator[Any]:
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        opened = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
-        opened.set_default_timeout(30_000)
-        opened.on("pageerror", lambda exc: errors.append(str(exc)))
-        opened.goto(server)
-        opened.wait_for_selector("body[data-ready='1']:not([data-busy])")
-        yield opened
-        browser.close()
+    opened = open_page(browser, server, errors)
+    yield opened
+    opened.context.close()
     assert not errors, errors
 
 
 def open_conversation(page: Any, title: str) -> Any:
     page.locator("#conversations button.conv-text", has_text=title).click()
-    page.wait_for_selector("body:not([data-busy])", state="attached")
+    idle(page)
     return page.locator("[data-testid=msg-assistant] .content").last
 
 

@@ -10,7 +10,6 @@ scrolled up."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,24 +18,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from fakes import PacedEngine
+from pages import PHONE, WIDE, api, chromium, needs_chromium, open_page, ready
 from rolechat.server import create_app
 from rolechat.store import Store
 from servers import in_process
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 #: The reply the paced fake writes (a token every 15 ms: about 7 s; under the 512 tokens a
 #: reply may have), long enough that a loaded machine still catches it in the middle (a
 #: reload, a stop).
 REPLY = " ".join(f"Sentence {i} of a reply written slowly enough to be watched." for i in
                  range(1, 9))
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 #: Begins a turn in the store, saves its reply's text so far (as a server does), then waits
 #: to be killed.
@@ -74,11 +70,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -87,29 +80,14 @@ def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
     errors: list[str] = []
 
     def make(url: str, viewport: dict[str, int] | None = None) -> Any:
-        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
-        contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
-        ready(page)
+        page = open_page(browser, url, errors, viewport=viewport or WIDE)
+        contexts.append(page.context)
         return page
 
     yield make
     for context in contexts:
         context.close()
     assert not errors, errors
-
-
-def ready(page: Any) -> None:
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
-
-
-def api(url: str, method: str, path: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, f"{url}/v1{path}", timeout=30, **kwargs)
-    assert response.is_success, response.text
-    return response.json()
 
 
 def conversation(url: str) -> int:
@@ -246,7 +224,6 @@ def test_a_lost_connection_is_said_and_a_failed_message_can_be_resent(
 
 
 LONG = "\n\n".join(f"Paragraph {i}: " + "many words " * 12 for i in range(6))
-PHONE = {"width": 390, "height": 844}
 
 
 def end_in_sight(page: Any) -> bool:
@@ -261,7 +238,7 @@ def end_in_sight(page: Any) -> bool:
     }"""))
 
 
-@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, PHONE],
+@pytest.mark.parametrize("viewport", [WIDE, PHONE],
                          ids=["desktop", "phone"])
 def test_a_replys_end_stays_in_sight_unless_the_reader_scrolls_up(
         served: dict[str, Any], new_page: Callable[..., Any], viewport: dict[str, int],

@@ -9,7 +9,6 @@ have the same keys, none empty, and every key the page's files use is in them.""
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,15 @@ from typing import Any
 import pytest
 
 from fakes import FakeEngine
+from pages import PHONE, chromium, idle, needs_chromium, open_page, ready
 from rolechat.server import create_app
 from rolechat.store import Store
 from servers import in_process
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 STATIC = Path(__file__).resolve().parents[2] / "src/rolechat/server/static"
-PHONE = {"width": 390, "height": 844}
 
 LONG_TITLE = "周末在家做饭的计划" * 6
 LONG_TEXT = "今天想试着做一道从来没做过的新菜，" * 30 + "http://example.com/" + "很长" * 80
-
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                    reason="chromium is not installed")
-
 
 # ----- the catalogues (no browser) ---------------------------------------------------------
 ENTRY = re.compile(r'^\s*"([^"\\]+)":\s*"((?:[^"\\]|\\.)*)",?\s*$')
@@ -143,32 +135,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed")
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
-
-
-def open_page(browser: Any, url: str, errors: list[str], locale: str,
-              viewport: dict[str, int] | None = None) -> Any:
-    made = browser.new_context(locale=locale, viewport=viewport or {"width": 1200, "height": 800})
-    page = made.new_page()
-    page.set_default_timeout(30_000)
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    ready(page)
-    return page
-
-
-def ready(page: Any) -> None:
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
-
-
-def idle(page: Any) -> None:
-    page.wait_for_selector("body:not([data-busy])", state="attached")
 
 
 def open_conversation(page: Any, cid: int) -> None:
@@ -181,7 +149,7 @@ def open_conversation(page: Any, cid: int) -> None:
 def test_a_zh_cn_browser_gets_chinese_and_the_select_switches(
         browser: Any, seeded: dict[str, Any]) -> None:
     errors: list[str] = []
-    page = open_page(browser, seeded["url"], errors, "zh-CN")
+    page = open_page(browser, seeded["url"], errors, locale="zh-CN")
     assert page.get_attribute("html", "lang") == "zh-CN"
     assert page.input_value("#language") == "zh-CN"
     assert page.inner_text("#new") == "新对话"
@@ -263,7 +231,7 @@ def test_a_zh_cn_browser_gets_chinese_and_the_select_switches(
 @needs_chromium
 def test_an_en_us_browser_gets_english(browser: Any, seeded: dict[str, Any]) -> None:
     errors: list[str] = []
-    page = open_page(browser, seeded["url"], errors, "en-US")
+    page = open_page(browser, seeded["url"], errors, locale="en-US")
     assert page.evaluate("navigator.language") == "en-US"
     assert page.get_attribute("html", "lang") == "en"
     assert page.input_value("#language") == "en"
@@ -287,7 +255,7 @@ def test_an_en_us_browser_gets_english(browser: Any, seeded: dict[str, Any]) -> 
 def test_a_chinese_conversation_is_found_and_opened_at_the_match(
         browser: Any, seeded: dict[str, Any]) -> None:
     errors: list[str] = []
-    page = open_page(browser, seeded["url"], errors, "zh-CN")
+    page = open_page(browser, seeded["url"], errors, locale="zh-CN")
     page.focus("#input")
     page.keyboard.press("Control+k")
     assert page.locator("#search-dialog").is_visible()
@@ -328,7 +296,7 @@ def test_a_chinese_conversation_is_found_and_opened_at_the_match(
 @needs_chromium
 def test_long_chinese_text_wraps_on_a_phone(browser: Any, seeded: dict[str, Any]) -> None:
     errors: list[str] = []
-    page = open_page(browser, seeded["url"], errors, "zh-CN", PHONE)
+    page = open_page(browser, seeded["url"], errors, locale="zh-CN", viewport=PHONE)
     page.click("#sidebar-toggle")
     page.wait_for_selector("#sidebar button.conv-text", state="visible")
     item = page.locator(f"#conversations [data-id='{seeded['long']}']")
@@ -360,7 +328,7 @@ def test_long_chinese_text_wraps_on_a_phone(browser: Any, seeded: dict[str, Any]
 def test_a_reply_is_announced_and_described_in_chinese(browser: Any,
                                                        seeded: dict[str, Any]) -> None:
     errors: list[str] = []
-    page = open_page(browser, seeded["url"], errors, "zh-CN")
+    page = open_page(browser, seeded["url"], errors, locale="zh-CN")
     assert page.inner_text("#messages .empty") == "说点什么，开始一段新对话吧。"
     page.fill("#input", "你好")
     page.keyboard.press("Enter")

@@ -7,7 +7,6 @@ no missing source map."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,16 @@ from typing import Any
 import httpx
 import pytest
 
+from pages import PHONE, WIDE, chromium, idle, needs_chromium, open_page
 from rolechat.store import Store
 from servers import rolechat_serve
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 STATIC = Path(__file__).resolve().parents[2] / "src/rolechat/server/static"
 CODE_REPLY = ("Like **this**:\n\n```python\nimport os\nprint(len(os.sep), 'hi')  # a comment\n```"
               "\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
 AXE = Path(__file__).resolve().parents[1] / "vendor/axe-core/axe.min.js"
-DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -47,34 +41,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
-
-
-def open_page(browser: Any, server: str, errors: list[str], viewport: dict[str, int] = DESKTOP,
-              color_scheme: str = "light") -> Any:
-    context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
-    opened = context.new_page()
-    opened.set_default_timeout(30_000)
-    opened.on("pageerror", lambda exc: errors.append(str(exc)))
-    opened.goto(server)
-    opened.wait_for_selector("body[data-ready='1']:not([data-busy])")
-    return opened
 
 
 @pytest.fixture
 def page(browser: Any, server: str) -> Iterator[Any]:
     errors: list[str] = []
-    opened = open_page(browser, server, errors)
+    opened = open_page(browser, server, errors, viewport=WIDE, color_scheme="light")
     yield opened
     opened.context.close()
     assert not errors, errors
-
-
-def idle(page: Any) -> None:
-    page.wait_for_selector("body:not([data-busy])", state="attached")
 
 
 def test_the_keyboard_alone_sends_stops_and_starts_a_new_chat(page: Any) -> None:
@@ -234,11 +211,11 @@ def violations(page: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("color_scheme", ["light", "dark"])
-@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+@pytest.mark.parametrize("viewport", [WIDE, PHONE], ids=["desktop", "phone"])
 def test_axe_finds_nothing_on_the_page_its_panels_and_its_menu(
         browser: Any, server: str, viewport: dict[str, int], color_scheme: str) -> None:
     errors: list[str] = []
-    page = open_page(browser, server, errors, viewport, color_scheme)
+    page = open_page(browser, server, errors, viewport=viewport, color_scheme=color_scheme)
     assert violations(page) == [], "empty page"
     if viewport is PHONE:
         page.click("#sidebar-toggle")

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from model_stores import STORE_VARIABLES, build_stores
+from pages import blank_page, chromium, idle, load, needs_chromium
 from servers import ROLECHAT, free_port, running
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 START = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKED = "ollama:smollm2:135m"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +38,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
-def page(server: str) -> Iterator[Any]:
+def page(browser: Any) -> Iterator[Any]:
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        opened = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
-        opened.set_default_timeout(30_000)
-        opened.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield opened
-        browser.close()
+    opened = blank_page(browser, errors)
+    yield opened
+    opened.context.close()
     assert not errors, errors
-
-
-def load(page: Any, url: str) -> None:
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
 
 
 def test_the_picker_lists_the_models_and_the_next_reply_comes_from_the_one_picked(
@@ -96,7 +87,7 @@ def test_the_picker_lists_the_models_and_the_next_reply_comes_from_the_one_picke
     page.wait_for_function("document.getElementById('notice').textContent"
                            f".includes('Loading {PICKED}')")
     page.wait_for_selector(".msg.assistant .usage")
-    page.wait_for_selector("body:not([data-busy])", state="attached")
+    idle(page)
     assert json.loads(answered[0])["model"] == PICKED
     status = httpx.get(f"{server}/v1/status", timeout=30).json()
     assert status["model"] == PICKED and status["models"]["switches"] == 1

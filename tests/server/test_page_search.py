@@ -7,7 +7,6 @@ only ever text."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,22 +14,18 @@ from typing import Any
 import pytest
 
 from fakes import FakeEngine
+from pages import blank_page, chromium, idle, load, needs_chromium
 from rolechat.server import create_app
 from rolechat.server.wire import owner_id
 from rolechat.store import Store
 from servers import in_process
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 K1, K2 = "page-search-one", "page-search-two"
 XSS = '<img src=x onerror="window.__xss=1"> marigold'
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +57,15 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 def open_page(browser: Any, url: str, errors: list[str], **context: Any) -> Any:
-    made = browser.new_context(viewport={"width": 1200, "height": 800}, **context)
-    made.add_init_script(f"sessionStorage.setItem('rolechat.apiKey', '{K1}')")
-    page = made.new_page()
-    page.set_default_timeout(30_000)
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])")
+    """The page at ``url`` in a fresh context, with key one's API key (as typed in the tab)."""
+    page = blank_page(browser, errors, **context)
+    page.context.add_init_script(f"sessionStorage.setItem('rolechat.apiKey', '{K1}')")
+    load(page, url)
     return page
 
 
@@ -115,7 +105,7 @@ def test_ctrl_k_finds_another_conversation_and_opens_it_at_the_match(
         options.first.get_attribute("id")
 
     page.keyboard.press("Enter")
-    page.wait_for_selector("body:not([data-busy])", state="attached")
+    idle(page)
     assert dialog.is_hidden()
     assert page.text_content("#title") == "Lighthouses"
     hit = page.locator(f"#messages .msg[data-id='{seeded['found']}']")
@@ -178,7 +168,7 @@ def test_a_chinese_word_is_found_from_a_zh_cn_browser(browser: Any,
     assert "晚饭" in (options.first.text_content() or "")
     assert search(page, "菜").count() == 1  # one character
     page.keyboard.press("Enter")
-    page.wait_for_selector("body:not([data-busy])", state="attached")
+    idle(page)
     assert page.text_content("#title") == "晚饭"
     page.wait_for_selector("#messages .msg.search-found")
     shots = Path(os.environ.get("ROLECHAT_ARTIFACTS") or ROOT / "test-artifacts" / "screenshots")

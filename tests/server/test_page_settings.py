@@ -7,25 +7,20 @@ puts the message back in the box, and Redo puts the turn back as it was."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from fakes import FakeEngine
+from pages import WIDE, chromium, needs_chromium, open_page, ready
 from rolechat.persona import get_persona
 from rolechat.server import create_app
 from rolechat.store import Store
 from servers import in_process
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+pytestmark = needs_chromium
 
 
 ENGINE = FakeEngine()
@@ -39,24 +34,19 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     store.close()
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
-def page(url: str) -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
+def page(browser: Any, url: str) -> Iterator[Any]:
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        opened = browser.new_page(viewport={"width": 1280, "height": 800})
-        opened.set_default_timeout(30_000)
-        opened.on("pageerror", lambda exc: errors.append(str(exc)))
-        opened.goto(url)
-        idle(opened)
-        yield opened
-        browser.close()
+    opened = open_page(browser, url, errors, viewport=WIDE)
+    yield opened
+    opened.context.close()
     assert not errors, errors
-
-
-def idle(page: Any) -> None:
-    page.wait_for_selector("body[data-ready='1']:not([data-busy])", state="attached")
 
 
 def last_reply_is(page: Any, text: str) -> None:
@@ -89,11 +79,11 @@ def test_the_panel_shows_and_changes_the_open_conversations_parameters(
 
     page.fill("#input", "Hello there.")
     page.press("#input", "Enter")
-    idle(page)
+    ready(page)
     cid = int(page.evaluate("location.hash.slice(3)"))
     page.click("#system-toggle")
     page.wait_for_selector("#params-box:not([hidden])")
-    idle(page)
+    ready(page)
     assert f"persona: {default.name}" in page.inner_text("#params-persona")
     assert page.input_value("#param-temperature") == "0.9"
     assert page.inner_text("[data-testid=param-source-temperature]") == "rolechat's default"
@@ -102,23 +92,23 @@ def test_the_panel_shows_and_changes_the_open_conversations_parameters(
     page.fill("#param-temperature", "0.3")
     page.fill("#param-max_new_tokens", "3")
     page.click("#system-save")
-    idle(page)
+    ready(page)
     assert params(url, cid)["temperature"] == (0.3, "you")
     assert params(url, cid)["max_new_tokens"] == (3, "you")
     assert params(url, cid)["top_p"][1] == "rolechat"  # untouched fields are not written
     # The next reply uses them: cut after 3 tokens.
     page.fill("#input", "Again.")
     page.press("#input", "Enter")
-    idle(page)
+    ready(page)
     last_reply_is(page, "ech")
     page.click("#system-toggle")
     page.wait_for_selector("#params-box:not([hidden])")
-    idle(page)
+    ready(page)
     assert page.inner_text("[data-testid=param-source-temperature]") == "set here"
     # Emptied: back to its default.
     page.fill("#param-max_new_tokens", "")
     page.click("#system-save")
-    idle(page)
+    ready(page)
     assert params(url, cid)["max_new_tokens"] == (512, "rolechat")
     assert params(url, cid)["temperature"] == (0.3, "you")
 
@@ -126,14 +116,14 @@ def test_the_panel_shows_and_changes_the_open_conversations_parameters(
 def test_a_bad_value_is_refused_with_the_servers_reason(url: str, page: Any) -> None:
     page.fill("#input", "Hi.")
     page.press("#input", "Enter")
-    idle(page)
+    ready(page)
     cid = int(page.evaluate("location.hash.slice(3)"))
     page.click("#system-toggle")
     page.wait_for_selector("#params-box:not([hidden])")
-    idle(page)
+    ready(page)
     page.fill("#param-temperature", "7")
     page.click("#system-save")
-    idle(page)
+    ready(page)
     assert page.is_visible("#error") and "temperature" in page.inner_text("#error")
     assert params(url, cid)["temperature"] == (0.9, "rolechat")
     assert page.is_visible("#system-panel")  # what was typed is still there to fix
@@ -144,16 +134,16 @@ def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) ->
                      timeout=30).json()["id"]
     page.goto(f"{url}/#c={cid}")
     page.reload()  # a new hash alone does not load the page again
-    idle(page)
+    ready(page)
     ENGINE.replies.append("Once upon a time")
     page.fill("#input", "A story?")
     page.press("#input", "Enter")
-    idle(page)
+    ready(page)
     reply = page.locator(".msg.assistant").last
     assert reply.locator(".content").inner_text().strip() == "Once u"
     ENGINE.replies.append("pon a time.")
     page.click("[data-testid=continue]")
-    idle(page)
+    ready(page)
     assert page.locator(".msg.assistant").count() == 1
     assert page.locator(".msg.assistant .content").inner_text().strip() == "Once upon a"
     stored = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
@@ -162,7 +152,7 @@ def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) ->
     assert page.locator("[data-testid=continue]").count() == 1
     ENGINE.replies.append("end.")
     page.click("[data-testid=continue]")
-    idle(page)
+    ready(page)
     assert page.locator(".msg.assistant .content").inner_text().strip() == "Once upon a end."
     assert page.locator("[data-testid=continue]").count() == 0
 
@@ -172,16 +162,16 @@ def test_undo_puts_the_message_back_in_the_box_and_redo_undoes_it(url: str, page
     for text in ("First question?", "Second question?"):
         page.fill("#input", text)
         page.press("#input", "Enter")
-        idle(page)
+        ready(page)
     cid = int(page.evaluate("location.hash.slice(3)"))
     before = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["messages"]
     page.click("[data-testid=undo]")
-    idle(page)
+    ready(page)
     assert page.input_value("#input") == "Second question?"
     assert page.locator(".msg.user .content").all_text_contents() == ["First question?"]
     assert "back in the box" in page.inner_text("#notice")
     page.click("[data-testid=redo]")
-    idle(page)
+    ready(page)
     assert page.input_value("#input") == ""
     assert page.locator(".msg.user .content").all_text_contents() == [
         "First question?", "Second question?"]
@@ -196,14 +186,14 @@ def test_editing_an_old_message_makes_a_version_that_survives_a_reload(
     for text in ("Q one?", "Q two?", "Q three?"):
         page.fill("#input", text)
         page.press("#input", "Enter")
-        idle(page)
+        ready(page)
     cid = int(page.evaluate("location.hash.slice(3)"))
     # Edit the second message (not the last): what followed it stays as the old version.
     page.locator(".msg.user").nth(1).locator("[data-testid=edit]").click()
     assert page.input_value("#input") == "Q two?" and page.is_visible("#edit-banner")
     page.fill("#input", "Q two, edited?")
     page.press("#input", "Enter")
-    idle(page)
+    ready(page)
     texts = page.locator(".msg .content").all_inner_texts()
     assert [t.strip() for t in texts] == ["Q one?", "A one.", "Q two, edited?", "A two, again."]
     switcher = page.locator(".msg.user").nth(1).locator(".version-of")
@@ -211,15 +201,15 @@ def test_editing_an_old_message_makes_a_version_that_survives_a_reload(
     # The prompt view shows the branch shown.
     page.click("#prompt-toggle")
     page.wait_for_selector("#prompt-text:not(:empty)")
-    idle(page)
+    ready(page)
     prompt = page.inner_text("#prompt-text")
     assert "Q two, edited?" in prompt and "Q three?" not in prompt
     page.click("#prompt-toggle")
     # Back to the first version, then a reload: the same branch and text come back.
     page.locator(".msg.user").nth(1).locator("[data-testid=version-prev]").click()
-    idle(page)
+    ready(page)
     page.reload()
-    idle(page)
+    ready(page)
     texts = page.locator(".msg .content").all_inner_texts()
     assert [t.strip() for t in texts] == ["Q one?", "A one.", "Q two?", "A two.", "Q three?",
                                           "A three."]

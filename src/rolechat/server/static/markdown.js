@@ -131,6 +131,24 @@ function decorateCode(root) {
   }
 }
 
+// A reply's headings fit the page's outline (h1 the page, h2 its sections): a reply's first
+// heading is at most an h3, and none is more than one level deeper than the heading before it,
+// whatever levels the model wrote ("# A" then "### B": h3 then h4), so a screen reader's list
+// of headings stays in order. Each keeps the look of the level written (data-level).
+function fitHeadings(root) {
+  let previous = 2;
+  for (const heading of root.querySelectorAll("h1, h2, h3, h4, h5, h6")) {
+    const written = Number(heading.tagName[1]);
+    const level = Math.min(written + 2, previous + 1, 6);
+    previous = level;
+    const fitted = document.createElement("h" + level);
+    for (const { name, value } of heading.attributes) fitted.setAttribute(name, value);
+    fitted.dataset.level = String(written);
+    fitted.append(...heading.childNodes);
+    heading.replaceWith(fitted);
+  }
+}
+
 // Renders Markdown `text` into `target` (its children are replaced), sanitized; its math as
 // MathML, its diagrams once it is no longer `streaming` (extras.js).
 export function renderMarkdown(target, text, streaming = false) {
@@ -138,6 +156,7 @@ export function renderMarkdown(target, text, streaming = false) {
   const html = putMath(markdown.parse(taken.text, { async: false }), taken, escapeHTML);
   const fragment = DOMPurify.sanitize(html, PURIFY);
   decorateCode(fragment);
+  fitHeadings(fragment);
   target.replaceChildren(fragment);
   renderDiagrams(target, streaming);
 }

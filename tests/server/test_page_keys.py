@@ -21,6 +21,8 @@ from servers import rolechat_serve
 STATIC = Path(__file__).resolve().parents[2] / "src/rolechat/server/static"
 CODE_REPLY = ("Like **this**:\n\n```python\nimport os\nprint(len(os.sep), 'hi')  # a comment\n```"
               "\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+#: Headings as a model writes them: levels skipped, deeper than the page's outline allows.
+HEADINGS_REPLY = "# Title\n\nSome text.\n\n### Deep\n\n## Back\n\n###### Deepest\n\nThe end."
 AXE = Path(__file__).resolve().parents[1] / "vendor/axe-core/axe.min.js"
 
 pytestmark = needs_chromium
@@ -30,6 +32,8 @@ pytestmark = needs_chromium
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("page-keys-home")
     store = Store(home / "rolechat.db")
+    headed = store.create(title="Seeded headings")
+    store.complete_turn(headed, store.begin_turn(headed, "Outline it."), HEADINGS_REPLY, 20, {})
     cid = store.create(title="Seeded code")
     uid = store.begin_turn(cid, "Show me code.")
     store.complete_turn(cid, uid, CODE_REPLY, 12, {})
@@ -66,7 +70,14 @@ def test_the_keyboard_alone_sends_stops_and_starts_a_new_chat(page: Any) -> None
     page.keyboard.press("Escape")  # stops the reply being written
     page.wait_for_selector("[data-testid=stop]", state="hidden")
     idle(page)
+    # The reply shows as stopped (once the stop is stored: a follow event may re-render it),
+    # and only once: its last words, which the server sends as it stops, are not shown again
+    # as a reply being written.
+    page.wait_for_function(
+        "() => { const r = [...document.querySelectorAll('[data-testid=msg-assistant]')].pop();"
+        " return r && (r.className + r.innerText.toLowerCase()).includes('interrupted'); }")
     assert "interrupted" in (reply.get_attribute("class") or "") + reply.inner_text().lower()
+    assert page.locator(".msg.live").count() == 0 and page.is_hidden("[data-testid=stop]")
     title = page.locator("#title").inner_text()
     assert page.title() == f"{title} · rolechat" and title != "New conversation"
 
@@ -178,6 +189,10 @@ def test_replies_are_announced_once_and_controls_are_named(page: Any) -> None:
     assert page.evaluate("document.activeElement.tagName") == "CODE"
     assert page.get_attribute("#prompt-text", "tabindex") == "0"
 
+    # in a chat of its own: the model's words are not the seeded conversation the a11y
+    # checks read
+    page.keyboard.press("Control+Shift+O")
+    page.wait_for_function("document.title === 'rolechat'")
     page.fill("#input", "Say hello.")
     page.keyboard.press("Enter")
     page.wait_for_selector("[data-testid=stop]", state="hidden")
@@ -232,5 +247,28 @@ def test_axe_finds_nothing_on_the_page_its_panels_and_its_menu(
     page.click("#conv-menu summary")
     page.wait_for_selector("#conv-menu .menu-items", state="visible")
     assert violations(page) == [], "the menu open"
+    page.context.close()
+    assert not errors, errors
+
+
+def test_a_replys_headings_fit_the_pages_outline(browser: Any, server: str) -> None:
+    """A model skips heading levels and starts at "#"; the page's outline is h1 (the page), h2
+    (its sections): a reply's headings start at h3 and never skip a level (what a screen
+    reader lists, and axe's heading-order), each looking like the level written."""
+    errors: list[str] = []
+    page = open_page(browser, server, errors)
+    page.locator("#conversations button.conv-text", has_text="Seeded headings").click()
+    idle(page)
+    page.wait_for_selector("[data-testid=msg-assistant] .content h3")
+    headings = page.evaluate("""[...document.querySelectorAll(
+        '[data-testid=msg-assistant] .content :is(h1, h2, h3, h4, h5, h6)')].map(
+        h => [h.tagName, h.dataset.level, h.innerText])""")
+    assert headings == [["H3", "1", "Title"], ["H4", "3", "Deep"], ["H4", "2", "Back"],
+                        ["H5", "6", "Deepest"]]
+    sizes = page.evaluate("""[...document.querySelectorAll(
+        '[data-testid=msg-assistant] .content :is(h3, h4, h5)')].map(
+        h => parseFloat(getComputedStyle(h).fontSize))""")
+    assert sizes[0] > sizes[2] > sizes[1] == sizes[3]  # "#" largest, then "##"
+    assert violations(page) == []
     page.context.close()
     assert not errors, errors

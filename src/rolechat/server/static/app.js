@@ -459,7 +459,7 @@ async function open(cid) {
     history.replaceState(null, "", "#c=" + encodeURIComponent(conv.id));
     renderConversation(conv);
     markActive();
-    refreshSystem();
+    refreshSystem(true);
     refreshPrompt();
   } catch (err) {
     showError(err.message);
@@ -476,7 +476,7 @@ function startNew() {
   showError("");
   renderConversation(null);
   markActive();
-  refreshSystem();
+  refreshSystem(true);
   refreshPrompt();
   els.input.focus();
 }
@@ -594,12 +594,19 @@ function currentSystem() {
   return (state.conv && state.conv.system) || "";
 }
 
-function refreshSystem() {
+// The Settings panel shows the open conversation's system prompt and parameters. A refresh
+// after a change (this tab's, or a follow event's) keeps what the user is typing there: only
+// opening the panel, another conversation or another persona (`fresh`) replaces it.
+let systemShown = null;  // the text the system box was last filled with
+
+function refreshSystem(fresh = false) {
   els.systemToggle.classList.toggle("set", Boolean(currentSystem()));
   if (els.systemPanel.hidden) return;
-  els.systemInput.value = currentSystem();
+  if (fresh || systemShown === null || els.systemInput.value === systemShown) {
+    els.systemInput.value = systemShown = currentSystem();
+  }
   els.systemNote.textContent = state.cid === null ? t("system.noteNew") : t("system.noteNext");
-  act(refreshParams)();
+  act(refreshParams)(fresh);
 }
 
 // ----- the open conversation's parameters (the Settings panel) ------------------------------
@@ -610,6 +617,7 @@ const PARAMS = [["temperature", "0.05", "params.temperature"], ["top_p", "0.01",
                 ["repetition_penalty", "0.05", "params.repetitionPenalty"],
                 ["seed", "1", "params.seed"]];
 let shownParams = null;  // {name: value} as GET .../params gave them
+let paramsOf = null;  // the conversation they are
 
 function sourceName(source) {
   const known = { you: "params.source.you", persona: "params.source.persona",
@@ -618,12 +626,18 @@ function sourceName(source) {
   return known[source] ? t(known[source]) : source;
 }
 
-async function refreshParams() {
+async function refreshParams(fresh = false) {
   const box = els.paramsBox;
   if (state.cid === null || els.systemPanel.hidden) { box.hidden = true; shownParams = null; return; }
+  const cid = state.cid;
   let body;
-  try { body = await api(conversationPath(state.cid, "params")); }
+  try { body = await api(conversationPath(cid, "params")); }
   catch (err) { box.hidden = true; shownParams = null; showError(err.message); return; }
+  if (String(cid) !== String(state.cid)) return;  // another one opened meanwhile: its own refresh
+  const typing = !fresh && shownParams && String(paramsOf) === String(cid)
+    && Object.keys(changedParams()).length > 0;
+  if (typing) return;  // the user's changes stay in the fields until saved or the panel closes
+  paramsOf = cid;
   els.paramsPersona.textContent = "(" + t("params.persona", { name: body.persona }) + ")";
   els.paramsFields.replaceChildren();
   shownParams = {};
@@ -667,7 +681,7 @@ function toggleSystem(show) {
   els.systemPanel.hidden = !show;
   els.systemToggle.setAttribute("aria-expanded", String(show));
   els.systemToggle.classList.toggle("on", show);
-  if (show) { refreshSystem(); els.systemInput.focus(); }
+  if (show) { refreshSystem(true); els.systemInput.focus(); }
 }
 
 async function saveSystem() {
@@ -1223,7 +1237,7 @@ function wire() {
   els.systemToggle.addEventListener("click", () => toggleSystem(els.systemPanel.hidden));
   on(els.systemSave, "click", saveSystem);
   els.systemCancel.addEventListener("click", () => toggleSystem(false));
-  els.persona.addEventListener("change", refreshSystem);
+  els.persona.addEventListener("change", () => refreshSystem(true));
   els.editCancel.addEventListener("click", cancelEdit);
   wireModels();
   wireMenus();

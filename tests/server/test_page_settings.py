@@ -129,6 +129,40 @@ def test_a_bad_value_is_refused_with_the_servers_reason(url: str, page: Any) -> 
     assert page.is_visible("#system-panel")  # what was typed is still there to fix
 
 
+def test_what_is_typed_in_the_panel_survives_a_change_made_elsewhere(
+        url: str, page: Any) -> None:
+    """The page follows the conversation: a change by another writer (here a rename through
+    the API) refreshes it, the open Settings panel too, but what the user is typing there
+    stays, and is what Save stores."""
+    page.fill("#input", "Hi.")
+    page.press("#input", "Enter")
+    ready(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    ready(page)
+    page.fill("#system-input", "Typed here.")
+    page.fill("#param-max_new_tokens", "7")
+    renamed = httpx.patch(f"{url}/v1/conversations/{cid}", json={"title": "Renamed elsewhere"},
+                          timeout=30)
+    assert renamed.status_code == 200, renamed.text
+    page.wait_for_function("document.querySelector('#title').textContent === 'Renamed elsewhere'")
+    ready(page)
+    assert page.input_value("#system-input") == "Typed here."
+    assert page.input_value("#param-max_new_tokens") == "7"
+    page.click("#system-save")
+    ready(page)
+    stored = httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()
+    assert stored["system"] == "Typed here." and stored["title"] == "Renamed elsewhere"
+    assert params(url, cid)["max_new_tokens"] == (7, "you")
+    # Opened again, the panel shows what is stored.
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    ready(page)
+    assert page.input_value("#system-input") == "Typed here."
+    assert page.input_value("#param-max_new_tokens") == "7"
+
+
 def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) -> None:
     cid = httpx.post(f"{url}/v1/conversations", json={"params": {"max_new_tokens": 6}},
                      timeout=30).json()["id"]

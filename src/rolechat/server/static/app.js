@@ -198,9 +198,11 @@ function refreshTurnActions() {
 
 // ----- the conversation -------------------------------------------------------------------
 function renderConversation(conv) {
+  // The same conversation shown again (a change made elsewhere): a rename being typed stays.
+  const same = conv && state.conv && String(state.conv.id) === String(conv.id);
   state.conv = conv;
   state.shown = conv ? conv.version : null;  // the version the messages on the page show
-  endRename();
+  if (!same) endRename();
   els.messages.replaceChildren();
   liveNode = null;
   if (!conv) { unfollow(); setLive(null); }

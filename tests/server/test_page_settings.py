@@ -163,6 +163,26 @@ def test_what_is_typed_in_the_panel_survives_a_change_made_elsewhere(
     assert page.input_value("#param-max_new_tokens") == "7"
 
 
+def test_a_rename_being_typed_survives_a_message_sent_elsewhere(url: str, page: Any) -> None:
+    page.fill("#input", "Hi.")
+    page.press("#input", "Enter")
+    ready(page)
+    cid = int(page.evaluate("location.hash.slice(3)"))
+    page.click("[data-testid=menu]")
+    page.click("[data-testid=rename]")
+    page.fill("#title-input", "Mine")
+    sent = httpx.post(f"{url}/v1/conversations/{cid}/messages",
+                      json={"content": "From elsewhere."}, timeout=30)
+    assert sent.status_code == 200, sent.text
+    page.wait_for_selector(".msg.user >> text=From elsewhere.")  # the page followed it
+    ready(page)
+    assert page.is_visible("#title-input") and page.input_value("#title-input") == "Mine"
+    page.press("#title-input", "Enter")
+    ready(page)
+    assert page.text_content("#title") == "Mine"
+    assert httpx.get(f"{url}/v1/conversations/{cid}", timeout=30).json()["title"] == "Mine"
+
+
 def test_a_cut_reply_offers_continue_which_appends_to_it(url: str, page: Any) -> None:
     cid = httpx.post(f"{url}/v1/conversations", json={"params": {"max_new_tokens": 6}},
                      timeout=30).json()["id"]

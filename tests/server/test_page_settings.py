@@ -62,6 +62,21 @@ def last_reply_is(page: Any, text: str) -> None:
         raise AssertionError(f"the last reply is not {text!r}: {shown!r} {error!r}") from None
 
 
+def chatted(page: Any, text: str = "Hi.") -> int:
+    """Send ``text`` in a new conversation and wait for its reply; the conversation's id."""
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    ready(page)
+    return int(page.evaluate("location.hash.slice(3)"))
+
+
+def open_panel(page: Any) -> None:
+    """Open the Settings panel and wait until it shows the conversation's parameters."""
+    page.click("#system-toggle")
+    page.wait_for_selector("#params-box:not([hidden])")
+    ready(page)
+
+
 def params(url: str, cid: int) -> dict[str, tuple[Any, str]]:
     body = httpx.get(f"{url}/v1/conversations/{cid}/params", timeout=30).json()
     return {name: (p["value"], p["source"]) for name, p in body["params"].items()}
@@ -114,13 +129,8 @@ def test_the_panel_shows_and_changes_the_open_conversations_parameters(
 
 
 def test_a_bad_value_is_refused_with_the_servers_reason(url: str, page: Any) -> None:
-    page.fill("#input", "Hi.")
-    page.press("#input", "Enter")
-    ready(page)
-    cid = int(page.evaluate("location.hash.slice(3)"))
-    page.click("#system-toggle")
-    page.wait_for_selector("#params-box:not([hidden])")
-    ready(page)
+    cid = chatted(page)
+    open_panel(page)
     page.fill("#param-temperature", "7")
     page.click("#system-save")
     ready(page)
@@ -134,13 +144,8 @@ def test_what_is_typed_in_the_panel_survives_a_change_made_elsewhere(
     """The page follows the conversation: a change by another writer (here a rename through
     the API) refreshes it, the open Settings panel too, but what the user is typing there
     stays, and is what Save stores."""
-    page.fill("#input", "Hi.")
-    page.press("#input", "Enter")
-    ready(page)
-    cid = int(page.evaluate("location.hash.slice(3)"))
-    page.click("#system-toggle")
-    page.wait_for_selector("#params-box:not([hidden])")
-    ready(page)
+    cid = chatted(page)
+    open_panel(page)
     page.fill("#system-input", "Typed here.")
     page.fill("#param-max_new_tokens", "7")
     renamed = httpx.patch(f"{url}/v1/conversations/{cid}", json={"title": "Renamed elsewhere"},
